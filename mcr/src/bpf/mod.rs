@@ -1,0 +1,310 @@
+//! The eBPF side of the supervisor: loads the classifier, pins its maps, attaches it to input
+//! interfaces and turns rules into map entries.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{ProgramError, SchedClassifier, TcAttachType, tc},
+};
+use mcr_common::{
+    MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAX_RULES, PROG_CLASSIFIER, RuleCounters, RuleKey,
+    RuleSlot, SkipCounters,
+};
+use nix::{
+    mount::{MsFlags, mount},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
+
+/// The classifier object, built by `build.rs` from `mcr-ebpf`.
+static CLASSIFIER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcr-ebpf"));
+
+/// Every map the classifier pins, in the order the README lists them.
+pub const PINNED_MAPS: [&str; 3] = [MAP_RULES, MAP_RULE_STATS, MAP_SKIPS];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("cannot mount bpffs on {}: {source} (run as root or mount it yourself)", path.display())]
+    MountBpffs { path: PathBuf, source: nix::Error },
+    #[error("{} is not on a bpffs mount; choose a pin directory under /sys/fs/bpf", path.display())]
+    NotBpffs { path: PathBuf },
+    #[error("cannot prepare pin directory {}: {source}", path.display())]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("cannot load the eBPF classifier (needs root or CAP_BPF and CAP_NET_ADMIN): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("cannot prepare the classifier program: {0}")]
+    Program(#[source] ProgramError),
+    #[error("cannot pin map {name} at {}: {source}", path.display())]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("cannot attach the classifier to interface {interface}: {source}")]
+    Attach {
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("cannot detach the classifier from interface {interface}: {source}")]
+    Detach {
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+}
+
+fn map_error(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
+    move |source| BpfError::Map { map, source }
+}
+
+/// The loaded classifier with its maps pinned under one directory.
+pub struct Classifier {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    rules: BpfHashMap<MapData, RuleKey, RuleSlot>,
+    rule_stats: PerCpuArray<MapData, RuleCounters>,
+    skips: PerCpuArray<MapData, SkipCounters>,
+    attached: HashMap<String, tc::SchedClassifierLinkId>,
+    cpus: usize,
+}
+
+impl Classifier {
+    /// Loads the classifier and pins its maps in `pin_dir`, replacing pins a previous instance
+    /// left behind. The caller makes sure no live instance uses `pin_dir`.
+    pub fn load(pin_dir: &Path) -> Result<Self, BpfError> {
+        ensure_bpffs(pin_dir)?;
+        remove_pins(pin_dir).map_err(|source| BpfError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        fs::create_dir_all(pin_dir).map_err(|source| BpfError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+
+        let mut ebpf = Ebpf::load(CLASSIFIER_OBJECT)?;
+        for name in PINNED_MAPS {
+            let path = pin_dir.join(name);
+            ebpf.map(name)
+                .ok_or(BpfError::Missing(name))?
+                .pin(&path)
+                .map_err(|source| BpfError::Pin { name, path, source })?;
+        }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROG_CLASSIFIER)
+            .ok_or(BpfError::Missing(PROG_CLASSIFIER))?
+            .try_into()
+            .map_err(BpfError::Program)?;
+        program.load().map_err(BpfError::Program)?;
+
+        let rules = take_map(&mut ebpf, MAP_RULES)?;
+        let rule_stats = take_map(&mut ebpf, MAP_RULE_STATS)?;
+        let skips = take_map(&mut ebpf, MAP_SKIPS)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, error)| BpfError::PinDir {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source: error,
+        })?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            rules,
+            rule_stats,
+            skips,
+            attached: HashMap::new(),
+            cpus,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Interfaces the classifier is attached to.
+    pub fn attached_interfaces(&self) -> impl Iterator<Item = &String> {
+        self.attached.keys()
+    }
+
+    /// Attaches the classifier to `interface`'s ingress (TCX on kernels that have it, else a
+    /// clsact filter). The link lives as long as this process: a crash detaches it.
+    pub fn attach(&mut self, interface: &str) -> Result<(), BpfError> {
+        if self.attached.contains_key(interface) {
+            return Ok(());
+        }
+        let program = self.program()?;
+        let link = match program.attach(interface, TcAttachType::Ingress) {
+            Ok(link) => link,
+            // Kernels before 6.6 have no TCX: the filter needs a clsact qdisc.
+            Err(ProgramError::TcError(_)) => {
+                let _ = tc::qdisc_add_clsact(interface);
+                program
+                    .attach(interface, TcAttachType::Ingress)
+                    .map_err(|source| BpfError::Attach {
+                        interface: interface.to_owned(),
+                        source,
+                    })?
+            }
+            Err(source) => {
+                return Err(BpfError::Attach {
+                    interface: interface.to_owned(),
+                    source,
+                });
+            }
+        };
+        self.attached.insert(interface.to_owned(), link);
+        Ok(())
+    }
+
+    pub fn detach(&mut self, interface: &str) -> Result<(), BpfError> {
+        let Some(link) = self.attached.remove(interface) else {
+            return Ok(());
+        };
+        self.program()?
+            .detach(link)
+            .map_err(|source| BpfError::Detach {
+                interface: interface.to_owned(),
+                source,
+            })
+    }
+
+    fn program(&mut self) -> Result<&mut SchedClassifier, BpfError> {
+        self.ebpf
+            .program_mut(PROG_CLASSIFIER)
+            .ok_or(BpfError::Missing(PROG_CLASSIFIER))?
+            .try_into()
+            .map_err(BpfError::Program)
+    }
+
+    /// Starts matching `key` into counter `slot`, whose counters start from zero.
+    pub fn insert_rule(&mut self, key: &RuleKey, slot: u32) -> Result<(), BpfError> {
+        let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); self.cpus])
+            .map_err(|error| map_error(MAP_RULE_STATS)(MapError::from(error)))?;
+        self.rule_stats
+            .set(slot, zeros, 0)
+            .map_err(map_error(MAP_RULE_STATS))?;
+        self.rules
+            .insert(key, RuleSlot { slot, flags: 0 }, 0)
+            .map_err(map_error(MAP_RULES))
+    }
+
+    pub fn remove_rule(&mut self, key: &RuleKey) -> Result<(), BpfError> {
+        match self.rules.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(map_error(MAP_RULES)(error)),
+        }
+    }
+
+    /// The counters of `slot`, summed over all CPUs.
+    pub fn rule_counters(&self, slot: u32) -> Result<RuleCounters, BpfError> {
+        let per_cpu = self
+            .rule_stats
+            .get(&slot, 0)
+            .map_err(map_error(MAP_RULE_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(RuleCounters::default(), |sum, c| RuleCounters {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+            }))
+    }
+
+    /// Multicast packets the classifier could not classify, summed over all CPUs.
+    pub fn skip_counters(&self) -> Result<SkipCounters, BpfError> {
+        let per_cpu = self.skips.get(&0, 0).map_err(map_error(MAP_SKIPS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(SkipCounters::default(), |sum, c| SkipCounters {
+                malformed: sum.malformed + c.malformed,
+                fragments: sum.fragments + c.fragments,
+            }))
+    }
+
+    /// Detaches from every interface and removes the pins.
+    pub fn shutdown(mut self) -> Result<(), BpfError> {
+        let interfaces: Vec<String> = self.attached.keys().cloned().collect();
+        let mut first_error = None;
+        for interface in interfaces {
+            if let Err(error) = self.detach(&interface) {
+                first_error.get_or_insert(error);
+            }
+        }
+        if let Err(source) = remove_pins(&self.pin_dir) {
+            first_error.get_or_insert(BpfError::PinDir {
+                path: self.pin_dir.clone(),
+                source,
+            });
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Highest slot number the counter array can hold.
+pub const MAX_SLOT: u32 = MAX_RULES - 1;
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(BpfError::Missing(name))?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+/// Makes sure the parent of `pin_dir` is on bpffs, mounting it at `/sys/fs/bpf` if nothing is.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if statfs(parent).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    if parent == Path::new("/sys/fs/bpf") {
+        mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|source| BpfError::MountBpffs {
+            path: parent.to_owned(),
+            source,
+        })?;
+        return Ok(());
+    }
+    Err(BpfError::NotBpffs {
+        path: pin_dir.to_owned(),
+    })
+}
+
+/// Removes the pins MCR creates in `pin_dir` and the directory itself if it is then empty.
+/// Files MCR does not know are left alone.
+fn remove_pins(pin_dir: &Path) -> io::Result<()> {
+    for name in PINNED_MAPS {
+        match fs::remove_file(pin_dir.join(name)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+            ) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+mod sync;
+pub use sync::RuleTable;

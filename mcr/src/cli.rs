@@ -1,0 +1,136 @@
+//! The `mcr` command line.
+
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    config,
+    control::{self, Request, Response},
+    stats,
+    supervisor::{self, RunOptions},
+};
+
+/// Default pin directory of the classifier's maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mcr";
+
+#[derive(Parser)]
+#[command(name = "mcr", version, about = "MCR: a multicast relay for Linux")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (needs root, or `CAP_BPF`, `CAP_NET_ADMIN` and `CAP_NET_RAW`).
+    Run {
+        /// The rules file.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        instance: Instance,
+        /// Log level when `RUST_LOG` is not set: error, warn, info, debug or trace.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a rules file without running it.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show per-rule counters and rates of a running instance.
+    Stats {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        instance: Instance,
+    },
+}
+
+/// Which instance: its pin directory, and its control socket (derived from the pin directory
+/// unless given).
+#[derive(Args)]
+struct Instance {
+    /// Directory on bpffs where the maps are pinned.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Control socket; default /run/mcr/<pin directory name>.sock.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+impl Instance {
+    fn control_socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| control::default_socket(&self.pin_dir))
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Run {
+                config,
+                instance,
+                log_level,
+                log_format,
+            } => {
+                init_logging(&log_level, log_format);
+                supervisor::run(&RunOptions {
+                    config,
+                    control_socket: instance.control_socket(),
+                    pin_dir: instance.pin_dir,
+                })?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Check { config } => match config::load(&config) {
+                Ok(config) => {
+                    println!("OK: {} rules", config.rules.len());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    Ok(ExitCode::FAILURE)
+                }
+            },
+            Command::Stats { json, instance } => {
+                let Response::Stats(report) =
+                    control::call(&instance.control_socket(), &Request::Stats)?
+                else {
+                    bail!("mcr answered something other than statistics");
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report.rules)?);
+                } else {
+                    print!("{}", stats::render_table(&report));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

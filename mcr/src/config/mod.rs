@@ -1,0 +1,417 @@
+//! The rules file: its YAML form, the validated model the rest of MCR uses, and every check
+//! that stands between the two.
+//!
+//! A file is accepted whole or not at all: [`load`] either returns a [`Config`] in which every
+//! rule can be applied, or a [`ConfigError`] listing each problem with file, line and field.
+
+mod lines;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use self::lines::LineIndex;
+
+/// TTL of relayed packets when an output does not set one: enough to cross a campus or a
+/// data-centre fabric, small enough that a misrouted stream dies out.
+pub const DEFAULT_TTL: u8 = 16;
+/// Longest rule name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest Linux interface name (`IFNAMSIZ` less the terminating NUL).
+const MAX_IFNAME_LEN: usize = 15;
+
+/// A validated rules file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub settings: Settings,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Number of forwarding workers; `None` means one per CPU.
+    pub workers: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub input: Input,
+    pub outputs: Vec<Output>,
+}
+
+/// Where a rule's stream arrives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Input {
+    pub interface: String,
+    pub group: Ipv4Addr,
+    pub port: u16,
+    /// Only this sender, for source-specific rules.
+    pub source: Option<Ipv4Addr>,
+}
+
+/// Where a rule's stream is re-published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// Interface to send on; required for multicast destinations, optional for unicast.
+    pub interface: Option<String>,
+    pub destination: Ipv4Addr,
+    pub port: u16,
+    pub ttl: u8,
+}
+
+impl fmt::Display for Input {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.source {
+            Some(source) => write!(
+                f,
+                "{}:{}:{} from {source}",
+                self.interface, self.group, self.port
+            ),
+            None => write!(f, "{}:{}:{}", self.interface, self.group, self.port),
+        }
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.interface {
+            Some(interface) => write!(f, "{interface}:{}:{}", self.destination, self.port),
+            None => write!(f, "{}:{}", self.destination, self.port),
+        }
+    }
+}
+
+/// One problem in a rules file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    /// Path of the field, such as `rules[2].input.group`.
+    pub field: String,
+    pub message: String,
+}
+
+/// A rules file that cannot be used, with every problem found in it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read rules file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(path, problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|problem| {
+            let location = match problem.line {
+                Some(line) => format!("{}:{line}", path.display()),
+                None => path.display().to_string(),
+            };
+            if problem.field.is_empty() {
+                format!("{location}: {}", problem.message)
+            } else {
+                format!("{location}: {}: {}", problem.field, problem.message)
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// Reads and validates the rules file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|problems| ConfigError::Invalid {
+        path: path.to_owned(),
+        problems,
+    })
+}
+
+/// Validates the text of a rules file.
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let raw: RawConfig =
+        serde_yaml::from_str(text).map_err(|error| vec![syntax_problem(&error)])?;
+    let index = LineIndex::new(text);
+    let mut checker = Checker {
+        index: &index,
+        problems: Vec::new(),
+    };
+    let config = checker.check(raw);
+    if checker.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(checker.problems)
+    }
+}
+
+/// Turns a `serde_yaml` error into a problem: its message starts with the field path when it
+/// has one (`rules[0].input: unknown field ...`) and ends with the position, which moves into
+/// `line`.
+fn syntax_problem(error: &serde_yaml::Error) -> Problem {
+    let mut message = error.to_string();
+    if let Some(at) = message.find(" at line ") {
+        message.truncate(at);
+    }
+    let (field, message) = match message.split_once(": ") {
+        Some((field, rest)) if !field.contains(' ') => (field.to_owned(), rest.to_owned()),
+        _ => (String::new(), message),
+    };
+    Problem {
+        line: error.location().map(|location| location.line()),
+        field,
+        message,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    settings: RawSettings,
+    rules: Vec<RawRule>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    workers: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    input: RawInput,
+    outputs: Vec<RawOutput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    interface: String,
+    group: Ipv4Addr,
+    port: u16,
+    source: Option<Ipv4Addr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    interface: Option<String>,
+    destination: Ipv4Addr,
+    port: u16,
+    ttl: Option<i64>,
+}
+
+struct Checker<'a> {
+    index: &'a LineIndex,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, field: String, message: impl Into<String>) {
+        self.problems.push(Problem {
+            line: self.index.line_of(&field),
+            field,
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, raw: RawConfig) -> Config {
+        let workers = raw.settings.workers.and_then(|workers| {
+            if let Ok(n @ 1..=1024) = usize::try_from(workers) {
+                Some(n)
+            } else {
+                self.problem(
+                    "settings.workers".into(),
+                    format!("{workers} workers: must be between 1 and 1024"),
+                );
+                None
+            }
+        });
+        if raw.rules.is_empty() {
+            self.problem(
+                "rules".into(),
+                "no rules: a rules file needs at least one rule",
+            );
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut inputs: HashMap<Input, usize> = HashMap::new();
+        let mut rules = Vec::with_capacity(raw.rules.len());
+        for (i, raw_rule) in raw.rules.into_iter().enumerate() {
+            let rule = self.check_rule(i, raw_rule);
+            if let Some(first) = names.insert(rule.name.clone(), i) {
+                self.problem(
+                    format!("rules[{i}].name"),
+                    format!(
+                        "duplicate rule name {:?}: rules[{first}] already has it",
+                        rule.name
+                    ),
+                );
+            }
+            if let Some(first) = inputs.insert(rule.input.clone(), i) {
+                self.problem(
+                    format!("rules[{i}].input"),
+                    format!(
+                        "same input {} as rules[{first}] ({}): a stream can belong to one rule only",
+                        rule.input, rules_name(&rules, first)
+                    ),
+                );
+            }
+            rules.push(rule);
+        }
+        Config {
+            settings: Settings { workers },
+            rules,
+        }
+    }
+
+    fn check_rule(&mut self, i: usize, raw: RawRule) -> Rule {
+        let at = format!("rules[{i}]");
+        if raw.name.is_empty()
+            || raw.name.len() > MAX_NAME_LEN
+            || !raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            self.problem(
+                format!("{at}.name"),
+                format!(
+                    "invalid rule name {:?}: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'",
+                    raw.name
+                ),
+            );
+        }
+        self.check_interface(&format!("{at}.input.interface"), &raw.input.interface);
+        if !raw.input.group.is_multicast() {
+            self.problem(
+                format!("{at}.input.group"),
+                format!(
+                    "{} is not an IPv4 multicast group (224.0.0.0/4)",
+                    raw.input.group
+                ),
+            );
+        }
+        if raw.input.port == 0 {
+            self.problem(format!("{at}.input.port"), "port 0: use 1 to 65535");
+        }
+        if let Some(source) = raw.input.source
+            && (source.is_multicast() || source.is_unspecified() || source.is_broadcast())
+        {
+            self.problem(
+                format!("{at}.input.source"),
+                format!("{source} cannot be a sender: give the sender's unicast address"),
+            );
+        }
+        let input = Input {
+            interface: raw.input.interface,
+            group: raw.input.group,
+            port: raw.input.port,
+            source: raw.input.source,
+        };
+        if raw.outputs.is_empty() {
+            self.problem(
+                format!("{at}.outputs"),
+                "no outputs: a rule needs at least one output",
+            );
+        }
+        let outputs = raw
+            .outputs
+            .into_iter()
+            .enumerate()
+            .map(|(j, output)| self.check_output(&format!("{at}.outputs[{j}]"), &input, output))
+            .collect();
+        Rule {
+            name: raw.name,
+            input,
+            outputs,
+        }
+    }
+
+    fn check_output(&mut self, at: &str, input: &Input, raw: RawOutput) -> Output {
+        if let Some(interface) = &raw.interface {
+            self.check_interface(&format!("{at}.interface"), interface);
+        }
+        let destination = raw.destination;
+        if destination.is_unspecified() || destination.is_broadcast() {
+            self.problem(
+                format!("{at}.destination"),
+                format!("{destination} cannot be a destination"),
+            );
+        }
+        if destination.is_multicast() && raw.interface.is_none() {
+            self.problem(
+                format!("{at}.interface"),
+                format!("multicast destination {destination} needs an interface to send on"),
+            );
+        }
+        if raw.port == 0 {
+            self.problem(format!("{at}.port"), "port 0: use 1 to 65535");
+        }
+        if raw.interface.as_deref() == Some(input.interface.as_str())
+            && destination == input.group
+            && raw.port == input.port
+        {
+            self.problem(
+                at.to_owned(),
+                format!(
+                    "output {destination}:{} on {} is the rule's own input: it would loop forever",
+                    raw.port, input.interface
+                ),
+            );
+        }
+        let ttl = match raw.ttl {
+            None => DEFAULT_TTL,
+            Some(ttl) => u8::try_from(ttl)
+                .ok()
+                .filter(|ttl| *ttl >= 1)
+                .unwrap_or_else(|| {
+                    self.problem(format!("{at}.ttl"), format!("TTL {ttl}: use 1 to 255"));
+                    DEFAULT_TTL
+                }),
+        };
+        Output {
+            interface: raw.interface,
+            destination,
+            port: raw.port,
+            ttl,
+        }
+    }
+
+    fn check_interface(&mut self, field: &str, name: &str) {
+        if name.is_empty()
+            || name.len() > MAX_IFNAME_LEN
+            || name.contains(['/', ':'])
+            || name.chars().any(char::is_whitespace)
+        {
+            self.problem(
+                field.to_owned(),
+                format!(
+                    "invalid interface name {name:?}: 1 to {MAX_IFNAME_LEN} characters, no '/', ':' or spaces"
+                ),
+            );
+        }
+    }
+}
+
+fn rules_name(rules: &[Rule], i: usize) -> &str {
+    rules.get(i).map_or("", |rule| rule.name.as_str())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,184 @@
+//! `mcr run`: the privileged supervisor. It loads the classifier, keeps its maps in sync with
+//! the rules file and answers the control socket until SIGINT or SIGTERM.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    bpf::{Classifier, RuleTable},
+    config::{self, Config},
+    control::{Request, Response},
+};
+
+/// How often counters are read for the rates `mcr stats` shows.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub pin_dir: PathBuf,
+    pub control_socket: PathBuf,
+}
+
+type Call = (Request, oneshot::Sender<Response>);
+
+/// Runs the supervisor until SIGINT or SIGTERM, then detaches everything and removes the pins.
+pub fn run(options: &RunOptions) -> anyhow::Result<()> {
+    let config = config::load(&options.config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the supervisor's runtime")?;
+    runtime.block_on(serve(options, &config))
+}
+
+async fn serve(options: &RunOptions, config: &Config) -> anyhow::Result<()> {
+    let listener = claim_control_socket(&options.control_socket)?;
+    let mut classifier = match Classifier::load(&options.pin_dir) {
+        Ok(classifier) => classifier,
+        Err(error) => {
+            let _ = fs::remove_file(&options.control_socket);
+            return Err(error.into());
+        }
+    };
+    tracing::info!(pin_dir = %options.pin_dir.display(), "classifier loaded, maps pinned");
+
+    let mut table = RuleTable::default();
+    let summary = table.apply(&mut classifier, config);
+    tracing::info!(
+        config = %options.config.display(),
+        active = summary.active,
+        waiting = summary.waiting,
+        failed = summary.failed,
+        "rules applied"
+    );
+
+    let result = event_loop(options, &listener, &mut classifier, &mut table).await;
+
+    drop(listener);
+    let _ = fs::remove_file(&options.control_socket);
+    let shutdown = classifier.shutdown();
+    tracing::info!("classifier detached, pins removed");
+    result.and(shutdown.map_err(Into::into))
+}
+
+async fn event_loop(
+    options: &RunOptions,
+    listener: &UnixListener,
+    classifier: &mut Classifier,
+    table: &mut RuleTable,
+) -> anyhow::Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+    let mut sampler = tokio::time::interval(SAMPLE_INTERVAL);
+    let (calls, mut pending) = mpsc::channel::<Call>(64);
+
+    tracing::info!(control_socket = %options.control_socket.display(), "running");
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => reload(&options.config, classifier, table),
+            _ = sampler.tick() => table.sample(classifier),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_client(stream, calls.clone()));
+                }
+                Err(error) => tracing::warn!(%error, "control socket accept failed"),
+            },
+            Some((request, reply)) = pending.recv() => {
+                let _ = reply.send(answer(&request, classifier, table));
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+fn reload(path: &Path, classifier: &mut Classifier, table: &mut RuleTable) {
+    match config::load(path) {
+        Ok(config) => {
+            let summary = table.apply(classifier, &config);
+            tracing::info!(
+                config = %path.display(),
+                active = summary.active,
+                waiting = summary.waiting,
+                failed = summary.failed,
+                "rules reloaded"
+            );
+        }
+        Err(error) => {
+            tracing::error!("rules file rejected, the running rules stay as they were:\n{error}");
+        }
+    }
+}
+
+fn answer(request: &Request, classifier: &Classifier, table: &RuleTable) -> Response {
+    match request {
+        Request::Stats => Response::Stats(table.report(classifier)),
+    }
+}
+
+/// Reads one request from a CLI client, has the event loop answer it, writes the answer.
+async fn serve_client(stream: UnixStream, calls: mpsc::Sender<Call>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(read).read_line(&mut line),
+    )
+    .await;
+    if !matches!(read, Ok(Ok(n)) if n > 0) {
+        return;
+    }
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => {
+            let (reply, answer) = oneshot::channel();
+            if calls.send((request, reply)).await.is_err() {
+                return;
+            }
+            match answer.await {
+                Ok(response) => response,
+                Err(_) => return,
+            }
+        }
+        Err(error) => Response::Error(format!("bad request: {error}")),
+    };
+    if let Ok(mut text) = serde_json::to_string(&response) {
+        text.push('\n');
+        let _ = write.write_all(text.as_bytes()).await;
+    }
+}
+
+/// Binds the control socket, refusing to start when another instance answers on it and
+/// replacing a socket file a dead instance left behind.
+fn claim_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "another mcr instance is running on control socket {}; give this one its own --pin-dir",
+            path.display()
+        );
+    }
+    let _ = fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating control socket directory {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
+    Ok(listener)
+}
