@@ -44,14 +44,8 @@ pub fn run(options: &RunOptions) -> anyhow::Result<()> {
 }
 
 async fn serve(options: &RunOptions, config: &Config) -> anyhow::Result<()> {
-    let listener = claim_control_socket(&options.control_socket)?;
-    let mut classifier = match Classifier::load(&options.pin_dir) {
-        Ok(classifier) => classifier,
-        Err(error) => {
-            let _ = fs::remove_file(&options.control_socket);
-            return Err(error.into());
-        }
-    };
+    refuse_if_running(&options.control_socket)?;
+    let mut classifier = Classifier::load(&options.pin_dir)?;
     tracing::info!(pin_dir = %options.pin_dir.display(), "classifier loaded, maps pinned");
 
     let mut table = RuleTable::default();
@@ -64,9 +58,13 @@ async fn serve(options: &RunOptions, config: &Config) -> anyhow::Result<()> {
         "rules applied"
     );
 
-    let result = event_loop(options, &listener, &mut classifier, &mut table).await;
+    // The socket appears only once the rules are in place: a client that can connect sees
+    // the relay as configured.
+    let result = match bind_control_socket(&options.control_socket) {
+        Ok(listener) => event_loop(options, &listener, &mut classifier, &mut table).await,
+        Err(error) => Err(error),
+    };
 
-    drop(listener);
     let _ = fs::remove_file(&options.control_socket);
     let shutdown = classifier.shutdown();
     tracing::info!("classifier detached, pins removed");
@@ -162,15 +160,19 @@ async fn serve_client(stream: UnixStream, calls: mpsc::Sender<Call>) {
     }
 }
 
-/// Binds the control socket, refusing to start when another instance answers on it and
-/// replacing a socket file a dead instance left behind.
-fn claim_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// Refuses to start when another instance answers on the control socket.
+fn refuse_if_running(path: &Path) -> anyhow::Result<()> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         bail!(
             "another mcr instance is running on control socket {}; give this one its own --pin-dir",
             path.display()
         );
     }
+    Ok(())
+}
+
+/// Binds the control socket, replacing a socket file a dead instance left behind.
+fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
     let _ = fs::remove_file(path);
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)

@@ -1,0 +1,150 @@
+//! The `mcr` binary under test, run inside a namespace.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::{Netns, netns::unique_name, wait_for};
+
+/// The `mcr` binary: `$MCR_BIN`, else `target/debug/mcr` of this workspace.
+pub fn mcr_binary() -> PathBuf {
+    std::env::var_os("MCR_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mcr"),
+        PathBuf::from,
+    )
+}
+
+/// A running `mcr run` with its own pin directory and control socket. Dropping it stops the
+/// process (SIGTERM, then SIGKILL) and removes whatever it left.
+pub struct Mcr {
+    child: Option<Child>,
+    pub pin_dir: PathBuf,
+    pub control_socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Mcr {
+    /// Starts `mcr run --config <config>` inside `netns` and waits until it answers.
+    pub fn start(netns: &Netns, config: &Path) -> anyhow::Result<Self> {
+        let name = unique_name("mcr");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let control_socket = PathBuf::from(format!("/run/mcr/{name}.sock"));
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log).context("creating the mcr log")?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.path()))
+            .arg(mcr_binary())
+            .args(["run", "--log-level", "debug", "--config"])
+            .arg(config)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting mcr")?;
+        let mut mcr = Self {
+            child: Some(child),
+            pin_dir,
+            control_socket,
+            log,
+        };
+        let ready = wait_for(Duration::from_secs(10), || {
+            if mcr.has_exited() {
+                return Some(false);
+            }
+            mcr.control_socket.exists().then_some(true)
+        });
+        if ready != Some(true) {
+            bail!("mcr did not start; its log:\n{}", mcr.log_text());
+        }
+        Ok(mcr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| matches!(child.try_wait(), Ok(Some(_))))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs an `mcr` CLI command against this instance and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new(mcr_binary())
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.control_socket)
+            .output()
+            .context("running the mcr CLI")?;
+        if !output.status.success() {
+            bail!(
+                "mcr {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `mcr stats --json`, parsed.
+    pub fn stats(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = self.cli(&["stats", "--json"])?;
+        serde_json::from_str(&text).context("parsing mcr stats --json")
+    }
+
+    /// The stats entry of rule `name`.
+    pub fn rule_stats(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        self.stats()?
+            .into_iter()
+            .find(|rule| rule["name"] == name)
+            .with_context(|| format!("no rule {name} in mcr stats"))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("mcr was already stopped");
+        };
+        let pid = Pid::from_raw(i32::try_from(child.id())?);
+        kill(pid, Signal::SIGTERM).context("sending SIGTERM to mcr")?;
+        let status = wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten());
+        match status {
+            Some(status) => Ok(status),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("mcr did not exit within 10 s of SIGTERM")
+            }
+        }
+    }
+}
+
+impl Drop for Mcr {
+    fn drop(&mut self) {
+        if self.child.is_some() && self.stop().is_err() {
+            eprintln!(
+                "cleanup: mcr had to be killed; its log:\n{}",
+                self.log_text()
+            );
+        }
+        // A killed instance cannot remove its own pins and socket.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_file(&self.control_socket);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

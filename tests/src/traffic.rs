@@ -1,0 +1,61 @@
+//! Test traffic: UDP datagrams with known payloads, sent from inside a namespace.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+
+use anyhow::Context as _;
+
+use crate::{Netns, in_netns};
+
+/// A batch of identical datagrams: `count` times `payload_len` bytes to `group:port`, from
+/// `source` (the namespace's routing decides when `None`).
+#[derive(Clone, Debug)]
+pub struct Stream {
+    pub source: Option<Ipv4Addr>,
+    pub destination: Ipv4Addr,
+    pub port: u16,
+    pub payload_len: usize,
+    pub count: u64,
+}
+
+impl Stream {
+    pub fn new(destination: Ipv4Addr, port: u16, payload_len: usize, count: u64) -> Self {
+        Self {
+            source: None,
+            destination,
+            port,
+            payload_len,
+            count,
+        }
+    }
+
+    #[must_use]
+    pub fn from(mut self, source: Ipv4Addr) -> Self {
+        self.source = Some(source);
+        self
+    }
+}
+
+/// Sends `stream` from inside `netns`. Each payload carries its sequence number in its first
+/// eight bytes; a short pause every 64 datagrams keeps the rate moderate so no queue on the
+/// way overflows.
+pub fn send_udp(netns: &Netns, stream: &Stream) -> anyhow::Result<()> {
+    in_netns(netns, || -> anyhow::Result<()> {
+        let bind = SocketAddrV4::new(stream.source.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+        let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+        socket.set_multicast_ttl_v4(8)?;
+        let destination = SocketAddrV4::new(stream.destination, stream.port);
+        let mut payload = vec![0xa5_u8; stream.payload_len];
+        for sequence in 0..stream.count {
+            let bytes = sequence.to_be_bytes();
+            let n = payload.len().min(bytes.len());
+            payload[..n].copy_from_slice(&bytes[..n]);
+            socket
+                .send_to(&payload, destination)
+                .with_context(|| format!("sending to {destination}"))?;
+            if sequence % 64 == 63 {
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        }
+        Ok(())
+    })?
+}
