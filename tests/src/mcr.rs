@@ -123,14 +123,12 @@ impl Mcr {
         let pid = Pid::from_raw(i32::try_from(child.id())?);
         kill(pid, Signal::SIGTERM).context("sending SIGTERM to mcr")?;
         let status = wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten());
-        match status {
-            Some(status) => Ok(status),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("mcr did not exit within 10 s of SIGTERM")
-            }
+        if let Some(status) = status {
+            return Ok(status);
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("mcr did not exit within 10 s of SIGTERM")
     }
 }
 
