@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything around MCR that is not MCR itself.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -36,6 +37,8 @@ enum Task {
         #[arg(long, default_value_t = 6)]
         seconds: u64,
     },
+    /// Benchmark MCR against the kernel's multicast forwarding and socat (release build).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +59,10 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { rules, seconds } => {
             setup::ensure_all()?;
             demo::run(&rules, seconds)
+        }
+        Task::Bench(args) => {
+            setup::ensure_all()?;
+            bench::run(&args)
         }
     }
 }
