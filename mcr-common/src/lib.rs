@@ -15,6 +15,37 @@ pub const MAP_RULE_STATS: &str = "MCR_RULE_STATS";
 pub const MAP_SKIPS: &str = "MCR_SKIPS";
 /// Name of the ingress classifier program.
 pub const PROG_CLASSIFIER: &str = "mcr_classify";
+/// Name of the socket filter on every worker's `AF_PACKET` socket.
+pub const PROG_ADMIT: &str = "mcr_admit";
+/// Name of the fanout program that picks the worker of a packet.
+pub const PROG_STEER: &str = "mcr_steer";
+
+/// Most workers one instance can run: the worker index has eight bits in the mark.
+pub const MAX_WORKERS: u32 = 256;
+
+/// `skb->mark` of a packet the classifier matched: `0x4d` ('M') in the top byte, the worker
+/// that owns the rule in the next, the rule's counter slot in the low sixteen bits. The socket
+/// filter admits only packets with the tag; the fanout program reads the worker from it.
+pub const MARK_TAG: u32 = 0x4d00_0000;
+const MARK_TAG_MASK: u32 = 0xff00_0000;
+
+/// The mark for a packet of rule `slot`, owned by `worker`.
+#[inline]
+pub const fn steering_mark(worker: u32, slot: u32) -> u32 {
+    MARK_TAG | ((worker & 0xff) << 16) | (slot & 0xffff)
+}
+
+/// Whether `mark` was set by the classifier.
+#[inline]
+pub const fn is_steering_mark(mark: u32) -> bool {
+    mark & MARK_TAG_MASK == MARK_TAG
+}
+
+/// The worker index carried by a steering mark.
+#[inline]
+pub const fn mark_worker(mark: u32) -> u32 {
+    (mark >> 16) & 0xff
+}
 
 /// What a rule matches: a UDP packet arriving on `ifindex` for `group:port`, from `source`
 /// (or from anyone when `source` is `0.0.0.0`).
@@ -42,8 +73,8 @@ pub struct RuleSlot {
     /// Index of the rule's counters in `MCR_RULE_STATS`. Slots are stable for the life of a
     /// rule, so its counters survive reloads that do not change it.
     pub slot: u32,
-    /// Reserved for steering (the worker that owns the flow); zero for now.
-    pub flags: u32,
+    /// Index of the worker that forwards this rule; it goes into the packet's mark.
+    pub worker: u32,
 }
 
 /// Ingress counters of one rule on one CPU. Bytes are UDP payload bytes, the figure that
@@ -64,6 +95,21 @@ pub struct SkipCounters {
     pub malformed: u64,
     /// IP fragments to a multicast group: the relay forwards whole datagrams only.
     pub fragments: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_carry_worker_and_slot() {
+        let mark = steering_mark(3, MAX_RULES - 1);
+        assert!(is_steering_mark(mark));
+        assert_eq!(mark_worker(mark), 3);
+        assert_eq!(mark & 0xffff, MAX_RULES - 1);
+        assert!(!is_steering_mark(0));
+        assert!(!is_steering_mark(0x0001_0000));
+    }
 }
 
 #[cfg(feature = "user")]

@@ -1,19 +1,26 @@
 //! MCR's ingress classifier (TC ingress, attached to each input interface that has a rule).
 //!
 //! It parses Ethernet (with at most one 802.1Q tag), IPv4 and UDP, looks the destination up in
-//! `MCR_RULES` (source-specific rules first, then any-source rules) and counts a match in the
-//! rule's per-CPU counters. Every packet, matched or not, continues untouched: the classifier
-//! only observes.
+//! `MCR_RULES` (source-specific rules first, then any-source rules), counts a match in the
+//! rule's per-CPU counters and marks it for steering (`skb->mark`, see
+//! `mcr_common::steering_mark`). Every packet continues on its way, its bytes unaltered.
+//!
+//! Two socket programs complete the steering: `mcr_steer` is the fanout program of each input
+//! interface's `AF_PACKET` sockets and picks the worker named in the mark; `mcr_admit` is the
+//! filter on each of those sockets and admits only marked, incoming packets.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
     btf_maps::{HashMap, PerCpuArray},
-    macros::{btf_map, classifier},
-    programs::TcContext,
+    macros::{btf_map, classifier, socket_filter},
+    programs::{SkBuffContext, TcContext},
 };
-use mcr_common::{ANY_SOURCE, MAX_RULES, RuleCounters, RuleKey, RuleSlot, SkipCounters};
+use mcr_common::{
+    ANY_SOURCE, MAX_RULES, RuleCounters, RuleKey, RuleSlot, SkipCounters, is_steering_mark,
+    mark_worker, steering_mark,
+};
 
 #[btf_map]
 static MCR_RULES: HashMap<RuleKey, RuleSlot, { MAX_RULES as usize }> = HashMap::new();
@@ -130,7 +137,11 @@ fn classify(ctx: &TcContext) -> Result<(), Skip> {
     };
     // SAFETY: the verifier proved `slot` non-null; the value is read at once, before any other
     // map operation could recycle the entry.
-    let index = unsafe { (*slot).slot };
+    let RuleSlot {
+        slot: index,
+        worker,
+    } = unsafe { *slot };
+    ctx.set_mark(steering_mark(worker, index));
     if let Some(counters) = MCR_RULE_STATS.get_ptr_mut(index) {
         // SAFETY: a per-CPU array slot belongs to this CPU for the duration of the program.
         unsafe {
@@ -139,6 +150,44 @@ fn classify(ctx: &TcContext) -> Result<(), Skip> {
         }
     }
     Ok(())
+}
+
+/// `PACKET_OUTGOING`: a frame this host sends, seen by a packet socket on its way out.
+const PACKET_OUTGOING: u32 = 4;
+
+/// Socket filter of the workers' `AF_PACKET` sockets: the whole packet if the classifier marked
+/// it and it is arriving, nothing otherwise.
+#[socket_filter]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point signature is fixed by aya"
+)]
+pub fn mcr_admit(ctx: SkBuffContext) -> i64 {
+    // SAFETY: reading fields of the `__sk_buff` the kernel handed to this program.
+    let (mark, pkt_type) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).pkt_type) };
+    if is_steering_mark(mark) && pkt_type != PACKET_OUTGOING {
+        i64::from(ctx.len())
+    } else {
+        0
+    }
+}
+
+/// Fanout program of each input interface's socket group: the index of the socket, which is
+/// the index of the worker, that receives the packet. The kernel takes it modulo the group
+/// size. Unmarked packets go to socket 0, whose filter drops them.
+#[socket_filter]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point signature is fixed by aya"
+)]
+pub fn mcr_steer(ctx: SkBuffContext) -> i64 {
+    // SAFETY: reading a field of the `__sk_buff` the kernel handed to this program.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if is_steering_mark(mark) {
+        i64::from(mark_worker(mark))
+    } else {
+        0
+    }
 }
 
 fn count_skip(bump: impl FnOnce(&mut SkipCounters)) {

@@ -42,11 +42,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// A forwarding worker; started by `mcr run`, not by hand.
+    #[command(hide = true)]
+    Worker,
     /// Show per-rule counters and rates of a running instance.
     Stats {
-        /// Print a JSON array instead of a table.
+        /// Print a JSON array of rules instead of the table.
         #[arg(long)]
         json: bool,
+        /// With --json: print the array of workers instead of rules.
+        #[arg(long, requires = "json")]
+        workers: bool,
         #[command(flatten)]
         instance: Instance,
     },
@@ -95,6 +101,10 @@ impl Cli {
                 })?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Worker => {
+                crate::worker::run()?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Check { config } => match config::load(&config) {
                 Ok(config) => {
                     println!("OK: {} rules", config.rules.len());
@@ -105,13 +115,19 @@ impl Cli {
                     Ok(ExitCode::FAILURE)
                 }
             },
-            Command::Stats { json, instance } => {
+            Command::Stats {
+                json,
+                workers,
+                instance,
+            } => {
                 let Response::Stats(report) =
                     control::call(&instance.control_socket(), &Request::Stats)?
                 else {
                     bail!("mcr answered something other than statistics");
                 };
-                if json {
+                if json && workers {
+                    println!("{}", serde_json::to_string_pretty(&report.workers)?);
+                } else if json {
                     println!("{}", serde_json::to_string_pretty(&report.rules)?);
                 } else {
                     print!("{}", stats::render_table(&report));

@@ -1,7 +1,12 @@
 //! MCR, a multicast relay for Linux: the supervisor, the CLI and their building blocks.
 pub mod bpf;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod control;
+pub mod counters;
+pub mod packet;
+pub mod sockets;
 pub mod stats;
 pub mod supervisor;
+pub mod worker;

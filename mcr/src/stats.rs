@@ -2,8 +2,10 @@
 
 use std::{fmt::Write as _, time::Instant};
 
-use mcr_common::{RuleCounters, SkipCounters};
+use mcr_common::SkipCounters;
 use serde::{Deserialize, Serialize};
+
+use crate::{config::Output, counters::OutputTotals};
 
 /// One rule as `mcr stats` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -21,12 +23,75 @@ pub struct RuleStats {
     pub rx_pps: f64,
     /// Payload bits per second over the last sampling interval.
     pub rx_bps: f64,
+    /// Packets lost for this rule after classification, by reason.
+    pub drops: RuleDrops,
+    pub outputs: Vec<OutputStats>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleDrops {
+    /// Not sent because the worker's send queue or the output socket's buffer was full.
+    pub queue_full: u64,
+    /// Sends the kernel refused.
+    pub send_errors: u64,
+}
+
+/// What one output sent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputStats {
+    pub interface: Option<String>,
+    /// `address:port`.
+    pub destination: String,
+    pub ttl: u8,
+    pub tx_packets: u64,
+    /// UDP payload bytes.
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+    pub queue_full: u64,
+    pub tx_pps: f64,
+    pub tx_bps: f64,
+}
+
+impl OutputStats {
+    pub fn new(output: &Output, totals: OutputTotals) -> Self {
+        Self {
+            interface: output.interface.clone(),
+            destination: format!("{}:{}", output.destination, output.port),
+            ttl: output.ttl,
+            tx_packets: totals.packets,
+            tx_bytes: totals.bytes,
+            tx_errors: totals.errors,
+            queue_full: totals.queue_full,
+            tx_pps: 0.0,
+            tx_bps: 0.0,
+        }
+    }
+}
+
+/// One worker process and the drops it counted before knowing the rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub worker: usize,
+    pub pid: Option<u32>,
+    pub cpu: Option<usize>,
+    pub state: String,
+    pub restarts: u32,
+    /// Packets the worker received from its sockets.
+    pub received: u64,
+    /// Packets the kernel dropped because the worker's socket was full (`PACKET_STATISTICS`).
+    pub kernel_drops: u64,
+    pub malformed: u64,
+    pub too_big: u64,
+    pub no_rule: u64,
+    /// Times receiving paused because every buffer was in use.
+    pub no_buffer: u64,
 }
 
 /// Everything `mcr stats` receives from a running instance.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatsReport {
     pub rules: Vec<RuleStats>,
+    pub workers: Vec<WorkerStats>,
     /// Multicast UDP the classifier saw but could not classify, by reason.
     pub skipped: Skipped,
 }
@@ -49,22 +114,23 @@ impl From<SkipCounters> for Skipped {
 /// Turns successive counter readings into rates over the last interval.
 #[derive(Clone, Debug, Default)]
 pub struct RateMeter {
-    last: Option<(Instant, RuleCounters)>,
+    last: Option<(Instant, u64, u64)>,
     pps: f64,
     bps: f64,
 }
 
 impl RateMeter {
-    /// Records a reading taken at `now`; the rates become the change since the last reading.
-    pub fn sample(&mut self, now: Instant, counters: RuleCounters) {
-        if let Some((then, before)) = self.last {
+    /// Records a reading of `packets` and `bytes` taken at `now`; the rates become the change
+    /// since the last reading.
+    pub fn sample(&mut self, now: Instant, packets: u64, bytes: u64) {
+        if let Some((then, before_packets, before_bytes)) = self.last {
             let seconds = now.duration_since(then).as_secs_f64();
             if seconds > 0.0 {
-                self.pps = counters.packets.saturating_sub(before.packets) as f64 / seconds;
-                self.bps = counters.bytes.saturating_sub(before.bytes) as f64 * 8.0 / seconds;
+                self.pps = packets.saturating_sub(before_packets) as f64 / seconds;
+                self.bps = bytes.saturating_sub(before_bytes) as f64 * 8.0 / seconds;
             }
         }
-        self.last = Some((now, counters));
+        self.last = Some((now, packets, bytes));
     }
 
     pub fn packets_per_second(&self) -> f64 {
@@ -87,53 +153,130 @@ pub fn si(value: f64) -> String {
     format!("{value:.0}")
 }
 
-/// The human-readable table of `mcr stats`.
+/// Columns aligned to their widest cell: text to the left, figures to the right.
+struct Table {
+    rows: Vec<Vec<String>>,
+    /// Columns before this index hold text.
+    text_columns: usize,
+}
+
+impl Table {
+    fn new(headers: &[&str], text_columns: usize) -> Self {
+        Self {
+            rows: vec![headers.iter().map(|h| (*h).to_owned()).collect()],
+            text_columns,
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self, out: &mut String) {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut widths = vec![0; columns];
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.len());
+            }
+        }
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
+                if i < self.text_columns {
+                    let _ = write!(line, "{cell:<width$}  ");
+                } else {
+                    let _ = write!(line, "{cell:>width$}  ");
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+}
+
+/// The human-readable view of `mcr stats`: a line per rule and per output, then the workers.
 pub fn render_table(report: &StatsReport) -> String {
-    let headers = [
-        "RULE", "INPUT", "STATE", "PACKETS", "BYTES", "PKT/S", "BIT/S",
-    ];
-    let rows: Vec<[String; 7]> = report
-        .rules
-        .iter()
-        .map(|rule| {
-            [
-                rule.name.clone(),
-                rule.input.clone(),
-                rule.state.clone(),
-                rule.rx_packets.to_string(),
-                rule.rx_bytes.to_string(),
-                si(rule.rx_pps),
-                si(rule.rx_bps),
-            ]
-        })
-        .collect();
-    let mut widths = headers.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
+    let mut rules = Table::new(
+        &[
+            "RULE", "FLOW", "STATE", "PACKETS", "BYTES", "PKT/S", "BIT/S", "ERRORS", "DROPS",
+        ],
+        3,
+    );
+    for rule in &report.rules {
+        rules.row(vec![
+            rule.name.clone(),
+            format!("in  {}", rule.input),
+            rule.state.clone(),
+            rule.rx_packets.to_string(),
+            rule.rx_bytes.to_string(),
+            si(rule.rx_pps),
+            si(rule.rx_bps),
+            String::new(),
+            String::new(),
+        ]);
+        for output in &rule.outputs {
+            let to = match &output.interface {
+                Some(interface) => {
+                    format!("out {interface}:{} ttl {}", output.destination, output.ttl)
+                }
+                None => format!("out {} ttl {}", output.destination, output.ttl),
+            };
+            rules.row(vec![
+                String::new(),
+                to,
+                String::new(),
+                output.tx_packets.to_string(),
+                output.tx_bytes.to_string(),
+                si(output.tx_pps),
+                si(output.tx_bps),
+                output.tx_errors.to_string(),
+                output.queue_full.to_string(),
+            ]);
         }
     }
     let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
-            // Text columns align left, figures right.
-            if i < 3 {
-                let _ = write!(out, "{cell:<width$}  ");
-            } else {
-                let _ = write!(out, "{cell:>width$}  ");
-            }
-        }
-        let trimmed = out.trim_end().len();
-        out.truncate(trimmed);
+    rules.render(&mut out);
+
+    if !report.workers.is_empty() {
         out.push('\n');
-    };
-    line(&headers);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+        let mut workers = Table::new(
+            &[
+                "WORKER",
+                "PID",
+                "CPU",
+                "STATE",
+                "RESTARTS",
+                "RECEIVED",
+                "KERNEL-DROPS",
+                "MALFORMED",
+                "TOO-BIG",
+                "NO-RULE",
+                "NO-BUFFER",
+            ],
+            4,
+        );
+        for worker in &report.workers {
+            let optional = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+            workers.row(vec![
+                worker.worker.to_string(),
+                optional(worker.pid.map(|p| p.to_string())),
+                optional(worker.cpu.map(|c| c.to_string())),
+                worker.state.clone(),
+                worker.restarts.to_string(),
+                worker.received.to_string(),
+                worker.kernel_drops.to_string(),
+                worker.malformed.to_string(),
+                worker.too_big.to_string(),
+                worker.no_rule.to_string(),
+                worker.no_buffer.to_string(),
+            ]);
+        }
+        workers.render(&mut out);
     }
     let _ = writeln!(
         out,
-        "not classified (multicast UDP that no rule can take): malformed {}, IP fragments {}",
+        "\nnot classified (multicast UDP that no rule can take): malformed {}, IP fragments {}",
         report.skipped.malformed, report.skipped.fragments
     );
     out
@@ -149,24 +292,12 @@ mod tests {
     fn rates_are_the_change_over_the_interval() {
         let mut meter = RateMeter::default();
         let start = Instant::now();
-        meter.sample(
-            start,
-            RuleCounters {
-                packets: 100,
-                bytes: 1000,
-            },
-        );
+        meter.sample(start, 100, 1000);
         assert!(
             meter.packets_per_second().abs() < f64::EPSILON,
             "no rate from one reading"
         );
-        meter.sample(
-            start + Duration::from_secs(2),
-            RuleCounters {
-                packets: 300,
-                bytes: 3000,
-            },
-        );
+        meter.sample(start + Duration::from_secs(2), 300, 3000);
         assert!((meter.packets_per_second() - 100.0).abs() < 1e-9);
         assert!((meter.bits_per_second() - 8000.0).abs() < 1e-9);
     }
@@ -180,7 +311,19 @@ mod tests {
     }
 
     #[test]
-    fn table_has_a_row_per_rule() {
+    fn table_shows_rules_outputs_and_workers() {
+        let output = Output {
+            interface: Some("eth1".into()),
+            destination: "239.2.2.2".parse().expect("address"),
+            port: 6000,
+            ttl: 4,
+        };
+        let totals = OutputTotals {
+            packets: 6,
+            bytes: 600,
+            errors: 1,
+            queue_full: 2,
+        };
         let report = StatsReport {
             rules: vec![RuleStats {
                 name: "cam".into(),
@@ -190,6 +333,21 @@ mod tests {
                 rx_bytes: 700,
                 rx_pps: 0.0,
                 rx_bps: 0.0,
+                drops: RuleDrops::default(),
+                outputs: vec![OutputStats::new(&output, totals)],
+            }],
+            workers: vec![WorkerStats {
+                worker: 0,
+                pid: Some(42),
+                cpu: Some(1),
+                state: "running".into(),
+                restarts: 3,
+                received: 7,
+                kernel_drops: 5,
+                malformed: 0,
+                too_big: 0,
+                no_rule: 0,
+                no_buffer: 0,
             }],
             skipped: Skipped {
                 malformed: 1,
@@ -197,10 +355,43 @@ mod tests {
             },
         };
         let table = render_table(&report);
-        let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[0].starts_with("RULE"));
-        assert!(lines[1].starts_with("cam  "), "{table}");
-        assert!(lines[1].contains("700"));
-        assert!(lines[2].contains("malformed 1, IP fragments 2"));
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0][0], "RULE");
+        assert_eq!(
+            lines[1],
+            [
+                "cam",
+                "in",
+                "eth0:239.1.1.1:5000",
+                "active",
+                "7",
+                "700",
+                "0",
+                "0"
+            ]
+        );
+        assert_eq!(
+            lines[2],
+            [
+                "out",
+                "eth1:239.2.2.2:6000",
+                "ttl",
+                "4",
+                "6",
+                "600",
+                "0",
+                "0",
+                "1",
+                "2"
+            ]
+        );
+        assert_eq!(
+            lines[5],
+            ["0", "42", "1", "running", "3", "7", "5", "0", "0", "0", "0"]
+        );
+        assert!(table.contains("malformed 1, IP fragments 2"));
     }
 }

@@ -5,12 +5,16 @@
 //! Every name a test creates starts with [`PREFIX`], so a sweep after the run can prove that
 //! nothing was left behind. The tests need root.
 
+mod lab;
 mod mcr;
 mod netns;
+mod receiver;
 mod traffic;
 
+pub use lab::{GENERATOR, GENERATOR_2, Lab, RELAY_OUT0, RELAY_OUT1, RulesFile, SINK, SINK_2};
 pub use mcr::{Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};
+pub use receiver::{Datagram, Receiver};
 pub use traffic::{Stream, send_udp};
 
 /// Prefix of every namespace, pin directory and control socket the tests create.

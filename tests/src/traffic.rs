@@ -33,27 +33,32 @@ impl Stream {
         self.source = Some(source);
         self
     }
+
+    /// The payload of datagram `sequence`: the number in the first eight bytes, then 0xa5.
+    pub fn payload(&self, sequence: u64) -> Vec<u8> {
+        let mut payload = vec![0xa5_u8; self.payload_len];
+        let bytes = sequence.to_be_bytes();
+        let n = payload.len().min(bytes.len());
+        payload[..n].copy_from_slice(&bytes[..n]);
+        payload
+    }
 }
 
 /// Sends `stream` from inside `netns`. Each payload carries its sequence number in its first
-/// eight bytes; a short pause every 64 datagrams keeps the rate moderate so no queue on the
-/// way overflows.
+/// eight bytes; a short pause every 32 datagrams keeps the rate moderate (tens of thousands
+/// of packets per second at most) so no queue on the way overflows.
 pub fn send_udp(netns: &Netns, stream: &Stream) -> anyhow::Result<()> {
     in_netns(netns, || -> anyhow::Result<()> {
         let bind = SocketAddrV4::new(stream.source.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
         let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
         socket.set_multicast_ttl_v4(8)?;
         let destination = SocketAddrV4::new(stream.destination, stream.port);
-        let mut payload = vec![0xa5_u8; stream.payload_len];
         for sequence in 0..stream.count {
-            let bytes = sequence.to_be_bytes();
-            let n = payload.len().min(bytes.len());
-            payload[..n].copy_from_slice(&bytes[..n]);
             socket
-                .send_to(&payload, destination)
+                .send_to(&stream.payload(sequence), destination)
                 .with_context(|| format!("sending to {destination}"))?;
-            if sequence % 64 == 63 {
-                std::thread::sleep(std::time::Duration::from_micros(500));
+            if sequence % 32 == 31 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
         Ok(())

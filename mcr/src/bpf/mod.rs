@@ -7,14 +7,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::os::fd::{AsFd, BorrowedFd};
+
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc},
+    programs::{ProgramError, SchedClassifier, SocketFilter, TcAttachType, tc},
 };
 use mcr_common::{
-    MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAX_RULES, PROG_CLASSIFIER, RuleCounters, RuleKey,
-    RuleSlot, SkipCounters,
+    MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER,
+    RuleCounters, RuleKey, RuleSlot, SkipCounters,
 };
 use nix::{
     mount::{MsFlags, mount},
@@ -105,6 +107,14 @@ impl Classifier {
             .try_into()
             .map_err(BpfError::Program)?;
         program.load().map_err(BpfError::Program)?;
+        for name in [PROG_ADMIT, PROG_STEER] {
+            let program: &mut SocketFilter = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing(name))?
+                .try_into()
+                .map_err(BpfError::Program)?;
+            program.load().map_err(BpfError::Program)?;
+        }
 
         let rules = take_map(&mut ebpf, MAP_RULES)?;
         let rule_stats = take_map(&mut ebpf, MAP_RULE_STATS)?;
@@ -183,15 +193,40 @@ impl Classifier {
             .map_err(BpfError::Program)
     }
 
-    /// Starts matching `key` into counter `slot`, whose counters start from zero.
-    pub fn insert_rule(&mut self, key: &RuleKey, slot: u32) -> Result<(), BpfError> {
+    fn socket_program(&self, name: &'static str) -> Result<&SocketFilter, BpfError> {
+        self.ebpf
+            .program(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(BpfError::Program)
+    }
+
+    /// Puts the admission filter on a worker's `AF_PACKET` socket.
+    pub fn attach_admit_filter(&self, socket: BorrowedFd<'_>) -> Result<(), BpfError> {
+        self.socket_program(PROG_ADMIT)?
+            .attach(socket)
+            .map_err(BpfError::Program)
+    }
+
+    /// The fanout program, for `PACKET_FANOUT_DATA`.
+    pub fn steer_program(&self) -> Result<BorrowedFd<'_>, BpfError> {
+        Ok(self
+            .socket_program(PROG_STEER)?
+            .fd()
+            .map_err(BpfError::Program)?
+            .as_fd())
+    }
+
+    /// Starts matching `key` into counter `slot`, whose counters start from zero, and steering
+    /// it to `worker`.
+    pub fn insert_rule(&mut self, key: &RuleKey, slot: u32, worker: u32) -> Result<(), BpfError> {
         let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); self.cpus])
             .map_err(|error| map_error(MAP_RULE_STATS)(MapError::from(error)))?;
         self.rule_stats
             .set(slot, zeros, 0)
             .map_err(map_error(MAP_RULE_STATS))?;
         self.rules
-            .insert(key, RuleSlot { slot, flags: 0 }, 0)
+            .insert(key, RuleSlot { slot, worker }, 0)
             .map_err(map_error(MAP_RULES))
     }
 
@@ -305,6 +340,3 @@ fn remove_pins(pin_dir: &Path) -> io::Result<()> {
         Err(error) => Err(error),
     }
 }
-
-mod sync;
-pub use sync::RuleTable;

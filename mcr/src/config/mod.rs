@@ -32,11 +32,20 @@ pub struct Config {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// Number of forwarding workers; `None` means one per CPU.
     pub workers: Option<usize>,
+    /// CPUs the workers run on, worker `i` on `cpus[i % len]`; `None` means all CPUs.
+    pub cpus: Option<Vec<usize>>,
+    /// The unprivileged user the workers run as.
+    pub user: String,
 }
+
+/// The user workers run as unless the file says otherwise.
+pub const DEFAULT_USER: &str = "nobody";
+/// Most outputs of one rule.
+pub const MAX_OUTPUTS_PER_RULE: usize = crate::command::MAX_FDS;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -189,6 +198,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     workers: Option<u64>,
+    cpus: Option<Vec<u64>>,
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -243,6 +254,35 @@ impl Checker<'_> {
                 None
             }
         });
+        let cpus = raw.settings.cpus.map(|cpus| {
+            if cpus.is_empty() {
+                self.problem(
+                    "settings.cpus".into(),
+                    "empty CPU list: leave it out to use all CPUs",
+                );
+            }
+            let online = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            cpus.into_iter()
+                .enumerate()
+                .filter_map(|(i, cpu)| match usize::try_from(cpu) {
+                    Ok(cpu) if cpu < online => Some(cpu),
+                    _ => {
+                        self.problem(
+                            format!("settings.cpus[{i}]"),
+                            format!("CPU {cpu} does not exist (this machine has {online})"),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
+        let user = raw.settings.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
+        if user.is_empty() || user == "root" {
+            self.problem(
+                "settings.user".into(),
+                format!("workers cannot run as {user:?}: name an unprivileged user"),
+            );
+        }
         if raw.rules.is_empty() {
             self.problem(
                 "rules".into(),
@@ -275,7 +315,11 @@ impl Checker<'_> {
             rules.push(rule);
         }
         Config {
-            settings: Settings { workers },
+            settings: Settings {
+                workers,
+                cpus,
+                user,
+            },
             rules,
         }
     }
@@ -328,6 +372,15 @@ impl Checker<'_> {
             self.problem(
                 format!("{at}.outputs"),
                 "no outputs: a rule needs at least one output",
+            );
+        }
+        if raw.outputs.len() > MAX_OUTPUTS_PER_RULE {
+            self.problem(
+                format!("{at}.outputs"),
+                format!(
+                    "{} outputs: a rule has at most {MAX_OUTPUTS_PER_RULE}",
+                    raw.outputs.len()
+                ),
             );
         }
         let outputs = raw

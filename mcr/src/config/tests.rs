@@ -212,6 +212,32 @@ fn yaml_syntax_error_has_a_line() {
 }
 
 #[test]
+fn cpus_and_user() {
+    let config = parse(&good_with(
+        "workers: 2",
+        "workers: 2\n  cpus: [0]\n  user: daemon",
+    ))
+    .expect("valid");
+    assert_eq!(config.settings.cpus, Some(vec![0]));
+    assert_eq!(config.settings.user, "daemon");
+    assert_eq!(parse(GOOD).expect("valid").settings.user, DEFAULT_USER);
+    let problem = only_problem(&good_with("workers: 2", "workers: 2\n  cpus: [0, 5000]"));
+    assert_eq!(problem.field, "settings.cpus[1]");
+    assert_eq!(problem.line, Some(3));
+    let problem = only_problem(&good_with("workers: 2", "workers: 2\n  user: root"));
+    assert_eq!(problem.field, "settings.user");
+}
+
+#[test]
+fn too_many_outputs() {
+    let output = "      - destination: 10.9.9.9\n        port: 7000\n";
+    let text = good_with(output, &output.repeat(MAX_OUTPUTS_PER_RULE + 1));
+    let problem = only_problem(&text);
+    assert_eq!(problem.field, "rules[0].outputs");
+    assert!(problem.message.contains("at most 64"));
+}
+
+#[test]
 fn bad_worker_count() {
     let problem = only_problem(&good_with("workers: 2", "workers: 0"));
     assert_eq!(problem.line, Some(2));

@@ -1,5 +1,10 @@
-//! `mcr run`: the privileged supervisor. It loads the classifier, keeps its maps in sync with
-//! the rules file and answers the control socket until SIGINT or SIGTERM.
+//! `mcr run`: the privileged supervisor. It loads the classifier, starts the workers, keeps
+//! maps, sockets and workers in sync with the rules file, restarts workers that die, and
+//! answers the control socket until SIGINT or SIGTERM.
+
+mod dataplane;
+mod rules;
+mod workers;
 
 use std::{
     fs,
@@ -16,8 +21,9 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
+use self::{dataplane::Dataplane, rules::RuleTable, workers::WorkerEvent};
 use crate::{
-    bpf::{Classifier, RuleTable},
+    bpf::Classifier,
     config::{self, Config},
     control::{Request, Response},
 };
@@ -48,8 +54,18 @@ async fn serve(options: &RunOptions, config: &Config) -> anyhow::Result<()> {
     let mut classifier = Classifier::load(&options.pin_dir)?;
     tracing::info!(pin_dir = %options.pin_dir.display(), "classifier loaded, maps pinned");
 
+    let (events, mut worker_events) = mpsc::channel(64);
+    let mut dataplane = match Dataplane::start(&config.settings, events.clone()) {
+        Ok(dataplane) => dataplane,
+        Err(error) => {
+            let _ = classifier.shutdown();
+            return Err(error);
+        }
+    };
+    tracing::info!(workers = dataplane.worker_count(), "workers started");
+
     let mut table = RuleTable::default();
-    let summary = table.apply(&mut classifier, config);
+    let summary = table.apply(&mut classifier, &mut dataplane, config);
     tracing::info!(
         config = %options.config.display(),
         active = summary.active,
@@ -60,22 +76,54 @@ async fn serve(options: &RunOptions, config: &Config) -> anyhow::Result<()> {
 
     // The socket appears only once the rules are in place: a client that can connect sees
     // the relay as configured.
+    let mut plane = Plane {
+        classifier: &mut classifier,
+        dataplane: &mut dataplane,
+        table: &mut table,
+        events: &events,
+    };
     let result = match bind_control_socket(&options.control_socket) {
-        Ok(listener) => event_loop(options, &listener, &mut classifier, &mut table).await,
+        Ok(listener) => event_loop(options, &listener, &mut plane, &mut worker_events).await,
         Err(error) => Err(error),
     };
 
     let _ = fs::remove_file(&options.control_socket);
+    // Steering stops first, then the workers, then the sockets (and with them the IGMP
+    // memberships).
     let shutdown = classifier.shutdown();
     tracing::info!("classifier detached, pins removed");
+    dataplane.shutdown();
+    wait_for_workers(&mut dataplane, &mut worker_events).await;
+    tracing::info!("workers stopped");
     result.and(shutdown.map_err(Into::into))
+}
+
+/// Everything the event loop changes.
+struct Plane<'a> {
+    classifier: &'a mut Classifier,
+    dataplane: &'a mut Dataplane,
+    table: &'a mut RuleTable,
+    events: &'a mpsc::Sender<WorkerEvent>,
+}
+
+/// Gives stopping workers a moment to exit on their own.
+async fn wait_for_workers(dataplane: &mut Dataplane, events: &mut mpsc::Receiver<WorkerEvent>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !dataplane.pids().is_empty() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(event)) => {
+                dataplane.worker_event(event);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
 }
 
 async fn event_loop(
     options: &RunOptions,
     listener: &UnixListener,
-    classifier: &mut Classifier,
-    table: &mut RuleTable,
+    plane: &mut Plane<'_>,
+    worker_events: &mut mpsc::Receiver<WorkerEvent>,
 ) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
@@ -88,8 +136,20 @@ async fn event_loop(
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
-            _ = hangup.recv() => reload(&options.config, classifier, table),
-            _ = sampler.tick() => table.sample(classifier),
+            _ = hangup.recv() => reload(&options.config, plane),
+            _ = sampler.tick() => {
+                plane.dataplane.sample();
+                plane.table.sample(plane.classifier, plane.dataplane);
+            }
+            Some(event) = worker_events.recv() => {
+                if let Some((index, delay)) = plane.dataplane.worker_event(event) {
+                    let events = plane.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = events.send(WorkerEvent::RestartDue { index }).await;
+                    });
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     tokio::spawn(serve_client(stream, calls.clone()));
@@ -97,7 +157,7 @@ async fn event_loop(
                 Err(error) => tracing::warn!(%error, "control socket accept failed"),
             },
             Some((request, reply)) = pending.recv() => {
-                let _ = reply.send(answer(&request, classifier, table));
+                let _ = reply.send(answer(&request, plane));
             }
         }
     }
@@ -105,10 +165,12 @@ async fn event_loop(
     Ok(())
 }
 
-fn reload(path: &Path, classifier: &mut Classifier, table: &mut RuleTable) {
+fn reload(path: &Path, plane: &mut Plane<'_>) {
     match config::load(path) {
         Ok(config) => {
-            let summary = table.apply(classifier, &config);
+            let summary = plane
+                .table
+                .apply(plane.classifier, plane.dataplane, &config);
             tracing::info!(
                 config = %path.display(),
                 active = summary.active,
@@ -123,9 +185,9 @@ fn reload(path: &Path, classifier: &mut Classifier, table: &mut RuleTable) {
     }
 }
 
-fn answer(request: &Request, classifier: &Classifier, table: &RuleTable) -> Response {
+fn answer(request: &Request, plane: &Plane<'_>) -> Response {
     match request {
-        Request::Stats => Response::Stats(table.report(classifier)),
+        Request::Stats => Response::Stats(plane.table.report(plane.classifier, plane.dataplane)),
     }
 }
 

@@ -1,13 +1,16 @@
-//! Keeps the classifier's maps equal to the rules file: where a rule becomes a map entry.
+//! Keeps the classifier and the data plane equal to the rules file: where a rule becomes a
+//! map entry and a worker route.
 
 use std::{collections::HashSet, time::Instant};
 
 use mcr_common::{ANY_SOURCE, RuleKey};
 
-use super::{Classifier, MAX_SLOT};
+use super::dataplane::Dataplane;
 use crate::{
+    bpf::{Classifier, MAX_SLOT},
     config::{Config, Input, Rule},
-    stats::{RateMeter, RuleStats, StatsReport},
+    sockets::interfaces,
+    stats::{RateMeter, RuleDrops, RuleStats, StatsReport},
 };
 
 /// The rules the supervisor runs, each with its map key, counter slot and state.
@@ -19,11 +22,12 @@ pub struct RuleTable {
 
 struct Entry {
     rule: Rule,
-    /// Present while the rule is in the classifier map.
+    /// Present while the rule is in the classifier map (and so forwarding).
     key: Option<RuleKey>,
     slot: Option<u32>,
     state: String,
     meter: RateMeter,
+    output_meters: Vec<RateMeter>,
 }
 
 /// What one `apply` did, for the log.
@@ -35,10 +39,16 @@ pub struct ApplySummary {
 }
 
 impl RuleTable {
-    /// Makes the classifier match exactly the rules of `config`. New entries go in before old
-    /// ones come out, and a rule whose name and input did not change keeps its map entry and
-    /// counters untouched, so its stream is never interrupted.
-    pub fn apply(&mut self, classifier: &mut Classifier, config: &Config) -> ApplySummary {
+    /// Makes the classifier and the workers run exactly the rules of `config`. New rules start
+    /// before old ones stop, and a rule whose name and input did not change keeps its map
+    /// entry, worker and counters, so its stream is never interrupted; if only its outputs
+    /// changed, the worker switches to the new ones in one step.
+    pub fn apply(
+        &mut self,
+        classifier: &mut Classifier,
+        dataplane: &mut Dataplane,
+        config: &Config,
+    ) -> ApplySummary {
         let mut old: Vec<Entry> = std::mem::take(&mut self.entries);
         let mut summary = ApplySummary::default();
 
@@ -52,6 +62,10 @@ impl RuleTable {
             let mut entry = match kept {
                 Some(i) => {
                     let mut entry = old.swap_remove(i);
+                    if entry.rule.outputs != rule.outputs {
+                        entry.rule = rule.clone();
+                        Self::switch_outputs(classifier, dataplane, &mut entry);
+                    }
                     entry.rule = rule.clone();
                     entry
                 }
@@ -61,11 +75,12 @@ impl RuleTable {
                     slot: None,
                     state: String::new(),
                     meter: RateMeter::default(),
+                    output_meters: Vec::new(),
                 },
             };
             if entry.key.is_none() {
                 match resolved {
-                    Ok(key) => self.start(classifier, &mut entry, key),
+                    Ok(key) => self.start(classifier, dataplane, &mut entry, key),
                     Err(reason) => entry.state = reason,
                 }
             }
@@ -86,6 +101,9 @@ impl RuleTable {
                 tracing::warn!(rule = %entry.rule.name, %error, "cannot remove the rule's map entry");
             }
             if let Some(slot) = entry.slot {
+                if entry.key.is_some() {
+                    dataplane.stop_rule(slot);
+                }
                 self.slots.free(slot);
             }
         }
@@ -93,7 +111,13 @@ impl RuleTable {
         summary
     }
 
-    fn start(&mut self, classifier: &mut Classifier, entry: &mut Entry, key: RuleKey) {
+    fn start(
+        &mut self,
+        classifier: &mut Classifier,
+        dataplane: &mut Dataplane,
+        entry: &mut Entry,
+        key: RuleKey,
+    ) {
         let interface = &entry.rule.input.interface;
         if let Err(error) = classifier.attach(interface) {
             entry.state = format!("error: {error}");
@@ -104,13 +128,41 @@ impl RuleTable {
             return;
         };
         entry.slot = Some(slot);
-        match classifier.insert_rule(&key, slot) {
+        // The worker gets the route before the classifier steers anything to it.
+        let worker = match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex) {
+            Ok(worker) => worker,
+            Err(reason) => {
+                entry.state = reason;
+                return;
+            }
+        };
+        let worker = u32::try_from(worker).expect("worker count is bounded by MAX_WORKERS");
+        match classifier.insert_rule(&key, slot, worker) {
             Ok(()) => {
                 entry.key = Some(key);
                 entry.state = "active".into();
                 entry.meter = RateMeter::default();
+                entry.output_meters = vec![RateMeter::default(); entry.rule.outputs.len()];
             }
-            Err(error) => entry.state = format!("error: {error}"),
+            Err(error) => {
+                dataplane.stop_rule(slot);
+                entry.state = format!("error: {error}");
+            }
+        }
+    }
+
+    /// A running rule got new outputs: the worker switches over; the map entry stays.
+    fn switch_outputs(classifier: &Classifier, dataplane: &mut Dataplane, entry: &mut Entry) {
+        let (Some(slot), Some(key)) = (entry.slot, entry.key) else {
+            return;
+        };
+        match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex) {
+            Ok(_) => {
+                entry.output_meters = vec![RateMeter::default(); entry.rule.outputs.len()];
+            }
+            Err(reason) => {
+                tracing::warn!(rule = %entry.rule.name, "new outputs not applied: {reason}");
+            }
         }
     }
 
@@ -134,29 +186,46 @@ impl RuleTable {
     }
 
     /// Takes a counter reading for the rates.
-    pub fn sample(&mut self, classifier: &Classifier) {
+    pub fn sample(&mut self, classifier: &Classifier, dataplane: &Dataplane) {
         let now = Instant::now();
         for entry in &mut self.entries {
-            if let Some(slot) = entry.slot
-                && entry.key.is_some()
-                && let Ok(counters) = classifier.rule_counters(slot)
+            let (Some(slot), Some(_)) = (entry.slot, entry.key) else {
+                continue;
+            };
+            if let Ok(counters) = classifier.rule_counters(slot) {
+                entry.meter.sample(now, counters.packets, counters.bytes);
+            }
+            for (meter, output) in entry
+                .output_meters
+                .iter_mut()
+                .zip(dataplane.output_stats(slot))
             {
-                entry.meter.sample(now, counters);
+                meter.sample(now, output.tx_packets, output.tx_bytes);
             }
         }
     }
 
-    /// Current counters of every rule, read from the maps now; rates from the last sample.
-    pub fn report(&self, classifier: &Classifier) -> StatsReport {
+    /// Current counters of every rule, read now; rates from the last sample.
+    pub fn report(&self, classifier: &Classifier, dataplane: &Dataplane) -> StatsReport {
         let rules = self
             .entries
             .iter()
             .map(|entry| {
-                let counters = entry
-                    .slot
-                    .filter(|_| entry.key.is_some())
+                let active = entry.slot.filter(|_| entry.key.is_some());
+                let counters = active
                     .and_then(|slot| classifier.rule_counters(slot).ok())
                     .unwrap_or_default();
+                let mut outputs = active
+                    .map(|slot| dataplane.output_stats(slot))
+                    .unwrap_or_default();
+                for (output, meter) in outputs.iter_mut().zip(&entry.output_meters) {
+                    output.tx_pps = meter.packets_per_second();
+                    output.tx_bps = meter.bits_per_second();
+                }
+                let drops = RuleDrops {
+                    queue_full: outputs.iter().map(|o| o.queue_full).sum(),
+                    send_errors: outputs.iter().map(|o| o.tx_errors).sum(),
+                };
                 RuleStats {
                     name: entry.rule.name.clone(),
                     input: entry.rule.input.to_string(),
@@ -165,11 +234,14 @@ impl RuleTable {
                     rx_bytes: counters.bytes,
                     rx_pps: entry.meter.packets_per_second(),
                     rx_bps: entry.meter.bits_per_second(),
+                    drops,
+                    outputs,
                 }
             })
             .collect();
         StatsReport {
             rules,
+            workers: dataplane.worker_stats(),
             skipped: classifier.skip_counters().unwrap_or_default().into(),
         }
     }
@@ -177,8 +249,8 @@ impl RuleTable {
 
 /// The map key of `input`, or why it cannot have one yet.
 fn resolve(input: &Input) -> Result<RuleKey, String> {
-    let ifindex = nix::net::if_::if_nametoindex(input.interface.as_str())
-        .map_err(|_| format!("waiting: interface {} does not exist", input.interface))?;
+    let ifindex = interfaces::index(&input.interface)
+        .ok_or_else(|| format!("waiting: interface {} does not exist", input.interface))?;
     Ok(RuleKey {
         ifindex,
         group: input.group.octets(),

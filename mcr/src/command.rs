@@ -1,0 +1,186 @@
+//! What the supervisor tells a worker, over a `SOCK_SEQPACKET` Unix socket: one message per
+//! command (JSON, it is rare and small), with the sockets it refers to attached as
+//! `SCM_RIGHTS`.
+
+use std::{
+    io::{IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+/// The largest command message.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// The most file descriptors one command carries (one per output of a rule).
+pub const MAX_FDS: usize = 64;
+
+/// A rule's match as the worker sees it: the interface by index, addresses as octets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RouteKey {
+    pub ifindex: u32,
+    pub group: [u8; 4],
+    pub source: [u8; 4],
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// First message. Attached: the counter block memfd.
+    Init {
+        worker: u32,
+        cpu: Option<usize>,
+        uid: u32,
+        gid: u32,
+    },
+    /// Receive from a new `AF_PACKET` socket (attached), which belongs to interface `ifindex`.
+    AddInput {
+        input: u32,
+        ifindex: u32,
+    },
+    /// Stop receiving from `input` and close it.
+    RemoveInput {
+        input: u32,
+    },
+    /// Forward `key` to the attached sockets, one per output, counting into `counters[i]`.
+    /// Replaces the rule's outputs if `slot` is already known.
+    AddRule {
+        slot: u32,
+        key: RouteKey,
+        counters: Vec<u32>,
+    },
+    RemoveRule {
+        slot: u32,
+    },
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("control socket: {0}")]
+    Io(#[from] nix::Error),
+    #[error("control message is not a command: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("command {0} carries {1} sockets, expected {2}")]
+    FdCount(&'static str, usize, usize),
+    #[error("the supervisor closed the control socket")]
+    Closed,
+}
+
+/// Sends `command` with `fds` attached.
+pub fn send(
+    socket: BorrowedFd<'_>,
+    command: &Command,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), CommandError> {
+    let bytes = serde_json::to_vec(command)?;
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(&bytes)],
+        control,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one command and the descriptors attached to it. `Ok(None)` when no message is
+/// waiting (the socket is non-blocking).
+pub fn receive(
+    socket: BorrowedFd<'_>,
+    buffer: &mut [u8],
+) -> Result<Option<(Command, Vec<OwnedFd>)>, CommandError> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buffer)];
+    let message = match recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(message) => message,
+        Err(nix::Error::EAGAIN) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: SCM_RIGHTS installed these descriptors in this process just now; each is
+            // owned by nobody else.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let len = message.bytes;
+    if len == 0 {
+        return Err(CommandError::Closed);
+    }
+    let command = serde_json::from_slice(&buffer[..len])?;
+    Ok(Some((command, fds)))
+}
+
+impl Command {
+    /// How many descriptors this command must carry.
+    pub fn expected_fds(&self) -> usize {
+        match self {
+            Self::Init { .. } | Self::AddInput { .. } => 1,
+            Self::AddRule { counters, .. } => counters.len(),
+            Self::RemoveInput { .. } | Self::RemoveRule { .. } | Self::Shutdown => 0,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Init { .. } => "init",
+            Self::AddInput { .. } => "add-input",
+            Self::RemoveInput { .. } => "remove-input",
+            Self::AddRule { .. } => "add-rule",
+            Self::RemoveRule { .. } => "remove-rule",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+
+    use super::*;
+
+    #[test]
+    fn commands_carry_their_sockets() {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let passed = std::fs::File::open("/dev/null").expect("/dev/null");
+        let command = Command::AddInput {
+            input: 7,
+            ifindex: 3,
+        };
+        send(a.as_fd(), &command, &[passed.as_fd()]).expect("send");
+        let mut buffer = vec![0; MAX_MESSAGE];
+        let (received, fds) = receive(b.as_fd(), &mut buffer)
+            .expect("receive")
+            .expect("a message");
+        assert_eq!(received, command);
+        assert_eq!(fds.len(), command.expected_fds());
+        assert!(receive(b.as_fd(), &mut buffer).expect("receive").is_none());
+        drop(a);
+        assert!(matches!(
+            receive(b.as_fd(), &mut buffer),
+            Err(CommandError::Closed)
+        ));
+    }
+}

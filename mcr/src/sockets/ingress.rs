@@ -1,0 +1,175 @@
+//! The `AF_PACKET` sockets of one input interface: one per worker, joined in one
+//! `PACKET_FANOUT_EBPF` group whose program (`mcr_steer`) picks the worker named in the
+//! packet's mark, each behind the `mcr_admit` filter so only classified packets get through.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+};
+
+use nix::libc;
+
+use super::{get_option, set_option};
+use crate::bpf::Classifier;
+
+/// Receive buffer of each socket: room for bursts while a worker is busy or restarting.
+const RECEIVE_BUFFER: i32 = 8 * 1024 * 1024;
+
+/// `struct tpacket_stats`.
+#[repr(C)]
+#[derive(Default)]
+struct PacketStatistics {
+    packets: u32,
+    drops: u32,
+}
+
+/// One interface's sockets; index `i` belongs to worker `i`.
+pub struct FanoutGroup {
+    pub sockets: Vec<OwnedFd>,
+}
+
+impl FanoutGroup {
+    /// Opens `workers` sockets on `ifindex` and joins them into a new fanout group. Sockets
+    /// join in worker order, so a socket's place in the group is its worker's index.
+    pub fn open(ifindex: u32, workers: usize, classifier: &Classifier) -> io::Result<Self> {
+        let mut sockets = Vec::with_capacity(workers);
+        let mut group_id = None;
+        for _ in 0..workers {
+            let socket = packet_socket(ifindex)?;
+            let id = join_fanout(&socket, group_id)?;
+            group_id = Some(id);
+            sockets.push(socket);
+        }
+        if let Some(first) = sockets.first() {
+            let program = classifier.steer_program().map_err(io::Error::other)?;
+            set_option(
+                first.as_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_FANOUT_DATA,
+                &program.as_raw_fd(),
+            )?;
+        }
+        // Until now every socket dropped everything; from here on they admit marked packets.
+        for socket in &sockets {
+            classifier
+                .attach_admit_filter(socket.as_fd())
+                .map_err(io::Error::other)?;
+        }
+        Ok(Self { sockets })
+    }
+
+    /// Packets received and dropped by each socket since the last call (the kernel resets
+    /// `PACKET_STATISTICS` on every read).
+    pub fn take_statistics(&self) -> Vec<(u64, u64)> {
+        self.sockets
+            .iter()
+            .map(|socket| {
+                get_option::<PacketStatistics>(
+                    socket.as_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_STATISTICS,
+                )
+                .map_or((0, 0), |stats| {
+                    (u64::from(stats.packets), u64::from(stats.drops))
+                })
+            })
+            .collect()
+    }
+}
+
+/// A cooked (`SOCK_DGRAM`) IPv4 packet socket on `ifindex` that receives nothing yet.
+fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+    let protocol = u16::try_from(libc::ETH_P_IP)
+        .map_err(io::Error::other)?
+        .to_be();
+    // SAFETY: plain socket(2) call; the result is checked before it is wrapped.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            i32::from(protocol),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // Drop everything until the socket is in its fanout group, so it never sees a packet the
+    // group's other members also get.
+    let mut drop_all = [libc::sock_filter {
+        code: 0x06, // BPF_RET | BPF_K
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let program = libc::sock_fprog {
+        len: 1,
+        filter: drop_all.as_mut_ptr(),
+    };
+    set_option(
+        socket.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_FILTER,
+        &program,
+    )?;
+    // Frames this host sends on the interface are not input.
+    set_option(
+        socket.as_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_IGNORE_OUTGOING,
+        &1_i32,
+    )?;
+    if set_option(
+        socket.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        &RECEIVE_BUFFER,
+    )
+    .is_err()
+    {
+        set_option(
+            socket.as_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &RECEIVE_BUFFER,
+        )?;
+    }
+
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value to fill in.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = u16::try_from(libc::AF_PACKET).map_err(io::Error::other)?;
+    address.sll_protocol = protocol;
+    address.sll_ifindex = i32::try_from(ifindex).map_err(io::Error::other)?;
+    // SAFETY: `address` is a complete sockaddr_ll and the length passed is its size.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            std::ptr::from_ref(&address).cast(),
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>()).map_err(io::Error::other)?,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// Joins `socket` to fanout group `id`, or to a new group with a kernel-chosen id; returns
+/// the group id.
+fn join_fanout(socket: &OwnedFd, id: Option<u16>) -> io::Result<u16> {
+    let kind = libc::PACKET_FANOUT_EBPF;
+    let argument = match id {
+        Some(id) => (kind << 16) | u32::from(id),
+        None => (kind | libc::PACKET_FANOUT_FLAG_UNIQUEID) << 16,
+    };
+    set_option(
+        socket.as_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_FANOUT,
+        &argument,
+    )?;
+    let joined: u32 = get_option(socket.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT)?;
+    Ok((joined & 0xffff) as u16)
+}

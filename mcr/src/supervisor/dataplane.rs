@@ -1,0 +1,401 @@
+//! The forwarding side of the supervisor: which worker owns which rule, the sockets that feed
+//! and serve them, the IGMP memberships, and the counters the workers keep.
+//!
+//! Sockets are created lazily: an interface gets its fanout group with its first rule and
+//! loses it with its last; an output's socket lives as long as its rule.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, OwnedFd},
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use super::workers::{Worker, WorkerEvent, WorkerState};
+use crate::{
+    bpf::Classifier,
+    command::{Command, RouteKey},
+    config::{Output, Rule, Settings},
+    counters::{MAX_OUTPUTS, OutputTotals},
+    sockets::{
+        egress::{self, Origin},
+        igmp::{Membership, Memberships},
+        ingress::FanoutGroup,
+        interfaces,
+    },
+    stats::{OutputStats, WorkerStats},
+};
+
+struct InputState {
+    id: u32,
+    ifindex: u32,
+    group: FanoutGroup,
+    rules: usize,
+    /// Kernel drops per worker socket, accumulated (the kernel resets them on each read).
+    drops: Vec<u64>,
+}
+
+struct EgressState {
+    output: Output,
+    socket: OwnedFd,
+    counter: u32,
+    /// The counter's value when this output started; reported figures are relative to it.
+    baseline: OutputTotals,
+}
+
+struct RouteState {
+    key: RouteKey,
+    worker: usize,
+    interface: String,
+    membership: Membership,
+    outputs: Vec<EgressState>,
+}
+
+pub struct Dataplane {
+    workers: Vec<Worker>,
+    user: (u32, u32),
+    events: mpsc::Sender<WorkerEvent>,
+    inputs: HashMap<String, InputState>,
+    routes: HashMap<u32, RouteState>,
+    memberships: Memberships,
+    free_counters: Vec<u32>,
+    next_input: u32,
+}
+
+impl Dataplane {
+    /// Starts the workers `settings` asks for.
+    pub fn start(settings: &Settings, events: mpsc::Sender<WorkerEvent>) -> anyhow::Result<Self> {
+        let cpus: Vec<usize> = settings.cpus.clone().unwrap_or_else(|| {
+            (0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).collect()
+        });
+        let count = settings.workers.unwrap_or(cpus.len()).max(1);
+        let count = count.min(mcr_common::MAX_WORKERS as usize);
+        let user = nix::unistd::User::from_name(&settings.user)
+            .with_context(|| format!("looking up user {}", settings.user))?
+            .with_context(|| format!("user {} does not exist (settings.user)", settings.user))?;
+        let user = (user.uid.as_raw(), user.gid.as_raw());
+        let mut workers = Vec::with_capacity(count);
+        for index in 0..count {
+            let mut worker = Worker::new(index, cpus.get(index % cpus.len().max(1)).copied())?;
+            worker.spawn(user, &events)?;
+            workers.push(worker);
+        }
+        Ok(Self {
+            workers,
+            user,
+            events,
+            inputs: HashMap::new(),
+            routes: HashMap::new(),
+            memberships: Memberships::new(),
+            free_counters: (0..u32::try_from(MAX_OUTPUTS)?).rev().collect(),
+            next_input: 0,
+        })
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Makes rule `slot` forward: sockets, worker, IGMP. Called again for a running rule, it
+    /// switches the rule to the new outputs. Returns the worker that owns the rule.
+    pub fn start_rule(
+        &mut self,
+        classifier: &Classifier,
+        slot: u32,
+        rule: &Rule,
+        ifindex: u32,
+    ) -> Result<usize, String> {
+        let mut outputs = Vec::with_capacity(rule.outputs.len());
+        for output in &rule.outputs {
+            let origin = match &output.interface {
+                None => None,
+                Some(interface) => {
+                    let ifindex = interfaces::index(interface).ok_or_else(|| {
+                        format!("waiting: output interface {interface} does not exist")
+                    })?;
+                    let address = interfaces::ipv4_address(interface).ok_or_else(|| {
+                        format!("waiting: output interface {interface} has no IPv4 address")
+                    })?;
+                    Some(Origin {
+                        interface: interface.clone(),
+                        ifindex,
+                        address,
+                    })
+                }
+            };
+            let socket = egress::open(output, origin.as_ref())
+                .map_err(|error| format!("error: output {output}: {error}"))?;
+            outputs.push((output.clone(), socket));
+        }
+        if self.free_counters.len() < outputs.len() {
+            return Err(format!("error: more than {MAX_OUTPUTS} outputs in all"));
+        }
+
+        let worker = self
+            .routes
+            .get(&slot)
+            .map_or(slot as usize % self.workers.len(), |route| route.worker);
+        self.open_input(classifier, &rule.input.interface, ifindex)?;
+        let outputs: Vec<EgressState> = outputs
+            .into_iter()
+            .map(|(output, socket)| {
+                let counter = self.free_counters.pop().expect("checked above");
+                EgressState {
+                    output,
+                    socket,
+                    counter,
+                    baseline: self.workers[worker].counters.block().outputs[counter as usize]
+                        .read(),
+                }
+            })
+            .collect();
+        let key = RouteKey {
+            ifindex,
+            group: rule.input.group.octets(),
+            source: rule
+                .input
+                .source
+                .map_or(mcr_common::ANY_SOURCE, |s| s.octets()),
+            port: rule.input.port,
+        };
+        let membership = Membership {
+            ifindex,
+            group: rule.input.group,
+            source: rule.input.source,
+        };
+        let route = RouteState {
+            key,
+            worker,
+            interface: rule.input.interface.clone(),
+            membership,
+            outputs,
+        };
+        if let Err(error) = self.send_route(slot, &route) {
+            tracing::warn!(rule = %rule.name, "{error:#}");
+        }
+        if let Err(error) = self.memberships.join(membership) {
+            tracing::warn!(rule = %rule.name, %error, "cannot join {}", rule.input.group);
+        }
+        // A rule that switched outputs: the old sockets close now that the worker has the new.
+        if let Some(old) = self.routes.insert(slot, route) {
+            self.release_outputs(old.outputs);
+            self.close_input_ref(&old.interface);
+        }
+        Ok(worker)
+    }
+
+    fn send_route(&self, slot: u32, route: &RouteState) -> anyhow::Result<()> {
+        let fds: Vec<_> = route.outputs.iter().map(|o| o.socket.as_fd()).collect();
+        self.workers[route.worker].send(
+            &Command::AddRule {
+                slot,
+                key: route.key,
+                counters: route.outputs.iter().map(|o| o.counter).collect(),
+            },
+            &fds,
+        )
+    }
+
+    /// Stops rule `slot` (after the classifier stopped steering it).
+    pub fn stop_rule(&mut self, slot: u32) {
+        let Some(route) = self.routes.remove(&slot) else {
+            return;
+        };
+        if let Err(error) = self.workers[route.worker].send(&Command::RemoveRule { slot }, &[]) {
+            tracing::warn!("{error:#}");
+        }
+        if let Err(error) = self.memberships.leave(route.membership) {
+            tracing::warn!(%error, "cannot leave {}", route.membership.group);
+        }
+        self.release_outputs(route.outputs);
+        self.close_input_ref(&route.interface);
+    }
+
+    fn release_outputs(&mut self, outputs: Vec<EgressState>) {
+        for output in outputs {
+            self.free_counters.push(output.counter);
+        }
+    }
+
+    fn open_input(
+        &mut self,
+        classifier: &Classifier,
+        interface: &str,
+        ifindex: u32,
+    ) -> Result<(), String> {
+        if let Some(input) = self.inputs.get_mut(interface)
+            && input.ifindex == ifindex
+        {
+            input.rules += 1;
+            return Ok(());
+        }
+        let group = FanoutGroup::open(ifindex, self.workers.len(), classifier)
+            .map_err(|error| format!("error: packet sockets on {interface}: {error}"))?;
+        let id = self.next_input;
+        self.next_input += 1;
+        for (worker, socket) in self.workers.iter().zip(&group.sockets) {
+            if let Err(error) =
+                worker.send(&Command::AddInput { input: id, ifindex }, &[socket.as_fd()])
+            {
+                tracing::warn!("{error:#}");
+            }
+        }
+        tracing::info!(
+            interface,
+            workers = self.workers.len(),
+            "packet sockets opened"
+        );
+        self.inputs.insert(
+            interface.to_owned(),
+            InputState {
+                id,
+                ifindex,
+                drops: vec![0; group.sockets.len()],
+                group,
+                rules: 1,
+            },
+        );
+        Ok(())
+    }
+
+    fn close_input_ref(&mut self, interface: &str) {
+        let Some(input) = self.inputs.get_mut(interface) else {
+            return;
+        };
+        input.rules -= 1;
+        if input.rules > 0 {
+            return;
+        }
+        let input = self.inputs.remove(interface).expect("present above");
+        for worker in &self.workers {
+            let _ = worker.send(&Command::RemoveInput { input: input.id }, &[]);
+        }
+        tracing::info!(interface, "packet sockets closed");
+    }
+
+    /// Handles a worker event; returns a restart to schedule.
+    pub fn worker_event(&mut self, event: WorkerEvent) -> Option<(usize, Duration)> {
+        match event {
+            WorkerEvent::Exited {
+                index,
+                generation,
+                status,
+            } => {
+                let worker = self.workers.get_mut(index)?;
+                let delay = worker.exited(generation)?;
+                tracing::error!(worker = index, %status, "worker exited; restarting in {delay:?}");
+                Some((index, delay))
+            }
+            WorkerEvent::RestartDue { index } => {
+                if let Err(error) = self.restart(index) {
+                    tracing::error!(worker = index, "restart failed: {error:#}");
+                    let worker = self.workers.get_mut(index)?;
+                    let delay = worker.exited(u64::MAX).unwrap_or(Duration::from_secs(1));
+                    return Some((index, delay));
+                }
+                None
+            }
+        }
+    }
+
+    /// Starts worker `index` again and hands it its sockets and rules.
+    fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        let Some(worker) = self.workers.get_mut(index) else {
+            return Ok(());
+        };
+        if worker.state != WorkerState::Restarting {
+            return Ok(());
+        }
+        worker.spawn(self.user, &self.events)?;
+        let worker = &self.workers[index];
+        for input in self.inputs.values() {
+            let socket = &input.group.sockets[index];
+            worker.send(
+                &Command::AddInput {
+                    input: input.id,
+                    ifindex: input.ifindex,
+                },
+                &[socket.as_fd()],
+            )?;
+        }
+        for (slot, route) in &self.routes {
+            if route.worker == index {
+                self.send_route(*slot, route)?;
+            }
+        }
+        tracing::info!(worker = index, pid = ?worker.pid, "worker restarted with its rules");
+        Ok(())
+    }
+
+    /// Reads the kernel's per-socket drop counters (they reset on every read).
+    pub fn sample(&mut self) {
+        for input in self.inputs.values_mut() {
+            for (worker, (_, drops)) in input.group.take_statistics().into_iter().enumerate() {
+                if let Some(total) = input.drops.get_mut(worker) {
+                    *total += drops;
+                }
+            }
+        }
+    }
+
+    /// What each output of rule `slot` sent since it started.
+    pub fn output_stats(&self, slot: u32) -> Vec<OutputStats> {
+        let Some(route) = self.routes.get(&slot) else {
+            return Vec::new();
+        };
+        let block = self.workers[route.worker].counters.block();
+        route
+            .outputs
+            .iter()
+            .map(|egress| {
+                let totals = block.outputs[egress.counter as usize].read() - egress.baseline;
+                OutputStats::new(&egress.output, totals)
+            })
+            .collect()
+    }
+
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        self.workers
+            .iter()
+            .map(|worker| {
+                let totals = &worker.counters.block().totals;
+                let kernel_drops = self
+                    .inputs
+                    .values()
+                    .filter_map(|input| input.drops.get(worker.index))
+                    .sum();
+                WorkerStats {
+                    worker: worker.index,
+                    pid: worker.pid,
+                    cpu: worker.cpu,
+                    state: format!("{:?}", worker.state).to_lowercase(),
+                    restarts: worker.restarts,
+                    received: totals.received.load(Ordering::Relaxed),
+                    kernel_drops,
+                    malformed: totals.malformed.load(Ordering::Relaxed),
+                    too_big: totals.too_big.load(Ordering::Relaxed),
+                    no_rule: totals.no_rule.load(Ordering::Relaxed),
+                    no_buffer: totals.no_buffer.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Stops every worker and closes every socket; memberships end with their sockets.
+    pub fn shutdown(&mut self) {
+        for worker in &mut self.workers {
+            worker.stop();
+        }
+        self.routes.clear();
+        self.inputs.clear();
+        self.memberships = Memberships::new();
+    }
+
+    /// Whether any worker is still running (for the shutdown grace period).
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(|w| w.pid).collect()
+    }
+}

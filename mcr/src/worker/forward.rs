@@ -1,0 +1,433 @@
+//! The worker's `io_uring` loop: receive, look up, send — and the supervisor's commands, all in
+//! one thread.
+//!
+//! Per packet: one completion from a multishot receive (into a provided buffer), a parse, at
+//! most two hash lookups, one send submission per output straight from the receive buffer.
+//! No allocation, no logging, no system call of its own: submissions go to the kernel in one
+//! `io_uring_enter` per loop turn.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+};
+
+use io_uring::{IoUring, Submitter, cqueue, opcode, squeue, types::Fd};
+
+use super::buffers::{BUFFER_SIZE, BufferRing, GROUP};
+use crate::{
+    command::{self, Command, MAX_MESSAGE, RouteKey},
+    counters::{MAX_OUTPUTS, SharedCounters, bump},
+    packet::{self, ParseError},
+};
+
+/// Most sends in flight at once: keeps completions within the completion queue, so the kernel
+/// never has to buffer overflowing completions in memory.
+pub const MAX_IN_FLIGHT: usize = 8192;
+/// Submission queue size; the completion queue is twice this plus the in-flight bound.
+pub const SQ_ENTRIES: u32 = 4096;
+
+const KIND_SHIFT: u64 = 56;
+const KIND_RECV: u64 = 1;
+const KIND_SEND: u64 = 2;
+const KIND_CONTROL: u64 = 3;
+const KIND_CANCEL: u64 = 4;
+
+fn recv_data(input: u32) -> u64 {
+    (KIND_RECV << KIND_SHIFT) | u64::from(input)
+}
+
+fn send_data(buffer: u16, counter: u32) -> u64 {
+    (KIND_SEND << KIND_SHIFT) | (u64::from(buffer) << 32) | u64::from(counter)
+}
+
+struct Input {
+    id: u32,
+    ifindex: u32,
+    socket: OwnedFd,
+    /// A multishot receive is outstanding.
+    armed: bool,
+    /// Removed by the supervisor; closed once its receive has ended.
+    closing: bool,
+}
+
+struct Output {
+    socket: OwnedFd,
+    counter: u32,
+}
+
+struct Route {
+    slot: u32,
+    outputs: Vec<Output>,
+}
+
+/// Everything the loop owns except the ring itself.
+pub struct Forwarder {
+    control: OwnedFd,
+    control_buffer: Vec<u8>,
+    counters: SharedCounters,
+    buffers: BufferRing,
+    inputs: Vec<Input>,
+    routes: HashMap<RouteKey, Route>,
+    /// Sends outstanding per buffer; the buffer is recycled when it drops to zero.
+    pending: Vec<u16>,
+    in_flight: usize,
+    running: bool,
+}
+
+/// Builds the ring with the flags that suit one thread that both submits and reaps, falling
+/// back to plain settings on kernels without them.
+pub fn new_ring() -> std::io::Result<IoUring> {
+    let cq = SQ_ENTRIES * 2 + u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX);
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(cq)
+        .build(SQ_ENTRIES)
+        .or_else(|_| IoUring::builder().setup_cqsize(cq).build(SQ_ENTRIES))
+}
+
+impl Forwarder {
+    pub fn new(control: OwnedFd, counters: SharedCounters, buffers: BufferRing) -> Self {
+        Self {
+            control,
+            control_buffer: vec![0; MAX_MESSAGE],
+            counters,
+            buffers,
+            inputs: Vec::new(),
+            routes: HashMap::new(),
+            pending: vec![0; usize::from(super::buffers::ENTRIES)],
+            in_flight: 0,
+            running: true,
+        }
+    }
+
+    /// Runs until the supervisor says shutdown or goes away.
+    pub fn run(&mut self, ring: &mut IoUring) -> anyhow::Result<()> {
+        let (submitter, mut sq, mut cq) = ring.split();
+        self.arm_control(&submitter, &mut sq)?;
+        while self.running {
+            sq.sync();
+            match submitter.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(error) if error.raw_os_error() == Some(nix::libc::EINTR) => {}
+                // EBUSY: completions must be reaped before more can be submitted.
+                Err(error) if error.raw_os_error() == Some(nix::libc::EBUSY) => {}
+                Err(error) => return Err(error.into()),
+            }
+            cq.sync();
+            for cqe in cq.by_ref() {
+                self.complete(&cqe, &submitter, &mut sq)?;
+            }
+            self.rearm_inputs(&submitter, &mut sq)?;
+            self.buffers.publish();
+        }
+        Ok(())
+    }
+
+    fn complete(
+        &mut self,
+        cqe: &cqueue::Entry,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let data = cqe.user_data();
+        match data >> KIND_SHIFT {
+            KIND_RECV => self.received(cqe, submitter, sq),
+            KIND_SEND => {
+                self.sent(cqe);
+                Ok(())
+            }
+            KIND_CONTROL => {
+                // Sends queued so far refer to sockets a command may close: submit them first.
+                sq.sync();
+                submitter.submit()?;
+                self.control_ready(submitter, sq)?;
+                if !cqueue::more(cqe.flags()) && self.running {
+                    self.arm_control(submitter, sq)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn received(
+        &mut self,
+        cqe: &cqueue::Entry,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let input_id = (cqe.user_data() & 0xffff_ffff) as u32;
+        let Some(index) = self.inputs.iter().position(|input| input.id == input_id) else {
+            return Ok(());
+        };
+        if let Some(buffer) = cqueue::buffer_select(cqe.flags()) {
+            self.buffers.taken();
+            match usize::try_from(cqe.result()) {
+                Ok(len) => self.forward(index, buffer, len, submitter, sq)?,
+                Err(_) => self.buffers.recycle(buffer),
+            }
+        } else if cqe.result() == -nix::libc::ENOBUFS {
+            bump(&self.counters.block().totals.no_buffer, 1);
+        }
+        if !cqueue::more(cqe.flags()) {
+            let input = &mut self.inputs[index];
+            input.armed = false;
+            if input.closing {
+                self.inputs.swap_remove(index);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one received packet to every output of its rule.
+    fn forward(
+        &mut self,
+        input: usize,
+        buffer: u16,
+        len: usize,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let totals = &self.counters.block().totals;
+        bump(&totals.received, 1);
+        let bytes = self.buffers.buffer(buffer, len);
+        let datagram = match packet::parse(bytes, BUFFER_SIZE) {
+            Ok(datagram) => datagram,
+            Err(reason) => {
+                bump(
+                    match reason {
+                        ParseError::Malformed => &totals.malformed,
+                        ParseError::TooBig => &totals.too_big,
+                    },
+                    1,
+                );
+                self.buffers.recycle(buffer);
+                return Ok(());
+            }
+        };
+        let mut key = RouteKey {
+            ifindex: self.inputs[input].ifindex,
+            group: datagram.destination.octets(),
+            source: datagram.source.octets(),
+            port: datagram.destination_port,
+        };
+        // Source-specific rules first, then the rule for any sender.
+        let route = if let Some(route) = self.routes.get(&key) {
+            route
+        } else {
+            key.source = mcr_common::ANY_SOURCE;
+            let Some(route) = self.routes.get(&key) else {
+                bump(&totals.no_rule, 1);
+                self.buffers.recycle(buffer);
+                return Ok(());
+            };
+            route
+        };
+
+        let outputs = route.outputs.len();
+        if sq.capacity() - sq.len() < outputs {
+            sq.sync();
+            submitter.submit()?;
+            sq.sync();
+        }
+        if self.in_flight + outputs > MAX_IN_FLIGHT || sq.capacity() - sq.len() < outputs {
+            for output in &route.outputs {
+                bump(
+                    &self.counters.block().outputs[output.counter as usize].queue_full,
+                    1,
+                );
+            }
+            self.buffers.recycle(buffer);
+            return Ok(());
+        }
+        let payload = &bytes[datagram.payload];
+        let payload_len = u32::try_from(payload.len()).expect("payload fits a 2 KiB buffer");
+        for output in &route.outputs {
+            let send =
+                opcode::Send::new(Fd(output.socket.as_raw_fd()), payload.as_ptr(), payload_len)
+                    // A full socket buffer fails the send at once instead of parking it, which
+                    // would let later packets of the flow overtake it.
+                    .flags(nix::libc::MSG_DONTWAIT)
+                    .build()
+                    .user_data(send_data(buffer, output.counter));
+            // SAFETY: the payload lies in buffer `buffer`, which is not recycled before the
+            // last of these sends completes (`pending`); the socket stays open because sends
+            // are submitted before any command can close it.
+            unsafe { sq.push(&send) }.expect("room was checked above");
+        }
+        self.pending[usize::from(buffer)] = u16::try_from(outputs).unwrap_or(u16::MAX);
+        self.in_flight += outputs;
+        Ok(())
+    }
+
+    fn sent(&mut self, cqe: &cqueue::Entry) {
+        let data = cqe.user_data();
+        let buffer = ((data >> 32) & 0xffff) as u16;
+        let counter = (data & 0xffff_ffff) as usize;
+        if let Some(output) = self.counters.block().outputs.get(counter) {
+            match u64::try_from(cqe.result()) {
+                Ok(bytes) => {
+                    bump(&output.packets, 1);
+                    bump(&output.bytes, bytes);
+                }
+                Err(_) if cqe.result() == -nix::libc::EAGAIN => bump(&output.queue_full, 1),
+                Err(_) => bump(&output.errors, 1),
+            }
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let pending = &mut self.pending[usize::from(buffer)];
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            self.buffers.recycle(buffer);
+        }
+    }
+
+    /// Starts (again) the multishot receive of every input whose receive ended, once there
+    /// are buffers to receive into.
+    fn rearm_inputs(
+        &mut self,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        if self.buffers.available() == 0 {
+            return Ok(());
+        }
+        for input in &mut self.inputs {
+            if input.armed || input.closing {
+                continue;
+            }
+            let recv = opcode::RecvMulti::new(Fd(input.socket.as_raw_fd()), GROUP)
+                .build()
+                .user_data(recv_data(input.id));
+            push(submitter, sq, &recv)?;
+            input.armed = true;
+        }
+        Ok(())
+    }
+
+    fn arm_control(
+        &self,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let poll = opcode::PollAdd::new(Fd(self.control.as_raw_fd()), nix::libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(KIND_CONTROL << KIND_SHIFT);
+        push(submitter, sq, &poll)
+    }
+
+    fn control_ready(
+        &mut self,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let received = command::receive(self.control.as_fd(), &mut self.control_buffer);
+            let (command, fds) = match received {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(()),
+                Err(command::CommandError::Closed) => {
+                    tracing::info!("supervisor closed the control socket; exiting");
+                    self.running = false;
+                    return Ok(());
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if fds.len() != command.expected_fds() {
+                tracing::error!(
+                    "{}",
+                    command::CommandError::FdCount(
+                        command.name(),
+                        fds.len(),
+                        command.expected_fds()
+                    )
+                );
+                continue;
+            }
+            self.apply(command, fds, submitter, sq)?;
+        }
+    }
+
+    fn apply(
+        &mut self,
+        command: Command,
+        fds: Vec<OwnedFd>,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        match command {
+            Command::Init { .. } => tracing::warn!("ignoring a second init"),
+            Command::AddInput { input, ifindex } => {
+                let socket = fds.into_iter().next().expect("fd count checked");
+                tracing::debug!(input, ifindex, "input added");
+                self.inputs.push(Input {
+                    id: input,
+                    ifindex,
+                    socket,
+                    armed: false,
+                    closing: false,
+                });
+            }
+            Command::RemoveInput { input } => {
+                if let Some(index) = self.inputs.iter().position(|i| i.id == input) {
+                    if self.inputs[index].armed {
+                        self.inputs[index].closing = true;
+                        let cancel = opcode::AsyncCancel::new(recv_data(input))
+                            .build()
+                            .user_data(KIND_CANCEL << KIND_SHIFT);
+                        push(submitter, sq, &cancel)?;
+                    } else {
+                        self.inputs.swap_remove(index);
+                    }
+                    tracing::debug!(input, "input removed");
+                }
+            }
+            Command::AddRule {
+                slot,
+                key,
+                counters,
+            } => {
+                if counters.iter().any(|&c| c as usize >= MAX_OUTPUTS) {
+                    tracing::error!(slot, "rule names a counter out of range; ignored");
+                    return Ok(());
+                }
+                self.routes
+                    .retain(|old_key, route| route.slot != slot || *old_key == key);
+                let outputs = fds
+                    .into_iter()
+                    .zip(counters)
+                    .map(|(socket, counter)| Output { socket, counter })
+                    .collect();
+                self.routes.insert(key, Route { slot, outputs });
+                tracing::debug!(slot, "rule added");
+            }
+            Command::RemoveRule { slot } => {
+                self.routes.retain(|_, route| route.slot != slot);
+                tracing::debug!(slot, "rule removed");
+            }
+            Command::Shutdown => {
+                tracing::info!("shutting down");
+                self.running = false;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pushes one entry, submitting first if the queue is full.
+fn push(
+    submitter: &Submitter<'_>,
+    sq: &mut squeue::SubmissionQueue<'_>,
+    entry: &squeue::Entry,
+) -> anyhow::Result<()> {
+    if sq.is_full() {
+        sq.sync();
+        submitter.submit()?;
+        sq.sync();
+    }
+    // SAFETY: the entries pushed here (receive, poll, cancel) reference only descriptors the
+    // forwarder owns for as long as the operation can run, and no memory.
+    unsafe { sq.push(entry) }.map_err(|_| anyhow::anyhow!("submission queue full"))
+}

@@ -1,0 +1,102 @@
+//! `mcr worker`: one forwarding process. The supervisor starts it with its end of the control
+//! socket as descriptor 3 and nothing else; everything a worker needs arrives as commands.
+
+mod buffers;
+mod forward;
+mod privileges;
+
+use std::{
+    os::fd::{AsFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sched::{CpuSet, sched_setaffinity},
+    sys::signal::Signal,
+    unistd::Pid,
+};
+
+use crate::{
+    command::{self, Command, MAX_MESSAGE},
+    counters::SharedCounters,
+};
+
+/// The descriptor of the control socket in a worker.
+pub const CONTROL_FD: i32 = 3;
+
+/// How long a new worker waits for its init command.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .without_time()
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+
+    // SAFETY: the supervisor maps its end of a socketpair to this descriptor when it starts the
+    // worker; nothing else in this process owns it.
+    let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    let supervisor = nix::unistd::getppid();
+    let (init, fds) = wait_for_init(&control)?;
+    let Command::Init {
+        worker,
+        cpu,
+        uid,
+        gid,
+    } = init
+    else {
+        bail!("the first command was {}, not init", init.name());
+    };
+    let counters = SharedCounters::map(fds.into_iter().next().context("init carries no counters")?)
+        .context("mapping the counter block")?;
+
+    if let Some(cpu) = cpu {
+        let mut set = CpuSet::new();
+        set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+        sched_setaffinity(Pid::from_raw(0), &set)
+            .with_context(|| format!("pinning to CPU {cpu}"))?;
+    }
+    // The ring and its buffers are set up while the process may still lock memory freely.
+    let mut ring = forward::new_ring().context("creating the io_uring")?;
+    let buffers = buffers::BufferRing::register(&ring.submitter())
+        .context("registering the receive buffer ring")?;
+
+    privileges::drop_to(uid, gid)?;
+    // Die with the supervisor; set after the user switch, which clears it.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    if nix::unistd::getppid() != supervisor {
+        bail!("the supervisor exited during start-up");
+    }
+    tracing::info!(
+        worker,
+        ?cpu,
+        uid,
+        gid,
+        "worker ready: no capabilities, no_new_privs"
+    );
+
+    let mut forwarder = forward::Forwarder::new(control, counters, buffers);
+    let result = forwarder.run(&mut ring);
+    // The ring unregisters the buffers when it closes; it must go before they are unmapped.
+    drop(ring);
+    drop(forwarder);
+    result
+}
+
+fn wait_for_init(control: &OwnedFd) -> anyhow::Result<(Command, Vec<OwnedFd>)> {
+    let mut buffer = vec![0; MAX_MESSAGE];
+    let mut fds = [PollFd::new(control.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(INIT_TIMEOUT).unwrap_or(PollTimeout::MAX);
+    if poll(&mut fds, timeout).context("waiting for init")? == 0 {
+        bail!("no init command within {INIT_TIMEOUT:?}");
+    }
+    command::receive(control.as_fd(), &mut buffer)?.context("the control socket woke up empty")
+}

@@ -1,0 +1,160 @@
+//! A UDP receiver in a sink namespace that records every datagram with its source, header
+//! destination and TTL, so tests can check exactly what the relay put on the wire.
+
+use std::{
+    fs::File,
+    io::IoSliceMut,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt},
+};
+
+use crate::Netns;
+
+/// One datagram as it arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    pub source: SocketAddrV4,
+    /// The destination address in the IP header (the group for multicast).
+    pub destination: Ipv4Addr,
+    pub ttl: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Datagram {
+    /// The sequence number the test sender put in the first eight bytes.
+    pub fn sequence(&self) -> Option<u64> {
+        let bytes: [u8; 8] = self.payload.get(..8)?.try_into().ok()?;
+        Some(u64::from_be_bytes(bytes))
+    }
+}
+
+/// How long the receiver keeps listening after [`Receiver::finish`] once nothing arrives.
+const DRAIN_IDLE: Duration = Duration::from_millis(700);
+
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<anyhow::Result<Vec<Datagram>>>,
+}
+
+impl Receiver {
+    /// Listens on `port` inside `netns`; for a multicast `group`, joins it on the interface
+    /// that has address `interface_address`. Returns once the socket is ready.
+    pub fn start(
+        netns: &Netns,
+        group: Option<Ipv4Addr>,
+        interface_address: Ipv4Addr,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let path = netns.path();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, is_ready) = mpsc::channel();
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || -> anyhow::Result<Vec<Datagram>> {
+            let socket = (|| -> anyhow::Result<UdpSocket> {
+                let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+                setns(&file, CloneFlags::CLONE_NEWNET).context("entering the sink namespace")?;
+                // Bound to the group, the socket sees only that group's datagrams, and several
+                // receivers can share a port.
+                let bind = SocketAddrV4::new(group.unwrap_or(Ipv4Addr::UNSPECIFIED), port);
+                let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+                if let Some(group) = group {
+                    socket
+                        .join_multicast_v4(&group, &interface_address)
+                        .with_context(|| format!("joining {group}"))?;
+                }
+                setsockopt(&socket, sockopt::Ipv4RecvTtl, &true)?;
+                setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
+                setsockopt(&socket, sockopt::RcvBuf, &(8 << 20))?;
+                socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+                Ok(socket)
+            })();
+            let socket = match socket {
+                Ok(socket) => {
+                    let _ = ready.send(Ok(()));
+                    socket
+                }
+                Err(error) => {
+                    let _ = ready.send(Err(error.to_string()));
+                    return Err(error);
+                }
+            };
+            receive_until_stopped(&socket, &thread_stop)
+        });
+        match is_ready.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(Self { stop, thread }),
+            Ok(Err(error)) => bail!("receiver did not start: {error}"),
+            Err(_) => bail!("receiver did not start within 5 s"),
+        }
+    }
+
+    /// Stops listening once nothing has arrived for a moment and returns what arrived.
+    pub fn finish(self) -> anyhow::Result<Vec<Datagram>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?
+    }
+}
+
+fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Result<Vec<Datagram>> {
+    let mut received = Vec::new();
+    let mut buffer = vec![0_u8; 65_536];
+    let mut last = Instant::now();
+    loop {
+        let mut space = nix::cmsg_space!(i32, nix::libc::in_pktinfo);
+        let mut iov = [IoSliceMut::new(&mut buffer)];
+        match recvmsg::<SockaddrIn>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        ) {
+            Ok(message) => {
+                let mut ttl = 0;
+                let mut destination = Ipv4Addr::UNSPECIFIED;
+                for cmsg in message.cmsgs()? {
+                    match cmsg {
+                        ControlMessageOwned::Ipv4Ttl(value) => {
+                            ttl = u8::try_from(value).unwrap_or(0);
+                        }
+                        ControlMessageOwned::Ipv4PacketInfo(info) => {
+                            destination = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                        }
+                        _ => {}
+                    }
+                }
+                let source = message
+                    .address
+                    .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+                    .context("datagram without a source")?;
+                let len = message.bytes;
+                received.push(Datagram {
+                    source,
+                    destination,
+                    ttl,
+                    payload: buffer[..len].to_vec(),
+                });
+                last = Instant::now();
+            }
+            Err(nix::Error::EAGAIN | nix::Error::EINTR) => {
+                if stop.load(Ordering::Relaxed) && last.elapsed() >= DRAIN_IDLE {
+                    return Ok(received);
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}

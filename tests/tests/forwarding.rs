@@ -1,0 +1,471 @@
+//! MCR relays: what arrives at the sinks is exactly what was sent, re-addressed as the rules
+//! say, from the relay's own address, with the configured TTL, in order, once.
+
+use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use mcr_tests::{
+    Datagram, GENERATOR, GENERATOR_2, Lab, Mcr, RELAY_OUT0, RELAY_OUT1, Receiver, RulesFile, SINK,
+    SINK_2, Stream, send_udp, wait_for,
+};
+
+/// Checks that `received` is exactly `stream`, in order, sent to `destination` from `source`
+/// with `ttl`.
+fn assert_delivered(
+    received: &[Datagram],
+    stream: &Stream,
+    destination: Ipv4Addr,
+    source: Ipv4Addr,
+    ttl: u8,
+) -> anyhow::Result<()> {
+    ensure!(
+        received.len() as u64 == stream.count,
+        "{} of {} datagrams arrived at {destination}",
+        received.len(),
+        stream.count
+    );
+    for (expected, datagram) in (0..stream.count).zip(received) {
+        ensure!(
+            datagram.sequence() == Some(expected),
+            "datagram {expected} out of order or duplicated: got {:?}",
+            datagram.sequence()
+        );
+        ensure!(
+            datagram.payload == stream.payload(expected),
+            "payload {expected} differs"
+        );
+        ensure!(
+            datagram.destination == destination,
+            "sent to {}",
+            datagram.destination
+        );
+        ensure!(
+            *datagram.source.ip() == source,
+            "sent from {}",
+            datagram.source
+        );
+        ensure!(datagram.ttl == ttl, "TTL {} instead of {ttl}", datagram.ttl);
+    }
+    Ok(())
+}
+
+fn rule(name: &str, group: &str, port: u16, outputs: &[&str]) -> String {
+    let mut text = format!(
+        "  - name: {name}\n    input: {{interface: in0, group: {group}, port: {port}}}\n    outputs:\n"
+    );
+    for output in outputs {
+        let _ = writeln!(text, "      - {output}");
+    }
+    text
+}
+
+/// The IGMP groups joined on `interface` inside the relay, from `/proc/net/igmp`.
+fn igmp_groups(lab: &Lab, interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let text = lab.relay.exec("cat", &["/proc/net/igmp"])?;
+    let mut groups = Vec::new();
+    let mut in_device = false;
+    for line in text.lines().skip(1) {
+        if !line.starts_with('\t') {
+            in_device = line.split_whitespace().nth(1) == Some(interface);
+            continue;
+        }
+        if in_device
+            && let Some(hex) = line.split_whitespace().next()
+            && let Ok(value) = u32::from_str_radix(hex, 16)
+        {
+            // The kernel prints the network-order address as a host-order number.
+            groups.push(Ipv4Addr::from(value.to_ne_bytes()));
+        }
+    }
+    Ok(groups)
+}
+
+#[test]
+fn one_to_one_with_translation() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        rule(
+            "cam",
+            "239.1.1.1",
+            5000,
+            &["{interface: out0, destination: 239.2.2.1, port: 6000, ttl: 7}"]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    ensure!(
+        igmp_groups(&lab, "in0")?.contains(&Ipv4Addr::new(239, 1, 1, 1)),
+        "239.1.1.1 not joined on in0"
+    );
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 300, 500);
+    send_udp(&lab.generator, &stream)?;
+    let arrived = receiver.finish()?;
+    assert_delivered(
+        &arrived,
+        &stream,
+        Ipv4Addr::new(239, 2, 2, 1),
+        RELAY_OUT0,
+        7,
+    )?;
+
+    let stats = mcr.rule_stats("cam")?;
+    assert_eq!(stats["rx_packets"], 500, "{stats}");
+    assert_eq!(stats["outputs"][0]["tx_packets"], 500, "{stats}");
+    assert_eq!(stats["outputs"][0]["tx_bytes"], 150_000, "{stats}");
+    assert_eq!(stats["outputs"][0]["tx_errors"], 0, "{stats}");
+    Ok(())
+}
+
+#[test]
+fn fan_out_to_three_outputs_on_two_interfaces() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        rule(
+            "fan",
+            "239.1.1.1",
+            5000,
+            &[
+                "{interface: out0, destination: 239.2.2.1, port: 6000}",
+                "{interface: out0, destination: 239.2.2.2, port: 6001, ttl: 3}",
+                "{interface: out1, destination: 239.3.3.1, port: 6000, ttl: 9}",
+            ]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let a = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let b = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 2)), SINK, 6001)?;
+    let c = Receiver::start(&lab.sink_2, Some(Ipv4Addr::new(239, 3, 3, 1)), SINK_2, 6000)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 1000, 400);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(
+        &a.finish()?,
+        &stream,
+        Ipv4Addr::new(239, 2, 2, 1),
+        RELAY_OUT0,
+        16,
+    )?;
+    assert_delivered(
+        &b.finish()?,
+        &stream,
+        Ipv4Addr::new(239, 2, 2, 2),
+        RELAY_OUT0,
+        3,
+    )?;
+    assert_delivered(
+        &c.finish()?,
+        &stream,
+        Ipv4Addr::new(239, 3, 3, 1),
+        RELAY_OUT1,
+        9,
+    )?;
+    let stats = mcr.rule_stats("fan")?;
+    for output in 0..3 {
+        assert_eq!(stats["outputs"][output]["tx_packets"], 400, "{stats}");
+    }
+    Ok(())
+}
+
+#[test]
+fn multicast_to_unicast() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        rule(
+            "uni",
+            "239.1.1.1",
+            5000,
+            &["{destination: 10.2.0.2, port: 7000, ttl: 5}"]
+        )
+    ))?;
+    let _mcr = Mcr::start(&lab.relay, rules.path())?;
+    let receiver = Receiver::start(&lab.sink, None, SINK, 7000)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 200, 300);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(&receiver.finish()?, &stream, SINK, RELAY_OUT0, 5)
+}
+
+#[test]
+fn source_specific_rule_relays_only_its_sender() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(
+        "rules:\n  - name: ssm\n    input: {interface: in0, group: 239.1.1.5, port: 5000, source: 10.1.0.1}\n    outputs:\n      - {interface: out0, destination: 239.2.2.5, port: 6000}\n",
+    )?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 5)), SINK, 6000)?;
+    let wanted = Stream::new(Ipv4Addr::new(239, 1, 1, 5), 5000, 100, 200).from(GENERATOR);
+    let other = Stream::new(Ipv4Addr::new(239, 1, 1, 5), 5000, 120, 200).from(GENERATOR_2);
+    send_udp(&lab.generator, &other)?;
+    send_udp(&lab.generator, &wanted)?;
+    assert_delivered(
+        &receiver.finish()?,
+        &wanted,
+        Ipv4Addr::new(239, 2, 2, 5),
+        RELAY_OUT0,
+        16,
+    )?;
+    assert_eq!(mcr.rule_stats("ssm")?["rx_packets"], 200);
+    Ok(())
+}
+
+#[test]
+fn fifty_rules_with_concurrent_streams() -> anyhow::Result<()> {
+    const RULES: u8 = 50;
+    let lab = Lab::new()?;
+    let mut text = String::from("rules:\n");
+    for k in 1..=RULES {
+        text.push_str(&rule(
+            &format!("r{k}"),
+            &format!("239.1.2.{k}"),
+            5000,
+            &[&format!(
+                "{{interface: out0, destination: 239.5.2.{k}, port: 6000}}"
+            )],
+        ));
+    }
+    let rules = RulesFile::new(&text)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let joined = igmp_groups(&lab, "in0")?;
+    for k in 1..=RULES {
+        ensure!(
+            joined.contains(&Ipv4Addr::new(239, 1, 2, k)),
+            "239.1.2.{k} not joined"
+        );
+    }
+    let receivers = (1..=RULES)
+        .map(|k| Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 5, 2, k)), SINK, 6000))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let streams: Vec<Stream> = (1..=RULES)
+        .map(|k| Stream::new(Ipv4Addr::new(239, 1, 2, k), 5000, 400, 200))
+        .collect();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let senders: Vec<_> = streams
+            .chunks(10)
+            .map(|chunk| {
+                let generator = &lab.generator;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for stream in chunk {
+                        send_udp(generator, stream)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        }
+        Ok(())
+    })?;
+    for (k, (receiver, stream)) in (1..=RULES).zip(receivers.into_iter().zip(&streams)) {
+        let group = Ipv4Addr::new(239, 5, 2, k);
+        assert_delivered(&receiver.finish()?, stream, group, RELAY_OUT0, 16)
+            .with_context(|| format!("rule r{k}"))?;
+    }
+    let stats = mcr.stats()?;
+    ensure!(stats.len() == usize::from(RULES));
+    for rule in &stats {
+        assert_eq!(rule["outputs"][0]["tx_packets"], 200, "{rule}");
+    }
+    Ok(())
+}
+
+#[test]
+fn two_workers_keep_each_flow_whole_and_in_order() -> anyhow::Result<()> {
+    const FLOWS: u8 = 8;
+    let lab = Lab::new()?;
+    let mut text = String::from("settings:\n  workers: 2\nrules:\n");
+    for k in 1..=FLOWS {
+        text.push_str(&rule(
+            &format!("f{k}"),
+            &format!("239.1.3.{k}"),
+            5000,
+            &[&format!(
+                "{{interface: out0, destination: 239.6.3.{k}, port: 6000}}"
+            )],
+        ));
+    }
+    let rules = RulesFile::new(&text)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let receivers = (1..=FLOWS)
+        .map(|k| Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 6, 3, k)), SINK, 6000))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let streams: Vec<Stream> = (1..=FLOWS)
+        .map(|k| Stream::new(Ipv4Addr::new(239, 1, 3, k), 5000, 500, 500))
+        .collect();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let senders: Vec<_> = streams
+            .chunks(2)
+            .map(|chunk| {
+                let generator = &lab.generator;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for stream in chunk {
+                        send_udp(generator, stream)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        }
+        Ok(())
+    })?;
+    for (k, (receiver, stream)) in (1..=FLOWS).zip(receivers.into_iter().zip(&streams)) {
+        let group = Ipv4Addr::new(239, 6, 3, k);
+        assert_delivered(&receiver.finish()?, stream, group, RELAY_OUT0, 16)
+            .with_context(|| format!("flow f{k}"))?;
+    }
+    let workers: Vec<serde_json::Value> =
+        serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"])?)?;
+    assert_eq!(workers.len(), 2);
+    let total: u64 = workers
+        .iter()
+        .map(|w| w["received"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, u64::from(FLOWS) * 500, "{workers:?}");
+    for worker in &workers {
+        ensure!(
+            worker["received"].as_u64() > Some(0),
+            "a worker got no flow: {workers:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn non_matching_traffic_never_reaches_a_worker() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        rule(
+            "only",
+            "239.1.1.1",
+            5000,
+            &["{interface: out0, destination: 239.2.2.1, port: 6000}"]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    send_udp(
+        &lab.generator,
+        &Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5001, 100, 300),
+    )?;
+    send_udp(
+        &lab.generator,
+        &Stream::new(Ipv4Addr::new(239, 1, 1, 2), 5000, 100, 300),
+    )?;
+    send_udp(
+        &lab.generator,
+        &Stream::new(Ipv4Addr::new(239, 9, 9, 9), 6000, 100, 300),
+    )?;
+    let arrived = receiver.finish()?;
+    ensure!(
+        arrived.is_empty(),
+        "{} datagrams were relayed",
+        arrived.len()
+    );
+    let workers: Vec<serde_json::Value> =
+        serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"])?)?;
+    for worker in &workers {
+        assert_eq!(
+            worker["received"], 0,
+            "a worker saw non-matching traffic: {worker}"
+        );
+        assert_eq!(worker["kernel_drops"], 0, "{worker}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_forwards_again() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "settings:\n  workers: 1\nrules:\n{}",
+        rule(
+            "cam",
+            "239.1.1.1",
+            5000,
+            &["{interface: out0, destination: 239.2.2.1, port: 6000}"]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let pid_of = |workers: &[serde_json::Value]| workers[0]["pid"].as_u64();
+    let workers = |mcr: &Mcr| -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(serde_json::from_str(&mcr.cli(&[
+            "stats",
+            "--json",
+            "--workers",
+        ])?)?)
+    };
+    let first = pid_of(&workers(&mcr)?).context("no worker pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(first)?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let killed = std::time::Instant::now();
+    let restarted = wait_for(Duration::from_secs(1), || {
+        let now = workers(&mcr).ok()?;
+        (now[0]["state"] == "running" && pid_of(&now).is_some_and(|pid| pid != first))
+            .then_some(now)
+    })
+    .with_context(|| format!("worker not restarted within 1 s:\n{}", mcr.log_text()))?;
+    assert_eq!(restarted[0]["restarts"], 1);
+    eprintln!("worker restarted {:?} after SIGKILL", killed.elapsed());
+
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 200, 300);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(
+        &receiver.finish()?,
+        &stream,
+        Ipv4Addr::new(239, 2, 2, 1),
+        RELAY_OUT0,
+        16,
+    )
+}
+
+#[test]
+fn workers_run_unprivileged() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "settings:\n  workers: 2\nrules:\n{}",
+        rule(
+            "cam",
+            "239.1.1.1",
+            5000,
+            &["{interface: out0, destination: 239.2.2.1, port: 6000}"]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let workers: Vec<serde_json::Value> =
+        serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"])?)?;
+    assert_eq!(workers.len(), 2);
+    for worker in &workers {
+        let pid = worker["pid"].as_u64().context("worker pid")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> anyhow::Result<String> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|value| value.trim().to_owned())
+                .with_context(|| format!("{name} missing from /proc/{pid}/status"))
+        };
+        for ids in [field("Uid:")?, field("Gid:")?] {
+            ensure!(
+                ids.split_whitespace().all(|id| id != "0"),
+                "worker {pid} has id 0: {ids}"
+            );
+        }
+        for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(set)?, "0000000000000000", "worker {pid} {set}");
+        }
+        assert_eq!(field("NoNewPrivs:")?, "1", "worker {pid}");
+        assert_eq!(field("Groups:")?, "", "worker {pid} supplementary groups");
+    }
+    Ok(())
+}
