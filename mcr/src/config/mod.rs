@@ -42,6 +42,9 @@ pub struct Settings {
     pub user: String,
 }
 
+/// Most workers: the worker index has eight bits in a packet's steering mark.
+pub const MAX_WORKERS: usize = mcr_common::MAX_WORKERS as usize;
+
 /// The user workers run as unless the file says otherwise.
 pub const DEFAULT_USER: &str = "nobody";
 /// Most outputs of one rule.
@@ -244,12 +247,12 @@ impl Checker<'_> {
 
     fn check(&mut self, raw: RawConfig) -> Config {
         let workers = raw.settings.workers.and_then(|workers| {
-            if let Ok(n @ 1..=1024) = usize::try_from(workers) {
+            if let Ok(n @ 1..=MAX_WORKERS) = usize::try_from(workers) {
                 Some(n)
             } else {
                 self.problem(
                     "settings.workers".into(),
-                    format!("{workers} workers: must be between 1 and 1024"),
+                    format!("{workers} workers: must be between 1 and {MAX_WORKERS}"),
                 );
                 None
             }

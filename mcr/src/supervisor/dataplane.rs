@@ -71,8 +71,10 @@ impl Dataplane {
         let cpus: Vec<usize> = settings.cpus.clone().unwrap_or_else(|| {
             (0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).collect()
         });
-        let count = settings.workers.unwrap_or(cpus.len()).max(1);
-        let count = count.min(mcr_common::MAX_WORKERS as usize);
+        let count = settings
+            .workers
+            .unwrap_or(cpus.len())
+            .clamp(1, crate::config::MAX_WORKERS);
         let user = nix::unistd::User::from_name(&settings.user)
             .with_context(|| format!("looking up user {}", settings.user))?
             .with_context(|| format!("user {} does not exist (settings.user)", settings.user))?;
