@@ -1,6 +1,10 @@
 //! The `mcr` command line.
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -8,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     config,
     control::{self, Request, Response},
-    stats,
+    stats, status,
     supervisor::{self, RunOptions},
 };
 
@@ -42,6 +46,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show what a running instance is doing: rules file, last reload, workers, interfaces.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        instance: Instance,
+    },
+    /// Ask a running instance to re-read its rules file now; prints the outcome.
+    Reload {
+        #[command(flatten)]
+        instance: Instance,
+    },
     /// A forwarding worker; started by `mcr run`, not by hand.
     #[command(hide = true)]
     Worker,
@@ -53,6 +69,9 @@ enum Command {
         /// With --json: print the array of workers instead of rules.
         #[arg(long, requires = "json")]
         workers: bool,
+        /// Redraw the table every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
         #[command(flatten)]
         instance: Instance,
     },
@@ -118,21 +137,63 @@ impl Cli {
             Command::Stats {
                 json,
                 workers,
+                watch,
                 instance,
             } => {
-                let Response::Stats(report) =
-                    control::call(&instance.control_socket(), &Request::Stats)?
+                let socket = instance.control_socket();
+                loop {
+                    let Response::Stats(report) = control::call(&socket, &Request::Stats)? else {
+                        bail!("mcr answered something other than statistics");
+                    };
+                    if json && workers {
+                        println!("{}", serde_json::to_string_pretty(&report.workers)?);
+                    } else if json {
+                        println!("{}", serde_json::to_string_pretty(&report.rules)?);
+                    } else if watch {
+                        // Home the cursor and clear the screen, then draw.
+                        print!("\x1b[H\x1b[2J{}", stats::render_table(&report));
+                        std::io::stdout().flush()?;
+                    } else {
+                        print!("{}", stats::render_table(&report));
+                    }
+                    if !watch {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+            Command::Status { json, instance } => {
+                let Response::Status(report) =
+                    control::call(&instance.control_socket(), &Request::Status)?
                 else {
-                    bail!("mcr answered something other than statistics");
+                    bail!("mcr answered something other than its status");
                 };
-                if json && workers {
-                    println!("{}", serde_json::to_string_pretty(&report.workers)?);
-                } else if json {
-                    println!("{}", serde_json::to_string_pretty(&report.rules)?);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print!("{}", stats::render_table(&report));
+                    print!("{}", status::render(&report));
                 }
                 Ok(ExitCode::SUCCESS)
+            }
+            Command::Reload { instance } => {
+                let Response::Reload(record) =
+                    control::call(&instance.control_socket(), &Request::Reload)?
+                else {
+                    bail!("mcr answered something other than a reload result");
+                };
+                match record.error {
+                    None => {
+                        println!("reload {}: rules file applied", record.time);
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Some(error) => {
+                        eprintln!(
+                            "reload {}: rules file rejected, the running rules stay as they were:\n{error}",
+                            record.time
+                        );
+                        Ok(ExitCode::FAILURE)
+                    }
+                }
             }
         }
     }

@@ -11,7 +11,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::stats::StatsReport;
+use crate::{
+    stats::StatsReport,
+    status::{ReloadRecord, StatusReport},
+};
 
 /// Directory of the default control sockets.
 pub const RUN_DIR: &str = "/run/mcr";
@@ -20,12 +23,17 @@ pub const RUN_DIR: &str = "/run/mcr";
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Stats,
+    Status,
+    /// Re-read the rules file now.
+    Reload,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Stats(StatsReport),
+    Status(Box<StatusReport>),
+    Reload(ReloadRecord),
     Error(String),
 }
 

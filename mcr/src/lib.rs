@@ -8,5 +8,6 @@ pub mod counters;
 pub mod packet;
 pub mod sockets;
 pub mod stats;
+pub mod status;
 pub mod supervisor;
 pub mod worker;

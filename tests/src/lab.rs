@@ -55,6 +55,29 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// The IGMP groups joined on `interface` inside the relay, from `/proc/net/igmp`.
+    pub fn igmp_groups(&self, interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+        let text = self.relay.exec("cat", &["/proc/net/igmp"])?;
+        let mut groups = Vec::new();
+        let mut in_device = false;
+        for line in text.lines().skip(1) {
+            if !line.starts_with('\t') {
+                in_device = line.split_whitespace().nth(1) == Some(interface);
+                continue;
+            }
+            if in_device
+                && let Some(hex) = line.split_whitespace().next()
+                && let Ok(value) = u32::from_str_radix(hex, 16)
+            {
+                // The kernel prints the network-order address as a host-order number.
+                groups.push(Ipv4Addr::from(value.to_ne_bytes()));
+            }
+        }
+        Ok(groups)
+    }
+}
+
 /// A rules file in a temporary directory, removed on drop.
 pub struct RulesFile {
     dir: PathBuf,
@@ -74,9 +97,17 @@ impl RulesFile {
         &self.path
     }
 
-    /// Replaces the file's text.
+    /// Replaces the file's text in place.
     pub fn write(&self, text: &str) -> anyhow::Result<()> {
         std::fs::write(&self.path, text)?;
+        Ok(())
+    }
+
+    /// Replaces the file the way many editors do: a new file renamed over the old one.
+    pub fn rename_over(&self, text: &str) -> anyhow::Result<()> {
+        let new = self.dir.join(".rules.yaml.new");
+        std::fs::write(&new, text)?;
+        std::fs::rename(&new, &self.path)?;
         Ok(())
     }
 }

@@ -83,14 +83,19 @@ impl Mcr {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Runs an `mcr` CLI command against this instance and returns its stdout.
-    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new(mcr_binary())
+    /// Runs an `mcr` CLI command against this instance, whatever its exit status.
+    pub fn cli_output(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new(mcr_binary())
             .args(args)
             .arg("--control-socket")
             .arg(&self.control_socket)
             .output()
-            .context("running the mcr CLI")?;
+            .context("running the mcr CLI")
+    }
+
+    /// Runs an `mcr` CLI command against this instance and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.cli_output(args)?;
         if !output.status.success() {
             bail!(
                 "mcr {} failed: {}",
@@ -113,6 +118,24 @@ impl Mcr {
             .into_iter()
             .find(|rule| rule["name"] == name)
             .with_context(|| format!("no rule {name} in mcr stats"))
+    }
+
+    /// `mcr status --json`, parsed.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let text = self.cli(&["status", "--json"])?;
+        serde_json::from_str(&text).context("parsing mcr status --json")
+    }
+
+    /// Sends `signal` to the supervisor.
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("mcr is not running")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+
+    /// Whether the supervisor process is still running.
+    pub fn is_running(&mut self) -> bool {
+        !self.has_exited()
     }
 
     /// Sends SIGTERM and waits for the exit status.

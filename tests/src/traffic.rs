@@ -15,6 +15,8 @@ pub struct Stream {
     pub port: u16,
     pub payload_len: usize,
     pub count: u64,
+    /// Pause after every 32 datagrams.
+    pub gap: std::time::Duration,
 }
 
 impl Stream {
@@ -25,7 +27,15 @@ impl Stream {
             port,
             payload_len,
             count,
+            gap: std::time::Duration::from_millis(1),
         }
+    }
+
+    /// Spreads the stream out: a pause of `gap` after every 32 datagrams.
+    #[must_use]
+    pub fn paced(mut self, gap: std::time::Duration) -> Self {
+        self.gap = gap;
+        self
     }
 
     #[must_use]
@@ -58,7 +68,7 @@ pub fn send_udp(netns: &Netns, stream: &Stream) -> anyhow::Result<()> {
                 .send_to(&stream.payload(sequence), destination)
                 .with_context(|| format!("sending to {destination}"))?;
             if sequence % 32 == 31 {
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(stream.gap);
             }
         }
         Ok(())

@@ -59,27 +59,6 @@ fn rule(name: &str, group: &str, port: u16, outputs: &[&str]) -> String {
     text
 }
 
-/// The IGMP groups joined on `interface` inside the relay, from `/proc/net/igmp`.
-fn igmp_groups(lab: &Lab, interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
-    let text = lab.relay.exec("cat", &["/proc/net/igmp"])?;
-    let mut groups = Vec::new();
-    let mut in_device = false;
-    for line in text.lines().skip(1) {
-        if !line.starts_with('\t') {
-            in_device = line.split_whitespace().nth(1) == Some(interface);
-            continue;
-        }
-        if in_device
-            && let Some(hex) = line.split_whitespace().next()
-            && let Ok(value) = u32::from_str_radix(hex, 16)
-        {
-            // The kernel prints the network-order address as a host-order number.
-            groups.push(Ipv4Addr::from(value.to_ne_bytes()));
-        }
-    }
-    Ok(groups)
-}
-
 #[test]
 fn one_to_one_with_translation() -> anyhow::Result<()> {
     let lab = Lab::new()?;
@@ -94,7 +73,8 @@ fn one_to_one_with_translation() -> anyhow::Result<()> {
     ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     ensure!(
-        igmp_groups(&lab, "in0")?.contains(&Ipv4Addr::new(239, 1, 1, 1)),
+        lab.igmp_groups("in0")?
+            .contains(&Ipv4Addr::new(239, 1, 1, 1)),
         "239.1.1.1 not joined on in0"
     );
     let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
@@ -226,7 +206,7 @@ fn fifty_rules_with_concurrent_streams() -> anyhow::Result<()> {
     }
     let rules = RulesFile::new(&text)?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
-    let joined = igmp_groups(&lab, "in0")?;
+    let joined = lab.igmp_groups("in0")?;
     for k in 1..=RULES {
         ensure!(
             joined.contains(&Ipv4Addr::new(239, 1, 2, k)),

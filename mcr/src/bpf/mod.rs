@@ -12,7 +12,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, SchedClassifier, SocketFilter, TcAttachType, tc},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, SocketFilter, TcAttachType,
+        tc::{self, TcAttachOptions},
+    },
 };
 use mcr_common::{
     MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER,
@@ -68,6 +71,30 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
     move |source| BpfError::Map { map, source }
 }
 
+/// How the classifier hangs on an interface's ingress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// A TCX link (kernel 6.6 and later).
+    Tcx,
+    /// A direct-action filter on a clsact qdisc (older kernels).
+    Clsact,
+}
+
+impl AttachMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcx => "tc ingress (tcx link)",
+            Self::Clsact => "tc ingress (clsact filter)",
+        }
+    }
+}
+
+pub struct Attachment {
+    pub ifindex: u32,
+    pub mode: AttachMode,
+    link: tc::SchedClassifierLinkId,
+}
+
 /// The loaded classifier with its maps pinned under one directory.
 pub struct Classifier {
     ebpf: Ebpf,
@@ -75,7 +102,7 @@ pub struct Classifier {
     rules: BpfHashMap<MapData, RuleKey, RuleSlot>,
     rule_stats: PerCpuArray<MapData, RuleCounters>,
     skips: PerCpuArray<MapData, SkipCounters>,
-    attached: HashMap<String, tc::SchedClassifierLinkId>,
+    attached: HashMap<String, Attachment>,
     cpus: usize,
 }
 
@@ -138,47 +165,65 @@ impl Classifier {
         &self.pin_dir
     }
 
-    /// Interfaces the classifier is attached to.
-    pub fn attached_interfaces(&self) -> impl Iterator<Item = &String> {
-        self.attached.keys()
+    /// Interfaces the classifier is attached to, with how.
+    pub fn attachments(&self) -> impl Iterator<Item = (&String, &Attachment)> {
+        self.attached.iter()
     }
 
-    /// Attaches the classifier to `interface`'s ingress (TCX on kernels that have it, else a
-    /// clsact filter). The link lives as long as this process: a crash detaches it.
-    pub fn attach(&mut self, interface: &str) -> Result<(), BpfError> {
-        if self.attached.contains_key(interface) {
-            return Ok(());
+    /// Attaches the classifier to the TC ingress of `interface` (index `ifindex`): a TCX link
+    /// where the kernel has TCX (6.6 and later), else a filter on a clsact qdisc. A TCX link
+    /// lives as long as this process, so a crash detaches it. An attachment to an earlier
+    /// interface of the same name is replaced.
+    pub fn attach(&mut self, interface: &str, ifindex: u32) -> Result<(), BpfError> {
+        match self.attached.get(interface) {
+            Some(existing) if existing.ifindex == ifindex => return Ok(()),
+            Some(_) => {
+                // The interface was deleted and created again; its old link died with it.
+                let _ = self.detach(interface);
+            }
+            None => {}
         }
-        let program = self.program()?;
-        let link = match program.attach(interface, TcAttachType::Ingress) {
-            Ok(link) => link,
-            // Kernels before 6.6 have no TCX: the filter needs a clsact qdisc.
-            Err(ProgramError::TcError(_)) => {
-                let _ = tc::qdisc_add_clsact(interface);
-                program
-                    .attach(interface, TcAttachType::Ingress)
-                    .map_err(|source| BpfError::Attach {
-                        interface: interface.to_owned(),
-                        source,
-                    })?
-            }
-            Err(source) => {
-                return Err(BpfError::Attach {
-                    interface: interface.to_owned(),
-                    source,
-                });
-            }
+        let attach_error = |source| BpfError::Attach {
+            interface: interface.to_owned(),
+            source,
         };
-        self.attached.insert(interface.to_owned(), link);
+        let program = self.program()?;
+        let tcx = program.attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        );
+        let (link, mode) = if let Ok(link) = tcx {
+            (link, AttachMode::Tcx)
+        } else {
+            // Kernels before 6.6 have no TCX: a filter on a clsact qdisc instead.
+            let _ = tc::qdisc_add_clsact(interface);
+            let link = program
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(tc::NlOptions::default()),
+                )
+                .map_err(attach_error)?;
+            (link, AttachMode::Clsact)
+        };
+        self.attached.insert(
+            interface.to_owned(),
+            Attachment {
+                ifindex,
+                mode,
+                link,
+            },
+        );
         Ok(())
     }
 
     pub fn detach(&mut self, interface: &str) -> Result<(), BpfError> {
-        let Some(link) = self.attached.remove(interface) else {
+        let Some(attachment) = self.attached.remove(interface) else {
             return Ok(());
         };
         self.program()?
-            .detach(link)
+            .detach(attachment.link)
             .map_err(|source| BpfError::Detach {
                 interface: interface.to_owned(),
                 source,

@@ -29,9 +29,32 @@ use crate::{
     stats::{OutputStats, WorkerStats},
 };
 
+/// Where each output of `rule` sends from, or why it cannot send yet.
+pub fn resolve_origins(rule: &Rule) -> Result<Vec<Option<Origin>>, String> {
+    rule.outputs
+        .iter()
+        .map(|output| {
+            let Some(interface) = &output.interface else {
+                return Ok(None);
+            };
+            let ifindex = interfaces::index(interface)
+                .ok_or_else(|| format!("waiting: output interface {interface} does not exist"))?;
+            let address = interfaces::ipv4_address(interface).ok_or_else(|| {
+                format!("waiting: output interface {interface} has no IPv4 address")
+            })?;
+            Ok(Some(Origin {
+                interface: interface.clone(),
+                ifindex,
+                address,
+            }))
+        })
+        .collect()
+}
+
 struct InputState {
     id: u32,
     ifindex: u32,
+    interface: String,
     group: FanoutGroup,
     rules: usize,
     /// Kernel drops per worker socket, accumulated (the kernel resets them on each read).
@@ -49,7 +72,6 @@ struct EgressState {
 struct RouteState {
     key: RouteKey,
     worker: usize,
-    interface: String,
     membership: Membership,
     outputs: Vec<EgressState>,
 }
@@ -58,7 +80,8 @@ pub struct Dataplane {
     workers: Vec<Worker>,
     user: (u32, u32),
     events: mpsc::Sender<WorkerEvent>,
-    inputs: HashMap<String, InputState>,
+    /// By interface index: an interface deleted and created again is a new input.
+    inputs: HashMap<u32, InputState>,
     routes: HashMap<u32, RouteState>,
     memberships: Memberships,
     free_counters: Vec<u32>,
@@ -102,32 +125,18 @@ impl Dataplane {
     }
 
     /// Makes rule `slot` forward: sockets, worker, IGMP. Called again for a running rule, it
-    /// switches the rule to the new outputs. Returns the worker that owns the rule.
+    /// switches the rule to the new outputs. `origins` are the resolved output interfaces
+    /// (see [`resolve_origins`]). Returns the worker that owns the rule.
     pub fn start_rule(
         &mut self,
         classifier: &Classifier,
         slot: u32,
         rule: &Rule,
         ifindex: u32,
+        origins: &[Option<Origin>],
     ) -> Result<usize, String> {
         let mut outputs = Vec::with_capacity(rule.outputs.len());
-        for output in &rule.outputs {
-            let origin = match &output.interface {
-                None => None,
-                Some(interface) => {
-                    let ifindex = interfaces::index(interface).ok_or_else(|| {
-                        format!("waiting: output interface {interface} does not exist")
-                    })?;
-                    let address = interfaces::ipv4_address(interface).ok_or_else(|| {
-                        format!("waiting: output interface {interface} has no IPv4 address")
-                    })?;
-                    Some(Origin {
-                        interface: interface.clone(),
-                        ifindex,
-                        address,
-                    })
-                }
-            };
+        for (output, origin) in rule.outputs.iter().zip(origins) {
             let socket = egress::open(output, origin.as_ref())
                 .map_err(|error| format!("error: output {output}: {error}"))?;
             outputs.push((output.clone(), socket));
@@ -171,7 +180,6 @@ impl Dataplane {
         let route = RouteState {
             key,
             worker,
-            interface: rule.input.interface.clone(),
             membership,
             outputs,
         };
@@ -184,7 +192,7 @@ impl Dataplane {
         // A rule that switched outputs: the old sockets close now that the worker has the new.
         if let Some(old) = self.routes.insert(slot, route) {
             self.release_outputs(old.outputs);
-            self.close_input_ref(&old.interface);
+            self.close_input_ref(old.key.ifindex);
         }
         Ok(worker)
     }
@@ -213,7 +221,7 @@ impl Dataplane {
             tracing::warn!(%error, "cannot leave {}", route.membership.group);
         }
         self.release_outputs(route.outputs);
-        self.close_input_ref(&route.interface);
+        self.close_input_ref(route.key.ifindex);
     }
 
     fn release_outputs(&mut self, outputs: Vec<EgressState>) {
@@ -228,9 +236,7 @@ impl Dataplane {
         interface: &str,
         ifindex: u32,
     ) -> Result<(), String> {
-        if let Some(input) = self.inputs.get_mut(interface)
-            && input.ifindex == ifindex
-        {
+        if let Some(input) = self.inputs.get_mut(&ifindex) {
             input.rules += 1;
             return Ok(());
         }
@@ -251,10 +257,11 @@ impl Dataplane {
             "packet sockets opened"
         );
         self.inputs.insert(
-            interface.to_owned(),
+            ifindex,
             InputState {
                 id,
                 ifindex,
+                interface: interface.to_owned(),
                 drops: vec![0; group.sockets.len()],
                 group,
                 rules: 1,
@@ -263,19 +270,19 @@ impl Dataplane {
         Ok(())
     }
 
-    fn close_input_ref(&mut self, interface: &str) {
-        let Some(input) = self.inputs.get_mut(interface) else {
+    fn close_input_ref(&mut self, ifindex: u32) {
+        let Some(input) = self.inputs.get_mut(&ifindex) else {
             return;
         };
         input.rules -= 1;
         if input.rules > 0 {
             return;
         }
-        let input = self.inputs.remove(interface).expect("present above");
+        let input = self.inputs.remove(&ifindex).expect("present above");
         for worker in &self.workers {
             let _ = worker.send(&Command::RemoveInput { input: input.id }, &[]);
         }
-        tracing::info!(interface, "packet sockets closed");
+        tracing::info!(interface = %input.interface, "packet sockets closed");
     }
 
     /// Handles a worker event; returns a restart to schedule.
@@ -396,7 +403,21 @@ impl Dataplane {
         self.memberships = Memberships::new();
     }
 
-    /// Whether any worker is still running (for the shutdown grace period).
+    /// Workers as `mcr status` shows them.
+    pub fn worker_summaries(&self) -> Vec<crate::status::WorkerStatus> {
+        self.workers
+            .iter()
+            .map(|worker| crate::status::WorkerStatus {
+                worker: worker.index,
+                pid: worker.pid,
+                cpu: worker.cpu,
+                state: format!("{:?}", worker.state).to_lowercase(),
+                restarts: worker.restarts,
+            })
+            .collect()
+    }
+
+    /// Pids of the workers still running (for the shutdown grace period).
     pub fn pids(&self) -> Vec<u32> {
         self.workers.iter().filter_map(|w| w.pid).collect()
     }

@@ -1,16 +1,17 @@
 //! `mcr run`: the privileged supervisor. It loads the classifier, starts the workers, keeps
-//! maps, sockets and workers in sync with the rules file, restarts workers that die, and
-//! answers the control socket until SIGINT or SIGTERM.
+//! maps, sockets and workers in sync with the rules file and the interfaces that exist,
+//! restarts workers that die, and answers the control socket until SIGINT or SIGTERM.
 
 mod dataplane;
 mod rules;
+mod watch;
 mod workers;
 
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -19,17 +20,22 @@ use tokio::{
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
+    time::Instant as TokioInstant,
 };
 
-use self::{dataplane::Dataplane, rules::RuleTable, workers::WorkerEvent};
+use self::{dataplane::Dataplane, rules::RuleTable, watch::Change, workers::WorkerEvent};
 use crate::{
     bpf::Classifier,
     config::{self, Config},
     control::{Request, Response},
+    status::{InterfaceStatus, ReloadRecord, RuleCounts, StatusReport, Trigger},
 };
 
 /// How often counters are read for the rates `mcr stats` shows.
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Changes that arrive within this time are handled together (an editor's save is several
+/// file events; a new veth pair is several link events).
+const SETTLE: Duration = Duration::from_millis(200);
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -46,16 +52,30 @@ pub fn run(options: &RunOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the supervisor's runtime")?;
-    runtime.block_on(serve(options, &config))
+    runtime.block_on(serve(options, config))
 }
 
-async fn serve(options: &RunOptions, config: &Config) -> anyhow::Result<()> {
+/// Everything the event loop changes.
+struct Supervisor<'a> {
+    options: &'a RunOptions,
+    classifier: Classifier,
+    dataplane: Dataplane,
+    table: RuleTable,
+    /// The rules file as last applied.
+    config: Config,
+    events: mpsc::Sender<WorkerEvent>,
+    started: Instant,
+    reloads: u64,
+    last_reload: Option<ReloadRecord>,
+}
+
+async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
     refuse_if_running(&options.control_socket)?;
-    let mut classifier = Classifier::load(&options.pin_dir)?;
+    let classifier = Classifier::load(&options.pin_dir)?;
     tracing::info!(pin_dir = %options.pin_dir.display(), "classifier loaded, maps pinned");
 
     let (events, mut worker_events) = mpsc::channel(64);
-    let mut dataplane = match Dataplane::start(&config.settings, events.clone()) {
+    let dataplane = match Dataplane::start(&config.settings, events.clone()) {
         Ok(dataplane) => dataplane,
         Err(error) => {
             let _ = classifier.shutdown();
@@ -64,51 +84,237 @@ async fn serve(options: &RunOptions, config: &Config) -> anyhow::Result<()> {
     };
     tracing::info!(workers = dataplane.worker_count(), "workers started");
 
-    let mut table = RuleTable::default();
-    let summary = table.apply(&mut classifier, &mut dataplane, config);
-    tracing::info!(
-        config = %options.config.display(),
-        active = summary.active,
-        waiting = summary.waiting,
-        failed = summary.failed,
-        "rules applied"
-    );
+    let mut supervisor = Supervisor {
+        options,
+        classifier,
+        dataplane,
+        table: RuleTable::default(),
+        config,
+        events,
+        started: Instant::now(),
+        reloads: 0,
+        last_reload: None,
+    };
+    supervisor.apply(Trigger::Start);
+
+    let (changes, mut change_events) = mpsc::channel(16);
+    let _file_watch = match watch::watch_rules_file(&options.config, changes.clone()) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            tracing::warn!("{error:#}; the rules file is reloaded on SIGHUP and `mcr reload` only");
+            None
+        }
+    };
+    if let Err(error) = watch::watch_interfaces(changes) {
+        tracing::warn!("{error:#}; interfaces that appear later are picked up on reload only");
+    }
 
     // The socket appears only once the rules are in place: a client that can connect sees
     // the relay as configured.
-    let mut plane = Plane {
-        classifier: &mut classifier,
-        dataplane: &mut dataplane,
-        table: &mut table,
-        events: &events,
-    };
     let result = match bind_control_socket(&options.control_socket) {
-        Ok(listener) => event_loop(options, &listener, &mut plane, &mut worker_events).await,
+        Ok(listener) => {
+            supervisor
+                .event_loop(&listener, &mut worker_events, &mut change_events)
+                .await
+        }
         Err(error) => Err(error),
     };
 
     let _ = fs::remove_file(&options.control_socket);
     // Steering stops first, then the workers, then the sockets (and with them the IGMP
     // memberships).
+    let Supervisor {
+        classifier,
+        mut dataplane,
+        ..
+    } = supervisor;
     let shutdown = classifier.shutdown();
     tracing::info!("classifier detached, pins removed");
     dataplane.shutdown();
     wait_for_workers(&mut dataplane, &mut worker_events).await;
-    tracing::info!("workers stopped");
+    tracing::info!("workers stopped, groups left");
     result.and(shutdown.map_err(Into::into))
 }
 
-/// Everything the event loop changes.
-struct Plane<'a> {
-    classifier: &'a mut Classifier,
-    dataplane: &'a mut Dataplane,
-    table: &'a mut RuleTable,
-    events: &'a mpsc::Sender<WorkerEvent>,
+impl Supervisor<'_> {
+    async fn event_loop(
+        &mut self,
+        listener: &UnixListener,
+        worker_events: &mut mpsc::Receiver<WorkerEvent>,
+        changes: &mut mpsc::Receiver<Change>,
+    ) -> anyhow::Result<()> {
+        let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+        let mut hangup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+        let mut sampler = tokio::time::interval(SAMPLE_INTERVAL);
+        let (calls, mut pending) = mpsc::channel::<Call>(64);
+        // Changes wait until they have settled.
+        let mut file_changed: Option<TokioInstant> = None;
+        let mut interfaces_changed: Option<TokioInstant> = None;
+        let far = Duration::from_hours(1);
+
+        tracing::info!(control_socket = %self.options.control_socket.display(), "running");
+        loop {
+            let next_file = file_changed.unwrap_or_else(|| TokioInstant::now() + far);
+            let next_interfaces = interfaces_changed.unwrap_or_else(|| TokioInstant::now() + far);
+            tokio::select! {
+                _ = interrupt.recv() => break,
+                _ = terminate.recv() => break,
+                _ = hangup.recv() => {
+                    self.reload(Trigger::Sighup);
+                }
+                Some(change) = changes.recv() => {
+                    let at = Some(TokioInstant::now() + SETTLE);
+                    match change {
+                        Change::RulesFile => file_changed = file_changed.or(at),
+                        Change::Interfaces => interfaces_changed = interfaces_changed.or(at),
+                    }
+                }
+                () = tokio::time::sleep_until(next_file), if file_changed.is_some() => {
+                    file_changed = None;
+                    self.reload(Trigger::FileChange);
+                }
+                () = tokio::time::sleep_until(next_interfaces), if interfaces_changed.is_some() => {
+                    interfaces_changed = None;
+                    self.reconcile();
+                }
+                _ = sampler.tick() => {
+                    self.dataplane.sample();
+                    self.table.sample(&self.classifier, &self.dataplane);
+                }
+                Some(event) = worker_events.recv() => self.worker_event(event),
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tokio::spawn(serve_client(stream, calls.clone()));
+                    }
+                    Err(error) => tracing::warn!(%error, "control socket accept failed"),
+                },
+                Some((request, reply)) = pending.recv() => {
+                    let _ = reply.send(self.answer(&request));
+                }
+            }
+        }
+        tracing::info!("shutting down");
+        Ok(())
+    }
+
+    /// Applies `self.config` to the interfaces as they are now.
+    fn apply(&mut self, trigger: Trigger) {
+        let summary = self
+            .table
+            .apply(&mut self.classifier, &mut self.dataplane, &self.config);
+        tracing::info!(
+            config = %self.options.config.display(),
+            ?trigger,
+            active = summary.active,
+            waiting = summary.waiting,
+            failed = summary.failed,
+            "rules applied"
+        );
+    }
+
+    /// Re-reads the rules file; a file that fails validation changes nothing.
+    fn reload(&mut self, trigger: Trigger) -> ReloadRecord {
+        self.reloads += 1;
+        let (result, error) = match config::load(&self.options.config) {
+            Ok(config) => {
+                if config.settings != self.config.settings {
+                    tracing::warn!(
+                        "settings changed; workers, CPUs and user take effect when mcr restarts"
+                    );
+                }
+                self.config = config;
+                self.apply(trigger);
+                ("applied", None)
+            }
+            Err(error) => {
+                tracing::error!(
+                    ?trigger,
+                    "rules file rejected, the running rules stay as they were:\n{error}"
+                );
+                ("rejected", Some(error.to_string()))
+            }
+        };
+        let record = ReloadRecord {
+            time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            trigger,
+            result: result.to_owned(),
+            error,
+        };
+        self.last_reload = Some(record.clone());
+        record
+    }
+
+    /// Interfaces changed: rules waiting for them start, rules that lost them wait again.
+    fn reconcile(&mut self) {
+        let before = self.table.summary();
+        let after = self
+            .table
+            .apply(&mut self.classifier, &mut self.dataplane, &self.config);
+        if before != after {
+            tracing::info!(
+                active = after.active,
+                waiting = after.waiting,
+                failed = after.failed,
+                "interfaces changed; rules re-applied"
+            );
+        }
+    }
+
+    fn worker_event(&mut self, event: WorkerEvent) {
+        if let Some((index, delay)) = self.dataplane.worker_event(event) {
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = events.send(WorkerEvent::RestartDue { index }).await;
+            });
+        }
+    }
+
+    fn answer(&mut self, request: &Request) -> Response {
+        match request {
+            Request::Stats => Response::Stats(self.table.report(&self.classifier, &self.dataplane)),
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Reload => Response::Reload(self.reload(Trigger::Command)),
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        let summary = self.table.summary();
+        let per_interface = self.table.rules_per_interface();
+        let mut interfaces: Vec<InterfaceStatus> = self
+            .classifier
+            .attachments()
+            .map(|(name, attachment)| InterfaceStatus {
+                name: name.clone(),
+                ifindex: attachment.ifindex,
+                attach: attachment.mode.name().to_owned(),
+                rules: per_interface.get(name.as_str()).copied().unwrap_or(0),
+            })
+            .collect();
+        interfaces.sort_by(|a, b| a.name.cmp(&b.name));
+        StatusReport {
+            config: self.options.config.display().to_string(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            pin_dir: self.classifier.pin_dir().display().to_string(),
+            rules: RuleCounts {
+                total: summary.active + summary.waiting + summary.failed,
+                active: summary.active,
+                waiting: summary.waiting,
+                failed: summary.failed,
+            },
+            reloads: self.reloads,
+            last_reload: self.last_reload.clone(),
+            workers: self.dataplane.worker_summaries(),
+            interfaces,
+        }
+    }
 }
 
 /// Gives stopping workers a moment to exit on their own.
 async fn wait_for_workers(dataplane: &mut Dataplane, events: &mut mpsc::Receiver<WorkerEvent>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let deadline = TokioInstant::now() + Duration::from_secs(2);
     while !dataplane.pids().is_empty() {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(event)) => {
@@ -116,78 +322,6 @@ async fn wait_for_workers(dataplane: &mut Dataplane, events: &mut mpsc::Receiver
             }
             Ok(None) | Err(_) => break,
         }
-    }
-}
-
-async fn event_loop(
-    options: &RunOptions,
-    listener: &UnixListener,
-    plane: &mut Plane<'_>,
-    worker_events: &mut mpsc::Receiver<WorkerEvent>,
-) -> anyhow::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-    let mut hangup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
-    let mut sampler = tokio::time::interval(SAMPLE_INTERVAL);
-    let (calls, mut pending) = mpsc::channel::<Call>(64);
-
-    tracing::info!(control_socket = %options.control_socket.display(), "running");
-    loop {
-        tokio::select! {
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            _ = hangup.recv() => reload(&options.config, plane),
-            _ = sampler.tick() => {
-                plane.dataplane.sample();
-                plane.table.sample(plane.classifier, plane.dataplane);
-            }
-            Some(event) = worker_events.recv() => {
-                if let Some((index, delay)) = plane.dataplane.worker_event(event) {
-                    let events = plane.events.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = events.send(WorkerEvent::RestartDue { index }).await;
-                    });
-                }
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_client(stream, calls.clone()));
-                }
-                Err(error) => tracing::warn!(%error, "control socket accept failed"),
-            },
-            Some((request, reply)) = pending.recv() => {
-                let _ = reply.send(answer(&request, plane));
-            }
-        }
-    }
-    tracing::info!("shutting down");
-    Ok(())
-}
-
-fn reload(path: &Path, plane: &mut Plane<'_>) {
-    match config::load(path) {
-        Ok(config) => {
-            let summary = plane
-                .table
-                .apply(plane.classifier, plane.dataplane, &config);
-            tracing::info!(
-                config = %path.display(),
-                active = summary.active,
-                waiting = summary.waiting,
-                failed = summary.failed,
-                "rules reloaded"
-            );
-        }
-        Err(error) => {
-            tracing::error!("rules file rejected, the running rules stay as they were:\n{error}");
-        }
-    }
-}
-
-fn answer(request: &Request, plane: &Plane<'_>) -> Response {
-    match request {
-        Request::Stats => Response::Stats(plane.table.report(plane.classifier, plane.dataplane)),
     }
 }
 

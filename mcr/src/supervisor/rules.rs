@@ -1,15 +1,20 @@
 //! Keeps the classifier and the data plane equal to the rules file: where a rule becomes a
 //! map entry and a worker route.
 
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Instant,
+};
 
 use mcr_common::{ANY_SOURCE, RuleKey};
 
-use super::dataplane::Dataplane;
+use serde::{Deserialize, Serialize};
+
+use super::dataplane::{Dataplane, resolve_origins};
 use crate::{
     bpf::{Classifier, MAX_SLOT},
     config::{Config, Input, Rule},
-    sockets::interfaces,
+    sockets::{egress::Origin, interfaces},
     stats::{RateMeter, RuleDrops, RuleStats, StatsReport},
 };
 
@@ -24,14 +29,30 @@ struct Entry {
     rule: Rule,
     /// Present while the rule is in the classifier map (and so forwarding).
     key: Option<RuleKey>,
+    /// The output interfaces the rule's sockets were opened on.
+    origins: Vec<Option<Origin>>,
     slot: Option<u32>,
     state: String,
     meter: RateMeter,
     output_meters: Vec<RateMeter>,
 }
 
-/// What one `apply` did, for the log.
-#[derive(Debug, Default, PartialEq, Eq)]
+impl Entry {
+    fn new(rule: &Rule) -> Self {
+        Self {
+            rule: rule.clone(),
+            key: None,
+            origins: Vec::new(),
+            slot: None,
+            state: String::new(),
+            meter: RateMeter::default(),
+            output_meters: Vec::new(),
+        }
+    }
+}
+
+/// What one `apply` did, for the log and `mcr status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplySummary {
     pub active: usize,
     pub waiting: usize,
@@ -39,10 +60,12 @@ pub struct ApplySummary {
 }
 
 impl RuleTable {
-    /// Makes the classifier and the workers run exactly the rules of `config`. New rules start
-    /// before old ones stop, and a rule whose name and input did not change keeps its map
-    /// entry, worker and counters, so its stream is never interrupted; if only its outputs
-    /// changed, the worker switches to the new ones in one step.
+    /// Makes the classifier and the workers run exactly the rules of `config`, as they can
+    /// run on the interfaces that exist now. New rules start before old ones stop. A rule
+    /// whose name, input and interfaces did not change keeps its map entry, worker and
+    /// counters, so its stream is never interrupted; if only its outputs changed, its worker
+    /// switches to the new ones in one step. A rule whose interface disappeared goes back to
+    /// waiting.
     pub fn apply(
         &mut self,
         classifier: &mut Classifier,
@@ -50,45 +73,37 @@ impl RuleTable {
         config: &Config,
     ) -> ApplySummary {
         let mut old: Vec<Entry> = std::mem::take(&mut self.entries);
-        let mut summary = ApplySummary::default();
 
         for rule in &config.rules {
-            let resolved = resolve(&rule.input);
+            let key = resolve(&rule.input);
+            let origins = key.clone().and_then(|_| resolve_origins(rule));
             let kept = old.iter().position(|entry| {
                 entry.rule.name == rule.name
                     && entry.key.is_some()
-                    && entry.key == resolved.as_ref().ok().copied()
+                    && entry.key == key.as_ref().ok().copied()
+                    && origins.is_ok()
             });
-            let mut entry = match kept {
-                Some(i) => {
+            let entry = match (kept, key, origins) {
+                (Some(i), _, Ok(origins)) => {
                     let mut entry = old.swap_remove(i);
-                    if entry.rule.outputs != rule.outputs {
+                    if entry.rule.outputs != rule.outputs || entry.origins != origins {
                         entry.rule = rule.clone();
-                        Self::switch_outputs(classifier, dataplane, &mut entry);
+                        Self::switch_outputs(classifier, dataplane, &mut entry, origins);
                     }
                     entry.rule = rule.clone();
                     entry
                 }
-                None => Entry {
-                    rule: rule.clone(),
-                    key: None,
-                    slot: None,
-                    state: String::new(),
-                    meter: RateMeter::default(),
-                    output_meters: Vec::new(),
-                },
-            };
-            if entry.key.is_none() {
-                match resolved {
-                    Ok(key) => self.start(classifier, dataplane, &mut entry, key),
-                    Err(reason) => entry.state = reason,
+                (_, Ok(key), Ok(origins)) => {
+                    let mut entry = Entry::new(rule);
+                    self.start(classifier, dataplane, &mut entry, key, origins);
+                    entry
                 }
-            }
-            match (&entry.key, entry.state.as_str()) {
-                (Some(_), _) => summary.active += 1,
-                (None, state) if state.starts_with("waiting") => summary.waiting += 1,
-                (None, _) => summary.failed += 1,
-            }
+                (_, Err(reason), _) | (_, Ok(_), Err(reason)) => {
+                    let mut entry = Entry::new(rule);
+                    entry.state = reason;
+                    entry
+                }
+            };
             self.entries.push(entry);
         }
 
@@ -108,7 +123,31 @@ impl RuleTable {
             }
         }
         self.detach_unused(classifier);
+        self.summary()
+    }
+
+    /// How many rules are active, waiting and failed.
+    pub fn summary(&self) -> ApplySummary {
+        let mut summary = ApplySummary::default();
+        for entry in &self.entries {
+            match (&entry.key, entry.state.as_str()) {
+                (Some(_), _) => summary.active += 1,
+                (None, state) if state.starts_with("waiting") => summary.waiting += 1,
+                (None, _) => summary.failed += 1,
+            }
+        }
         summary
+    }
+
+    /// Rules per input interface that is forwarding.
+    pub fn rules_per_interface(&self) -> HashMap<&str, usize> {
+        let mut counts = HashMap::new();
+        for entry in self.entries.iter().filter(|e| e.key.is_some()) {
+            *counts
+                .entry(entry.rule.input.interface.as_str())
+                .or_default() += 1;
+        }
+        counts
     }
 
     fn start(
@@ -117,47 +156,58 @@ impl RuleTable {
         dataplane: &mut Dataplane,
         entry: &mut Entry,
         key: RuleKey,
+        origins: Vec<Option<Origin>>,
     ) {
-        let interface = &entry.rule.input.interface;
-        if let Err(error) = classifier.attach(interface) {
+        if let Err(error) = classifier.attach(&entry.rule.input.interface, key.ifindex) {
             entry.state = format!("error: {error}");
             return;
         }
-        let Some(slot) = entry.slot.or_else(|| self.slots.allocate()) else {
+        let Some(slot) = self.slots.allocate() else {
             entry.state = format!("error: more than {} rules", MAX_SLOT + 1);
             return;
         };
-        entry.slot = Some(slot);
         // The worker gets the route before the classifier steers anything to it.
-        let worker = match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex) {
-            Ok(worker) => worker,
-            Err(reason) => {
-                entry.state = reason;
-                return;
-            }
-        };
+        let worker =
+            match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex, &origins) {
+                Ok(worker) => worker,
+                Err(reason) => {
+                    self.slots.free(slot);
+                    entry.state = reason;
+                    return;
+                }
+            };
         let worker = u32::try_from(worker).expect("worker count is bounded by MAX_WORKERS");
         match classifier.insert_rule(&key, slot, worker) {
             Ok(()) => {
                 entry.key = Some(key);
+                entry.slot = Some(slot);
+                entry.origins = origins;
                 entry.state = "active".into();
                 entry.meter = RateMeter::default();
                 entry.output_meters = vec![RateMeter::default(); entry.rule.outputs.len()];
             }
             Err(error) => {
                 dataplane.stop_rule(slot);
+                self.slots.free(slot);
                 entry.state = format!("error: {error}");
             }
         }
     }
 
-    /// A running rule got new outputs: the worker switches over; the map entry stays.
-    fn switch_outputs(classifier: &Classifier, dataplane: &mut Dataplane, entry: &mut Entry) {
+    /// A running rule got new outputs (or its output interfaces changed): the worker
+    /// switches over; the map entry stays.
+    fn switch_outputs(
+        classifier: &Classifier,
+        dataplane: &mut Dataplane,
+        entry: &mut Entry,
+        origins: Vec<Option<Origin>>,
+    ) {
         let (Some(slot), Some(key)) = (entry.slot, entry.key) else {
             return;
         };
-        match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex) {
+        match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex, &origins) {
             Ok(_) => {
+                entry.origins = origins;
                 entry.output_meters = vec![RateMeter::default(); entry.rule.outputs.len()];
             }
             Err(reason) => {
@@ -174,7 +224,8 @@ impl RuleTable {
             .map(|entry| entry.rule.input.interface.as_str())
             .collect();
         let attached: Vec<String> = classifier
-            .attached_interfaces()
+            .attachments()
+            .map(|(interface, _)| interface)
             .filter(|interface| !used.contains(interface.as_str()))
             .cloned()
             .collect();

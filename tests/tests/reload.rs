@@ -1,0 +1,292 @@
+//! Day-2 operations: rules change while streams run, interfaces come and go, bad files are
+//! refused, and `mcr status` says what happened.
+
+use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use mcr_tests::{
+    Datagram, Lab, Mcr, Netns, RELAY_OUT0, Receiver, RulesFile, SINK, Stream, send_udp, veth,
+    wait_for,
+};
+use nix::sys::signal::Signal;
+
+fn rule(name: &str, interface: &str, group: &str, output_group: &str) -> String {
+    let mut text = String::new();
+    let _ = writeln!(text, "  - name: {name}");
+    let _ = writeln!(
+        text,
+        "    input: {{interface: {interface}, group: {group}, port: 5000}}"
+    );
+    let _ = writeln!(text, "    outputs:");
+    let _ = writeln!(
+        text,
+        "      - {{interface: out0, destination: {output_group}, port: 6000}}"
+    );
+    text
+}
+
+fn rules(parts: &[String]) -> String {
+    format!("rules:\n{}", parts.concat())
+}
+
+/// Checks that `received` is `stream` complete, in order, once each.
+fn assert_complete(received: &[Datagram], stream: &Stream) -> anyhow::Result<()> {
+    ensure!(
+        received.len() as u64 == stream.count,
+        "{} of {} datagrams arrived",
+        received.len(),
+        stream.count
+    );
+    for (expected, datagram) in (0..stream.count).zip(received) {
+        ensure!(
+            datagram.sequence() == Some(expected) && datagram.payload == stream.payload(expected),
+            "datagram {expected}: got sequence {:?}",
+            datagram.sequence()
+        );
+        ensure!(
+            *datagram.source.ip() == RELAY_OUT0,
+            "from {}",
+            datagram.source
+        );
+    }
+    Ok(())
+}
+
+/// Sends `count` packets to `group` and returns what the sink received on `output`.
+fn probe(
+    lab: &Lab,
+    group: Ipv4Addr,
+    output: Ipv4Addr,
+    count: u64,
+) -> anyhow::Result<(Stream, Vec<Datagram>)> {
+    let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
+    let stream = Stream::new(group, 5000, 200, count);
+    send_udp(&lab.generator, &stream)?;
+    Ok((stream, receiver.finish()?))
+}
+
+fn wait_for_status(
+    mcr: &Mcr,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    wait_for(Duration::from_secs(5), || {
+        mcr.status().ok().filter(|status| check(status))
+    })
+    .with_context(|| format!("mcr status never showed {what}: {:?}", mcr.status().ok()))
+}
+
+#[test]
+fn an_unchanged_rule_loses_nothing_across_twenty_reloads() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let keep = rule("keep", "in0", "239.1.1.1", "239.2.2.1");
+    let file = RulesFile::new(&rules(std::slice::from_ref(&keep)))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    // About 2.5 s of traffic: 4000 datagrams in bursts of 32 every 20 ms.
+    let stream =
+        Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 200, 4000).paced(Duration::from_millis(20));
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let sender = scope.spawn(|| send_udp(&lab.generator, &stream));
+        for round in 0..20_u8 {
+            let mut parts = vec![keep.clone()];
+            // Other rules come and go: a different set each round.
+            for other in 0..(round % 4) {
+                parts.push(rule(
+                    &format!("other-{round}-{other}"),
+                    "in0",
+                    &format!("239.1.9.{}", round * 4 + other + 1),
+                    &format!("239.2.9.{}", round * 4 + other + 1),
+                ));
+            }
+            file.write(&rules(&parts))?;
+            let output = mcr.cli_output(&["reload"])?;
+            ensure!(output.status.success(), "reload {round} failed: {output:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))?
+    })?;
+    assert_complete(&receiver.finish()?, &stream)?;
+    let status = mcr.status()?;
+    ensure!(status["reloads"].as_u64() >= Some(20), "{status}");
+    assert_eq!(status["last_reload"]["result"], "applied");
+    // Counters of the unchanged rule ran on through every reload.
+    assert_eq!(mcr.rule_stats("keep")?["outputs"][0]["tx_packets"], 4000);
+    Ok(())
+}
+
+#[test]
+fn rules_added_and_removed_by_editing_the_file() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let a = rule("a", "in0", "239.1.1.1", "239.2.2.1");
+    let b = rule("b", "in0", "239.1.1.2", "239.2.2.2");
+    let file = RulesFile::new(&rules(std::slice::from_ref(&a)))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    let group_b = Ipv4Addr::new(239, 1, 1, 2);
+    ensure!(!lab.igmp_groups("in0")?.contains(&group_b));
+
+    file.write(&rules(&[a.clone(), b]))?;
+    wait_for_status(&mcr, "two active rules", |s| s["rules"]["active"] == 2)?;
+    ensure!(
+        lab.igmp_groups("in0")?.contains(&group_b),
+        "b's group was not joined"
+    );
+    let (stream, received) = probe(&lab, group_b, Ipv4Addr::new(239, 2, 2, 2), 200)?;
+    assert_complete(&received, &stream)?;
+
+    file.write(&rules(&[a]))?;
+    wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
+    ensure!(
+        !lab.igmp_groups("in0")?.contains(&group_b),
+        "b's group is still joined after b was removed"
+    );
+    let (_, received) = probe(&lab, group_b, Ipv4Addr::new(239, 2, 2, 2), 200)?;
+    ensure!(
+        received.is_empty(),
+        "a removed rule relayed {} datagrams",
+        received.len()
+    );
+    let (stream, received) = probe(
+        &lab,
+        Ipv4Addr::new(239, 1, 1, 1),
+        Ipv4Addr::new(239, 2, 2, 1),
+        200,
+    )?;
+    assert_complete(&received, &stream)?;
+    let status = mcr.status()?;
+    assert_eq!(status["last_reload"]["trigger"], "file-change", "{status}");
+    Ok(())
+}
+
+#[test]
+fn a_bad_file_changes_nothing_and_is_reported() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let a = rule("a", "in0", "239.1.1.1", "239.2.2.1");
+    let file = RulesFile::new(&rules(std::slice::from_ref(&a)))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+
+    // Line 4 gets a malformed group.
+    let bad = rules(std::slice::from_ref(&a)).replace("239.1.1.1", "239.1.1");
+    file.write(&bad)?;
+    let status = wait_for_status(&mcr, "the rejected file", |s| {
+        s["last_reload"]["result"] == "rejected"
+    })?;
+    let error = status["last_reload"]["error"].as_str().unwrap_or_default();
+    let location = format!("{}:3: rules[0].input.group:", file.path().display());
+    ensure!(
+        error.contains(&location),
+        "error {error:?} lacks {location:?}"
+    );
+    assert_eq!(status["rules"]["active"], 1);
+
+    let output = mcr.cli_output(&["reload"])?;
+    assert_eq!(output.status.code(), Some(1));
+    ensure!(String::from_utf8_lossy(&output.stderr).contains(&location));
+
+    let (stream, received) = probe(
+        &lab,
+        Ipv4Addr::new(239, 1, 1, 1),
+        Ipv4Addr::new(239, 2, 2, 1),
+        300,
+    )?;
+    assert_complete(&received, &stream)?;
+
+    let b = rule("b", "in0", "239.1.1.2", "239.2.2.2");
+    file.write(&rules(&[a, b]))?;
+    wait_for_status(&mcr, "the fixed file applied", |s| {
+        s["last_reload"]["result"] == "applied" && s["rules"]["active"] == 2
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_file_renamed_over_the_rules_file_is_picked_up() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let a = rule("a", "in0", "239.1.1.1", "239.2.2.1");
+    let file = RulesFile::new(&rules(std::slice::from_ref(&a)))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    file.rename_over(&rules(&[a, rule("b", "in0", "239.1.1.2", "239.2.2.2")]))?;
+    wait_for_status(&mcr, "two active rules", |s| s["rules"]["active"] == 2)?;
+    let (stream, received) = probe(
+        &lab,
+        Ipv4Addr::new(239, 1, 1, 2),
+        Ipv4Addr::new(239, 2, 2, 2),
+        200,
+    )?;
+    assert_complete(&received, &stream)?;
+    // A second edit after the rename is seen too: the watch follows the name, not the inode.
+    file.rename_over(&rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]))?;
+    wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
+    Ok(())
+}
+
+#[test]
+fn sighup_reloads_and_does_not_kill() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let file = RulesFile::new(&rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]))?;
+    let mut mcr = Mcr::start(&lab.relay, file.path())?;
+    mcr.signal(Signal::SIGHUP)?;
+    let status = wait_for_status(&mcr, "a SIGHUP reload", |s| {
+        s["last_reload"]["trigger"] == "sighup"
+    })?;
+    assert_eq!(status["last_reload"]["result"], "applied");
+    ensure!(mcr.is_running(), "SIGHUP ended mcr");
+    let (stream, received) = probe(
+        &lab,
+        Ipv4Addr::new(239, 1, 1, 1),
+        Ipv4Addr::new(239, 2, 2, 1),
+        200,
+    )?;
+    assert_complete(&received, &stream)
+}
+
+#[test]
+fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let file = RulesFile::new(&rules(&[
+        rule("a", "in0", "239.1.1.1", "239.2.2.1"),
+        rule("late", "in7", "239.1.1.7", "239.2.2.7"),
+    ]))?;
+    let mut mcr = Mcr::start(&lab.relay, file.path())?;
+    let status = mcr.status()?;
+    assert_eq!(status["rules"]["waiting"], 1, "{status}");
+    assert_eq!(
+        mcr.rule_stats("late")?["state"],
+        "waiting: interface in7 does not exist"
+    );
+
+    // A second generator behind a veth pair created after mcr started.
+    let late_generator = Netns::new("gen7")?;
+    veth(&late_generator, "gen7", &lab.relay, "in7")?;
+    late_generator.address("gen7", "10.7.0.1/24")?;
+    late_generator.ip(&["route", "add", "224.0.0.0/4", "dev", "gen7"])?;
+    lab.relay.address("in7", "10.7.0.2/24")?;
+    let status = wait_for_status(&mcr, "the late rule active", |s| s["rules"]["active"] == 2)?;
+    let interfaces: Vec<&str> = status["interfaces"]
+        .as_array()
+        .context("interfaces")?
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(interfaces, ["in0", "in7"], "{status}");
+
+    let late_sink = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 7)), SINK, 6000)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 7), 5000, 200, 200);
+    send_udp(&late_generator, &stream)?;
+    assert_complete(&late_sink.finish()?, &stream)?;
+
+    lab.relay.ip(&["link", "del", "in7"])?;
+    wait_for_status(&mcr, "the late rule waiting again", |s| {
+        s["rules"]["waiting"] == 1 && s["rules"]["active"] == 1
+    })?;
+    ensure!(mcr.is_running(), "mcr exited when in7 went away");
+    let (stream, received) = probe(
+        &lab,
+        Ipv4Addr::new(239, 1, 1, 1),
+        Ipv4Addr::new(239, 2, 2, 1),
+        200,
+    )?;
+    assert_complete(&received, &stream)
+}
