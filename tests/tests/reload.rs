@@ -290,3 +290,52 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
     )?;
     assert_complete(&received, &stream)
 }
+
+/// Packet sockets open in the relay namespace, from `/proc/net/packet`.
+fn packet_sockets(lab: &Lab) -> anyhow::Result<usize> {
+    Ok(lab
+        .relay
+        .exec("cat", &["/proc/net/packet"])?
+        .lines()
+        .skip(1)
+        .count())
+}
+
+#[test]
+fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let file = RulesFile::new(&format!(
+        "settings:\n  workers: 2\n{}",
+        rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")])
+    ))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    assert_eq!(
+        packet_sockets(&lab)?,
+        2,
+        "one packet socket per worker on in0"
+    );
+
+    // The only rule moves to an interface that does not exist: in0 loses everything.
+    file.write(&format!(
+        "settings:\n  workers: 2\n{}",
+        rules(&[rule("a", "in9", "239.1.1.1", "239.2.2.1")])
+    ))?;
+    let status = wait_for_status(&mcr, "the rule waiting", |s| s["rules"]["waiting"] == 1)?;
+    ensure!(
+        status["interfaces"].as_array().is_some_and(Vec::is_empty),
+        "{status}"
+    );
+    let closed = wait_for(Duration::from_secs(3), || {
+        (packet_sockets(&lab).ok()? == 0).then_some(())
+    });
+    ensure!(
+        closed.is_some(),
+        "{} packet sockets still open",
+        packet_sockets(&lab)?
+    );
+    ensure!(
+        !lab.igmp_groups("in0")?.contains(&Ipv4Addr::new(239, 1, 1, 1)),
+        "239.1.1.1 still joined on in0"
+    );
+    Ok(())
+}

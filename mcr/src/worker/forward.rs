@@ -48,7 +48,12 @@ struct Input {
     armed: bool,
     /// Removed by the supervisor; closed once its receive has ended.
     closing: bool,
+    /// Receive errors since the last packet.
+    failures: u32,
 }
+
+/// Receive errors in a row after which an input is no longer re-armed.
+const MAX_RECEIVE_FAILURES: u32 = 100;
 
 struct Output {
     socket: OwnedFd,
@@ -163,12 +168,25 @@ impl Forwarder {
         };
         if let Some(buffer) = cqueue::buffer_select(cqe.flags()) {
             self.buffers.taken();
+            self.inputs[index].failures = 0;
             match usize::try_from(cqe.result()) {
                 Ok(len) => self.forward(index, buffer, len, submitter, sq)?,
                 Err(_) => self.buffers.recycle(buffer),
             }
         } else if cqe.result() == -nix::libc::ENOBUFS {
             bump(&self.counters.block().totals.no_buffer, 1);
+        } else if cqe.result() < 0 && cqe.result() != -nix::libc::ECANCELED {
+            // One error (the interface went down, say) is normal; an endless series would
+            // turn re-arming into a busy loop, so the input is given up on instead.
+            let input = &mut self.inputs[index];
+            input.failures += 1;
+            if input.failures == MAX_RECEIVE_FAILURES {
+                tracing::error!(
+                    input = input.id,
+                    error = %std::io::Error::from_raw_os_error(-cqe.result()),
+                    "receiving keeps failing; this input stops until the supervisor replaces it"
+                );
+            }
         }
         if !cqueue::more(cqe.flags()) {
             let input = &mut self.inputs[index];
@@ -294,7 +312,7 @@ impl Forwarder {
             return Ok(());
         }
         for input in &mut self.inputs {
-            if input.armed || input.closing {
+            if input.armed || input.closing || input.failures >= MAX_RECEIVE_FAILURES {
                 continue;
             }
             let recv = opcode::RecvMulti::new(Fd(input.socket.as_raw_fd()), GROUP)
@@ -368,6 +386,7 @@ impl Forwarder {
                     socket,
                     armed: false,
                     closing: false,
+                    failures: 0,
                 });
             }
             Command::RemoveInput { input } => {
