@@ -5,12 +5,14 @@
 //! Every name a test creates starts with [`PREFIX`], so a sweep after the run can prove that
 //! nothing was left behind. The tests need root.
 
+mod check;
 mod lab;
 mod mcr;
 mod netns;
 mod receiver;
 mod traffic;
 
+pub use check::{Expected, assert_delivered, send_concurrently};
 pub use lab::{GENERATOR, GENERATOR_2, Lab, RELAY_OUT0, RELAY_OUT1, RulesFile, SINK, SINK_2};
 pub use mcr::{Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};

@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
-use mcr_tests::{Mcr, Netns, Stream, in_netns, send_udp, veth, wait_for};
+use mcr_tests::{Lab, Mcr, Netns, RulesFile, Stream, in_netns, send_udp, veth, wait_for};
 use serde_json::Value;
 
 const RULES: &str = "\
@@ -20,43 +20,23 @@ rules:
       - {destination: 10.2.0.2, port: 7000}
 ";
 
-/// Generator A on in0, generator B on in1 (an interface with no rule), a sink on out0.
-struct Lab {
-    relay: Netns,
-    gen_a: Netns,
-    gen_b: Netns,
-    _sink: Netns,
+/// The standard lab plus a second generator on in1, an interface with no rule.
+struct ClassifierLab {
+    lab: Lab,
+    other_generator: Netns,
 }
 
-fn lab() -> anyhow::Result<Lab> {
-    let relay = Netns::new("relay")?;
-    let gen_a = Netns::new("gen-a")?;
-    let gen_b = Netns::new("gen-b")?;
-    let sink = Netns::new("sink")?;
-    veth(&gen_a, "gen0", &relay, "in0")?;
-    veth(&gen_b, "gen1", &relay, "in1")?;
-    veth(&relay, "out0", &sink, "sink0")?;
-    gen_a.address("gen0", "10.1.0.1/24")?;
-    gen_a.ip(&["addr", "add", "10.1.0.9/24", "dev", "gen0"])?;
-    gen_a.ip(&["route", "add", "224.0.0.0/4", "dev", "gen0"])?;
-    gen_b.address("gen1", "10.3.0.1/24")?;
-    gen_b.ip(&["route", "add", "224.0.0.0/4", "dev", "gen1"])?;
-    relay.address("in0", "10.1.0.2/24")?;
-    relay.address("in1", "10.3.0.2/24")?;
-    relay.address("out0", "10.2.0.1/24")?;
-    sink.address("sink0", "10.2.0.2/24")?;
-    Ok(Lab {
-        relay,
-        gen_a,
-        gen_b,
-        _sink: sink,
+fn lab() -> anyhow::Result<ClassifierLab> {
+    let lab = Lab::new()?;
+    let other_generator = Netns::new("gen-b")?;
+    veth(&other_generator, "gen1", &lab.relay, "in1")?;
+    other_generator.address("gen1", "10.3.0.1/24")?;
+    other_generator.ip(&["route", "add", "224.0.0.0/4", "dev", "gen1"])?;
+    lab.relay.address("in1", "10.3.0.2/24")?;
+    Ok(ClassifierLab {
+        lab,
+        other_generator,
     })
-}
-
-fn write_rules(dir: &Path, text: &str) -> anyhow::Result<std::path::PathBuf> {
-    let path = dir.join("rules.yaml");
-    std::fs::write(&path, text)?;
-    Ok(path)
 }
 
 /// Names of the programs on `interface`'s TC ingress inside `netns`.
@@ -111,10 +91,12 @@ fn bpftool_counters(pin_dir: &Path, group: [u8; 4], port: u16) -> anyhow::Result
 
 #[test]
 fn counts_each_rule_exactly_and_cleans_up() -> anyhow::Result<()> {
-    let lab = lab()?;
-    let dir = tempdir()?;
-    let rules = write_rules(dir.path(), RULES)?;
-    let mut mcr = Mcr::start(&lab.relay, &rules)?;
+    let ClassifierLab {
+        lab,
+        other_generator,
+    } = lab()?;
+    let rules = RulesFile::new(RULES)?;
+    let mut mcr = Mcr::start(&lab.relay, rules.path())?;
     let pin_dir = mcr.pin_dir.clone();
 
     let on_in0 = ingress_programs(&lab.relay, "in0")?;
@@ -134,22 +116,22 @@ fn counts_each_rule_exactly_and_cleans_up() -> anyhow::Result<()> {
     let group_a = Ipv4Addr::new(239, 1, 1, 1);
     let group_b = Ipv4Addr::new(239, 1, 1, 2);
     // Matching traffic.
-    send_udp(&lab.gen_a, &Stream::new(group_a, 5000, 200, 1000))?;
+    send_udp(&lab.generator, &Stream::new(group_a, 5000, 200, 1000))?;
     send_udp(
-        &lab.gen_a,
+        &lab.generator,
         &Stream::new(group_b, 5002, 50, 500).from(Ipv4Addr::new(10, 1, 0, 1)),
     )?;
     // Not matching: other port, other group, other sender, other interface.
-    send_udp(&lab.gen_a, &Stream::new(group_a, 5001, 200, 300))?;
+    send_udp(&lab.generator, &Stream::new(group_a, 5001, 200, 300))?;
     send_udp(
-        &lab.gen_a,
+        &lab.generator,
         &Stream::new(Ipv4Addr::new(239, 1, 1, 3), 5000, 200, 300),
     )?;
     send_udp(
-        &lab.gen_a,
+        &lab.generator,
         &Stream::new(group_b, 5002, 50, 300).from(Ipv4Addr::new(10, 1, 0, 9)),
     )?;
-    send_udp(&lab.gen_b, &Stream::new(group_a, 5000, 200, 300))?;
+    send_udp(&other_generator, &Stream::new(group_a, 5000, 200, 300))?;
 
     // Counters settle as soon as the last packet has crossed the veth.
     let settled = wait_for(Duration::from_secs(5), || {
@@ -213,13 +195,12 @@ fn counts_each_rule_exactly_and_cleans_up() -> anyhow::Result<()> {
 
 #[test]
 fn a_rule_whose_interface_is_missing_waits() -> anyhow::Result<()> {
-    let lab = lab()?;
-    let dir = tempdir()?;
+    let lab = Lab::new()?;
     let text = format!(
         "{RULES}  - name: later\n    input: {{interface: in7, group: 239.1.1.7, port: 5000}}\n    outputs:\n      - {{destination: 10.2.0.2, port: 7000}}\n"
     );
-    let rules = write_rules(dir.path(), &text)?;
-    let mcr = Mcr::start(&lab.relay, &rules)?;
+    let rules = RulesFile::new(&text)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
     let later = mcr.rule_stats("later")?;
     assert_eq!(later["state"], "waiting: interface in7 does not exist");
     assert_eq!(mcr.rule_stats("any-source")?["state"], "active");
@@ -228,12 +209,12 @@ fn a_rule_whose_interface_is_missing_waits() -> anyhow::Result<()> {
 
 #[test]
 fn a_bad_rules_file_is_rejected_with_its_line_and_nothing_is_attached() -> anyhow::Result<()> {
-    let lab = lab()?;
-    let dir = tempdir()?;
-    let rules = write_rules(dir.path(), &RULES.replace("239.1.1.2", "10.1.1.2"))?;
+    let lab = Lab::new()?;
+    let bad = RulesFile::new(&RULES.replace("239.1.1.2", "10.1.1.2"))?;
+    let rules = bad.path();
     let output = std::process::Command::new(mcr_tests::mcr_binary())
         .args(["check", "--config"])
-        .arg(&rules)
+        .arg(rules)
         .output()?;
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -243,7 +224,7 @@ fn a_bad_rules_file_is_rejected_with_its_line_and_nothing_is_attached() -> anyho
     );
     assert_eq!(stderr.trim(), expected);
 
-    let error = Mcr::start(&lab.relay, &rules)
+    let error = Mcr::start(&lab.relay, rules)
         .err()
         .context("mcr run accepted a bad file")?;
     ensure!(error.to_string().contains(&expected), "{error}");
@@ -252,10 +233,11 @@ fn a_bad_rules_file_is_rejected_with_its_line_and_nothing_is_attached() -> anyho
         "something was attached"
     );
 
-    let good = write_rules(dir.path(), RULES)?;
+    let good = RulesFile::new(RULES)?;
+    let good = good.path();
     let output = std::process::Command::new(mcr_tests::mcr_binary())
         .args(["check", "--config"])
-        .arg(&good)
+        .arg(good)
         .output()?;
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
@@ -263,25 +245,4 @@ fn a_bad_rules_file_is_rejected_with_its_line_and_nothing_is_attached() -> anyho
     );
     assert!(output.status.success());
     Ok(())
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir() -> anyhow::Result<TempDir> {
-    let path = std::env::temp_dir().join(mcr_tests::unique_name("rules"));
-    std::fs::create_dir_all(&path)?;
-    Ok(TempDir(path))
 }

@@ -5,48 +5,17 @@ use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use mcr_tests::{
-    Datagram, GENERATOR, GENERATOR_2, Lab, Mcr, RELAY_OUT0, RELAY_OUT1, Receiver, RulesFile, SINK,
-    SINK_2, Stream, send_udp, wait_for,
+    Expected, GENERATOR, GENERATOR_2, Lab, Mcr, RELAY_OUT0, RELAY_OUT1, Receiver, RulesFile, SINK,
+    SINK_2, Stream, assert_delivered, send_concurrently, send_udp, wait_for,
 };
 
-/// Checks that `received` is exactly `stream`, in order, sent to `destination` from `source`
-/// with `ttl`.
-fn assert_delivered(
-    received: &[Datagram],
-    stream: &Stream,
-    destination: Ipv4Addr,
-    source: Ipv4Addr,
-    ttl: u8,
-) -> anyhow::Result<()> {
-    ensure!(
-        received.len() as u64 == stream.count,
-        "{} of {} datagrams arrived at {destination}",
-        received.len(),
-        stream.count
-    );
-    for (expected, datagram) in (0..stream.count).zip(received) {
-        ensure!(
-            datagram.sequence() == Some(expected),
-            "datagram {expected} out of order or duplicated: got {:?}",
-            datagram.sequence()
-        );
-        ensure!(
-            datagram.payload == stream.payload(expected),
-            "payload {expected} differs"
-        );
-        ensure!(
-            datagram.destination == destination,
-            "sent to {}",
-            datagram.destination
-        );
-        ensure!(
-            *datagram.source.ip() == source,
-            "sent from {}",
-            datagram.source
-        );
-        ensure!(datagram.ttl == ttl, "TTL {} instead of {ttl}", datagram.ttl);
+/// What a stream relayed to `destination` from `source` with `ttl` looks like.
+fn expected(destination: Ipv4Addr, source: Ipv4Addr, ttl: u8) -> Expected {
+    Expected {
+        destination,
+        source,
+        ttl,
     }
-    Ok(())
 }
 
 fn rule(name: &str, group: &str, port: u16, outputs: &[&str]) -> String {
@@ -84,9 +53,7 @@ fn one_to_one_with_translation() -> anyhow::Result<()> {
     assert_delivered(
         &arrived,
         &stream,
-        Ipv4Addr::new(239, 2, 2, 1),
-        RELAY_OUT0,
-        7,
+        expected(Ipv4Addr::new(239, 2, 2, 1), RELAY_OUT0, 7),
     )?;
 
     let stats = mcr.rule_stats("cam")?;
@@ -122,23 +89,17 @@ fn fan_out_to_three_outputs_on_two_interfaces() -> anyhow::Result<()> {
     assert_delivered(
         &a.finish()?,
         &stream,
-        Ipv4Addr::new(239, 2, 2, 1),
-        RELAY_OUT0,
-        16,
+        expected(Ipv4Addr::new(239, 2, 2, 1), RELAY_OUT0, 16),
     )?;
     assert_delivered(
         &b.finish()?,
         &stream,
-        Ipv4Addr::new(239, 2, 2, 2),
-        RELAY_OUT0,
-        3,
+        expected(Ipv4Addr::new(239, 2, 2, 2), RELAY_OUT0, 3),
     )?;
     assert_delivered(
         &c.finish()?,
         &stream,
-        Ipv4Addr::new(239, 3, 3, 1),
-        RELAY_OUT1,
-        9,
+        expected(Ipv4Addr::new(239, 3, 3, 1), RELAY_OUT1, 9),
     )?;
     let stats = mcr.rule_stats("fan")?;
     for output in 0..3 {
@@ -163,7 +124,7 @@ fn multicast_to_unicast() -> anyhow::Result<()> {
     let receiver = Receiver::start(&lab.sink, None, SINK, 7000)?;
     let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 200, 300);
     send_udp(&lab.generator, &stream)?;
-    assert_delivered(&receiver.finish()?, &stream, SINK, RELAY_OUT0, 5)
+    assert_delivered(&receiver.finish()?, &stream, expected(SINK, RELAY_OUT0, 5))
 }
 
 #[test]
@@ -181,9 +142,7 @@ fn source_specific_rule_relays_only_its_sender() -> anyhow::Result<()> {
     assert_delivered(
         &receiver.finish()?,
         &wanted,
-        Ipv4Addr::new(239, 2, 2, 5),
-        RELAY_OUT0,
-        16,
+        expected(Ipv4Addr::new(239, 2, 2, 5), RELAY_OUT0, 16),
     )?;
     assert_eq!(mcr.rule_stats("ssm")?["rx_packets"], 200);
     Ok(())
@@ -219,29 +178,10 @@ fn fifty_rules_with_concurrent_streams() -> anyhow::Result<()> {
     let streams: Vec<Stream> = (1..=RULES)
         .map(|k| Stream::new(Ipv4Addr::new(239, 1, 2, k), 5000, 400, 200))
         .collect();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let senders: Vec<_> = streams
-            .chunks(10)
-            .map(|chunk| {
-                let generator = &lab.generator;
-                scope.spawn(move || -> anyhow::Result<()> {
-                    for stream in chunk {
-                        send_udp(generator, stream)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for sender in senders {
-            sender
-                .join()
-                .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-        }
-        Ok(())
-    })?;
+    send_concurrently(&lab.generator, &streams, 5)?;
     for (k, (receiver, stream)) in (1..=RULES).zip(receivers.into_iter().zip(&streams)) {
         let group = Ipv4Addr::new(239, 5, 2, k);
-        assert_delivered(&receiver.finish()?, stream, group, RELAY_OUT0, 16)
+        assert_delivered(&receiver.finish()?, stream, expected(group, RELAY_OUT0, 16))
             .with_context(|| format!("rule r{k}"))?;
     }
     let stats = mcr.stats()?;
@@ -275,29 +215,10 @@ fn two_workers_keep_each_flow_whole_and_in_order() -> anyhow::Result<()> {
     let streams: Vec<Stream> = (1..=FLOWS)
         .map(|k| Stream::new(Ipv4Addr::new(239, 1, 3, k), 5000, 500, 500))
         .collect();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let senders: Vec<_> = streams
-            .chunks(2)
-            .map(|chunk| {
-                let generator = &lab.generator;
-                scope.spawn(move || -> anyhow::Result<()> {
-                    for stream in chunk {
-                        send_udp(generator, stream)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for sender in senders {
-            sender
-                .join()
-                .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-        }
-        Ok(())
-    })?;
+    send_concurrently(&lab.generator, &streams, 4)?;
     for (k, (receiver, stream)) in (1..=FLOWS).zip(receivers.into_iter().zip(&streams)) {
         let group = Ipv4Addr::new(239, 6, 3, k);
-        assert_delivered(&receiver.finish()?, stream, group, RELAY_OUT0, 16)
+        assert_delivered(&receiver.finish()?, stream, expected(group, RELAY_OUT0, 16))
             .with_context(|| format!("flow f{k}"))?;
     }
     let workers: Vec<serde_json::Value> =
@@ -403,9 +324,7 @@ fn a_killed_worker_is_restarted_and_forwards_again() -> anyhow::Result<()> {
     assert_delivered(
         &receiver.finish()?,
         &stream,
-        Ipv4Addr::new(239, 2, 2, 1),
-        RELAY_OUT0,
-        16,
+        expected(Ipv4Addr::new(239, 2, 2, 1), RELAY_OUT0, 16),
     )
 }
 

@@ -5,8 +5,8 @@ use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use mcr_tests::{
-    Datagram, Lab, Mcr, Netns, RELAY_OUT0, Receiver, RulesFile, SINK, Stream, send_udp, veth,
-    wait_for,
+    Datagram, Expected, Lab, Mcr, Netns, RELAY_OUT0, Receiver, RulesFile, SINK, Stream,
+    assert_delivered, send_udp, veth, wait_for,
 };
 use nix::sys::signal::Signal;
 
@@ -29,27 +29,18 @@ fn rules(parts: &[String]) -> String {
     format!("rules:\n{}", parts.concat())
 }
 
-/// Checks that `received` is `stream` complete, in order, once each.
-fn assert_complete(received: &[Datagram], stream: &Stream) -> anyhow::Result<()> {
-    ensure!(
-        received.len() as u64 == stream.count,
-        "{} of {} datagrams arrived",
-        received.len(),
-        stream.count
-    );
-    for (expected, datagram) in (0..stream.count).zip(received) {
-        ensure!(
-            datagram.sequence() == Some(expected) && datagram.payload == stream.payload(expected),
-            "datagram {expected}: got sequence {:?}",
-            datagram.sequence()
-        );
-        ensure!(
-            *datagram.source.ip() == RELAY_OUT0,
-            "from {}",
-            datagram.source
-        );
-    }
-    Ok(())
+/// Checks that `received` is `stream` complete, in order, once each, relayed through out0
+/// to `group` with the default TTL.
+fn assert_complete(received: &[Datagram], stream: &Stream, group: Ipv4Addr) -> anyhow::Result<()> {
+    assert_delivered(
+        received,
+        stream,
+        Expected {
+            destination: group,
+            source: RELAY_OUT0,
+            ttl: 16,
+        },
+    )
 }
 
 /// Sends `count` packets to `group` and returns what the sink received on `output`.
@@ -108,7 +99,7 @@ fn an_unchanged_rule_loses_nothing_across_twenty_reloads() -> anyhow::Result<()>
             .join()
             .map_err(|_| anyhow::anyhow!("sender panicked"))?
     })?;
-    assert_complete(&receiver.finish()?, &stream)?;
+    assert_complete(&receiver.finish()?, &stream, Ipv4Addr::new(239, 2, 2, 1))?;
     let status = mcr.status()?;
     ensure!(status["reloads"].as_u64() >= Some(20), "{status}");
     assert_eq!(status["last_reload"]["result"], "applied");
@@ -134,7 +125,7 @@ fn rules_added_and_removed_by_editing_the_file() -> anyhow::Result<()> {
         "b's group was not joined"
     );
     let (stream, received) = probe(&lab, group_b, Ipv4Addr::new(239, 2, 2, 2), 200)?;
-    assert_complete(&received, &stream)?;
+    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 2))?;
 
     file.write(&rules(&[a]))?;
     wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
@@ -154,7 +145,7 @@ fn rules_added_and_removed_by_editing_the_file() -> anyhow::Result<()> {
         Ipv4Addr::new(239, 2, 2, 1),
         200,
     )?;
-    assert_complete(&received, &stream)?;
+    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))?;
     let status = mcr.status()?;
     assert_eq!(status["last_reload"]["trigger"], "file-change", "{status}");
     Ok(())
@@ -191,7 +182,7 @@ fn a_bad_file_changes_nothing_and_is_reported() -> anyhow::Result<()> {
         Ipv4Addr::new(239, 2, 2, 1),
         300,
     )?;
-    assert_complete(&received, &stream)?;
+    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))?;
 
     let b = rule("b", "in0", "239.1.1.2", "239.2.2.2");
     file.write(&rules(&[a, b]))?;
@@ -215,7 +206,7 @@ fn a_file_renamed_over_the_rules_file_is_picked_up() -> anyhow::Result<()> {
         Ipv4Addr::new(239, 2, 2, 2),
         200,
     )?;
-    assert_complete(&received, &stream)?;
+    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 2))?;
     // A second edit after the rename is seen too: the watch follows the name, not the inode.
     file.rename_over(&rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]))?;
     wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
@@ -239,7 +230,7 @@ fn sighup_reloads_and_does_not_kill() -> anyhow::Result<()> {
         Ipv4Addr::new(239, 2, 2, 1),
         200,
     )?;
-    assert_complete(&received, &stream)
+    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))
 }
 
 #[test]
@@ -275,7 +266,7 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
     let late_sink = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 7)), SINK, 6000)?;
     let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 7), 5000, 200, 200);
     send_udp(&late_generator, &stream)?;
-    assert_complete(&late_sink.finish()?, &stream)?;
+    assert_complete(&late_sink.finish()?, &stream, Ipv4Addr::new(239, 2, 2, 7))?;
 
     lab.relay.ip(&["link", "del", "in7"])?;
     wait_for_status(&mcr, "the late rule waiting again", |s| {
@@ -288,7 +279,7 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
         Ipv4Addr::new(239, 2, 2, 1),
         200,
     )?;
-    assert_complete(&received, &stream)
+    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))
 }
 
 /// Packet sockets open in the relay namespace, from `/proc/net/packet`.
@@ -334,7 +325,8 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         packet_sockets(&lab)?
     );
     ensure!(
-        !lab.igmp_groups("in0")?.contains(&Ipv4Addr::new(239, 1, 1, 1)),
+        !lab.igmp_groups("in0")?
+            .contains(&Ipv4Addr::new(239, 1, 1, 1)),
         "239.1.1.1 still joined on in0"
     );
     Ok(())
