@@ -49,12 +49,18 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::ensure_all(),
         Task::Test => {
             setup::ensure_all()?;
-            test::unit()?;
-            test::integration()
+            let mut tally = test::Tally::default();
+            let result = test::unit(&mut tally).and_then(|()| test::integration(&mut tally));
+            // One closing line for the whole run, whatever the outcome.
+            println!("tests: {} passed, {} failed", tally.passed, tally.failed);
+            result
         }
         Task::Integration => {
             setup::ensure_all()?;
-            test::integration()
+            let mut tally = test::Tally::default();
+            let result = test::integration(&mut tally);
+            println!("tests: {} passed, {} failed", tally.passed, tally.failed);
+            result
         }
         Task::Demo { rules, seconds } => {
             setup::ensure_all()?;

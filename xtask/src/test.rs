@@ -1,22 +1,78 @@
 //! The README's test command: unit tests, then the end-to-end tests in network namespaces.
 
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use mcr_tests::PREFIX;
 
-use crate::{build_mcr, output, run};
+use crate::{build_mcr, output};
 
-pub fn unit() -> anyhow::Result<()> {
-    run(Command::new("cargo").args(["test", "--package", "mcr", "--package", "mcr-common"]))
+/// Tests passed and failed over every `cargo test` run of this command.
+#[derive(Default)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl Tally {
+    /// Runs `cargo test args…`, echoing its output and adding up its `test result:` lines.
+    fn cargo_test(&mut self, args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<()> {
+        let mut command = Command::new("cargo");
+        command.arg("test").args(args).stdout(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        eprintln!("xtask: running {command:?}");
+        let mut child = command.spawn().context("starting cargo test")?;
+        let stdout = child.stdout.take().context("cargo test has no stdout")?;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(result) = line.strip_prefix("test result: ") {
+                self.passed += count(result, " passed");
+                self.failed += count(result, " failed");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("cargo test {} failed with {status}", args.join(" "));
+        }
+        Ok(())
+    }
+}
+
+/// The number before `label` in a `test result:` line (`ok. 38 passed; 0 failed; …`).
+fn count(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(label.trim()))
+        .and_then(|number| number.trim().rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn unit(tally: &mut Tally) -> anyhow::Result<()> {
+    tally.cargo_test(
+        &[
+            "--package",
+            "mcr",
+            "--package",
+            "mcr-common",
+            "--package",
+            "xtask",
+        ],
+        &[],
+    )
 }
 
 /// Builds `mcr`, runs the end-to-end tests, then proves they left nothing behind.
-pub fn integration() -> anyhow::Result<()> {
+pub fn integration(tally: &mut Tally) -> anyhow::Result<()> {
     let mcr = build_mcr()?;
-    let tests = run(Command::new("cargo")
-        .args(["test", "--package", "mcr-tests"])
-        .env("MCR_BIN", &mcr));
+    let tests = tally.cargo_test(&["--package", "mcr-tests"], &[("MCR_BIN", &mcr)]);
     let leftovers = sweep();
     tests?;
     if !leftovers.is_empty() {
@@ -61,5 +117,19 @@ fn remove(path: &Path) -> std::io::Result<()> {
         fs::remove_dir_all(path)
     } else {
         fs::remove_file(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        let line =
+            "ok. 38 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(count(line, " passed"), 38);
+        assert_eq!(count(line, " failed"), 2);
+        assert_eq!(count("FAILED. 5 passed; 1 failed; 0 ignored", " failed"), 1);
     }
 }
