@@ -1,0 +1,275 @@
+//! The chart: delivered against offered rate, one panel per scenario, one line per relay, on
+//! log–log axes, written as plain SVG.
+
+use std::fmt::Write as _;
+
+use super::report::{RelayResult, Report, ScenarioResult};
+
+const PANEL_W: f64 = 420.0;
+const PANEL_H: f64 = 300.0;
+const LEFT: f64 = 62.0;
+const RIGHT: f64 = 14.0;
+const TOP: f64 = 30.0;
+const BOTTOM: f64 = 44.0;
+const HEADER: f64 = 56.0;
+
+fn color(relay: &str) -> &'static str {
+    match relay {
+        "mcr" => "#d62728",
+        "kernel" => "#1f77b4",
+        "socat" => "#2ca02c",
+        _ => "#ff7f0e",
+    }
+}
+
+/// A log-scale axis from `lo` to `hi` onto `[start, end]` pixels.
+struct Axis {
+    lo: f64,
+    hi: f64,
+    start: f64,
+    end: f64,
+}
+
+impl Axis {
+    fn at(&self, value: f64) -> f64 {
+        let value = value.clamp(self.lo, self.hi);
+        let t = (value.ln() - self.lo.ln()) / (self.hi.ln() - self.lo.ln());
+        self.start + t * (self.end - self.start)
+    }
+
+    /// 1, 2 and 5 times powers of ten inside the range.
+    fn ticks(&self) -> Vec<f64> {
+        let mut ticks = Vec::new();
+        let mut decade = 10f64.powf(self.lo.log10().floor());
+        while decade <= self.hi {
+            for m in [1.0, 2.0, 5.0] {
+                let tick = decade * m;
+                if tick >= self.lo && tick <= self.hi {
+                    ticks.push(tick);
+                }
+            }
+            decade *= 10.0;
+        }
+        ticks
+    }
+}
+
+fn label(value: f64) -> String {
+    if value >= 1e6 {
+        format!("{}M", value / 1e6)
+    } else if value >= 1e3 {
+        format!("{}k", value / 1e3)
+    } else {
+        format!("{value}")
+    }
+}
+
+/// The SVG element, title and legend.
+fn header(report: &Report, panels: &[&ScenarioResult], width: f64, height: f64) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">Delivered vs offered packets/s per relay ({} run, {})</text>"#,
+        report.meta.settings.mode,
+        escape(&report.meta.date)
+    );
+    let mut relays: Vec<String> = Vec::new();
+    for scenario in panels {
+        for relay in &scenario.relays {
+            if !relays.contains(&relay.relay) {
+                relays.push(relay.relay.clone());
+            }
+        }
+    }
+    let mut x = 10.0;
+    for relay in &relays {
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{x}" y1="40" x2="{}" y2="40" stroke="{}" stroke-width="2.5"/><text x="{}" y="44">{}</text>"#,
+            x + 22.0,
+            color(relay),
+            x + 27.0,
+            escape(relay)
+        );
+        x += 40.0 + 7.0 * relay.len() as f64;
+    }
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{x}" y1="40" x2="{}" y2="40" stroke="#888" stroke-dasharray="4 3"/><text x="{}" y="44">lossless (offered × outputs); hollow: nothing delivered</text>"##,
+        x + 22.0,
+        x + 27.0
+    );
+    svg
+}
+
+pub fn render(report: &Report) -> String {
+    let panels: Vec<&ScenarioResult> = report
+        .scenarios
+        .iter()
+        .filter(|s| s.relays.iter().any(|r| !r.curve().is_empty()))
+        .collect();
+    let columns = panels.len().clamp(1, 3);
+    let rows = panels.len().div_ceil(columns).max(1);
+    let width = PANEL_W * columns as f64;
+    let height = HEADER + PANEL_H * rows as f64;
+    let mut svg = header(report, &panels, width, height);
+
+    for (index, scenario) in panels.iter().enumerate() {
+        let ox = PANEL_W * (index % columns) as f64;
+        let oy = HEADER + PANEL_H * (index / columns) as f64;
+        panel(&mut svg, scenario, ox, oy);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// One scenario's panel with its top-left corner at (`ox`, `oy`).
+fn panel(svg: &mut String, scenario: &ScenarioResult, ox: f64, oy: f64) {
+    let copies = scenario.scenario.fanout as f64;
+    let points: Vec<(f64, f64)> = scenario
+        .relays
+        .iter()
+        .flat_map(|r| r.curve())
+        .map(|t| (t.offered_pps, t.delivered_pps))
+        .collect();
+    let xs = points.iter().map(|p| p.0).filter(|v| *v > 0.0);
+    let x_lo = xs.clone().fold(f64::INFINITY, f64::min) / 1.4;
+    let x_hi = xs.fold(0.0, f64::max) * 1.4;
+    let ys = points
+        .iter()
+        .map(|p| p.1)
+        .chain(points.iter().map(|p| p.0 * copies))
+        .filter(|v| *v > 0.0);
+    let y_lo = ys.clone().fold(f64::INFINITY, f64::min) / 1.4;
+    let y_hi = ys.fold(0.0, f64::max) * 1.4;
+    if !(x_lo.is_finite() && y_lo.is_finite() && x_hi > x_lo && y_hi > y_lo) {
+        return;
+    }
+    let ax = Axis {
+        lo: x_lo,
+        hi: x_hi,
+        start: ox + LEFT,
+        end: ox + PANEL_W - RIGHT,
+    };
+    let ay = Axis {
+        lo: y_lo,
+        hi: y_hi,
+        start: oy + PANEL_H - BOTTOM,
+        end: oy + TOP,
+    };
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" font-weight="bold">{}</text>"#,
+        ox + LEFT,
+        oy + 18.0,
+        escape(&format!(
+            "{} — {}",
+            scenario.scenario.name, scenario.scenario.title
+        ))
+    );
+    frame(svg, &ax, &ay, ox, oy);
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#888" stroke-dasharray="4 3"/>"##,
+        ax.at(x_lo),
+        ay.at(x_lo * copies),
+        ax.at(x_hi),
+        ay.at(x_hi * copies)
+    );
+    for relay in &scenario.relays {
+        curve(svg, relay, &ax, &ay);
+    }
+}
+
+/// The plot area's border, grid, tick labels and axis titles.
+fn frame(svg: &mut String, ax: &Axis, ay: &Axis, ox: f64, oy: f64) {
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{}" y="{}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
+        ax.start,
+        ay.end,
+        ax.end - ax.start,
+        ay.start - ay.end
+    );
+    for tick in ax.ticks() {
+        let px = ax.at(tick);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{px:.1}" y1="{}" x2="{px:.1}" y2="{}" stroke="#e4e4e4"/><text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            ay.end,
+            ay.start,
+            ay.start + 14.0,
+            label(tick)
+        );
+    }
+    for tick in ay.ticks() {
+        let py = ay.at(tick);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#e4e4e4"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            ax.start,
+            ax.end,
+            ax.start - 4.0,
+            py + 4.0,
+            label(tick)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">offered, packets/s</text>"#,
+        f64::midpoint(ax.start, ax.end),
+        oy + PANEL_H - 12.0
+    );
+    let middle = f64::midpoint(ay.start, ay.end);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{x}" y="{middle}" text-anchor="middle" transform="rotate(-90 {x} {middle})">delivered, packets/s</text>"#,
+        x = ox + 14.0,
+    );
+}
+
+/// One relay's trials as a line with a marker per trial (hollow when nothing arrived).
+fn curve(svg: &mut String, relay: &RelayResult, ax: &Axis, ay: &Axis) {
+    let curve = relay.curve();
+    if curve.is_empty() {
+        return;
+    }
+    let stroke = color(&relay.relay);
+    let path: Vec<String> = curve
+        .iter()
+        .map(|t| format!("{:.1},{:.1}", ax.at(t.offered_pps), ay.at(t.delivered_pps)))
+        .collect();
+    let _ = writeln!(
+        svg,
+        r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="2" opacity="0.85"/>"#,
+        path.join(" ")
+    );
+    for trial in curve {
+        let fill = if trial.delivered == 0 {
+            "white"
+        } else {
+            stroke
+        };
+        let _ = writeln!(
+            svg,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{fill}" stroke="{stroke}"><title>{}: {:.0} offered, {:.0} delivered/s, loss {:.3} %</title></circle>"#,
+            ax.at(trial.offered_pps),
+            ay.at(trial.delivered_pps),
+            escape(&relay.relay),
+            trial.offered_pps,
+            trial.delivered_pps,
+            trial.loss_pct
+        );
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -1,0 +1,541 @@
+//! The relays under test, started in the relay namespaces of a topology and stopped (by pid)
+//! when their guard drops:
+//!
+//! - **MCR**: `mcr run` (release build) with a rules file per hop, its own pin directory and
+//!   control socket under the `mcrb-` prefix; workers pinned to the relay CPUs.
+//! - **kernel**: the kernel's multicast forwarding, programmed by `smcrouted` with static
+//!   (S,G) routes. It cannot change the group or port, so its streams arrive unchanged.
+//! - **socat**: one `socat -u UDP4-RECV … UDP4-SENDTO …` per stream and hop, the plain
+//!   user-space relay.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use mcr_tests::wait_for;
+use serde::Serialize;
+
+use super::{
+    generator::{Stream, TTL},
+    process::{Daemon, nsenter, process_tree},
+    topology::{CpuPlan, PREFIX},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayKind {
+    Mcr { workers: usize },
+    Kernel,
+    Socat,
+}
+
+impl RelayKind {
+    pub fn label(self) -> String {
+        match self {
+            Self::Mcr { workers: 1 } => "mcr".to_owned(),
+            Self::Mcr { workers } => format!("mcr-{workers}w"),
+            Self::Kernel => "kernel".to_owned(),
+            Self::Socat => "socat".to_owned(),
+        }
+    }
+
+    /// Whether the relay can re-publish on another group and port.
+    pub fn translates(self) -> bool {
+        !matches!(self, Self::Kernel)
+    }
+
+    pub fn is_mcr(self) -> bool {
+        matches!(self, Self::Mcr { .. })
+    }
+
+    /// What this relay's loss column "relay socket" means.
+    pub fn socket_drops_source(self) -> &'static str {
+        match self {
+            Self::Mcr { .. } => {
+                "MCR's own counters: workers' kernel_drops (AF_PACKET) + rules' queue_full and send_errors"
+            }
+            Self::Kernel => "none (no socket)",
+            Self::Socat => "Udp RcvbufErrors of the relay namespace (/proc/net/snmp)",
+        }
+    }
+}
+
+/// One input stream of a hop and where it goes.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub input: Stream,
+    pub outputs: Vec<Output>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub interface: String,
+    /// The relay's own address on `interface`.
+    pub local: Ipv4Addr,
+    pub stream: Stream,
+}
+
+/// What one relay hop does.
+#[derive(Clone, Debug)]
+pub struct HopPlan {
+    pub netns: String,
+    pub in_interface: String,
+    pub in_addr: Ipv4Addr,
+    /// The generator's address: the S of the kernel's (S,G) routes.
+    pub source: Ipv4Addr,
+    pub routes: Vec<Route>,
+}
+
+/// Where relays find their binary, write their files, and run.
+pub struct RelayEnv<'a> {
+    pub dir: &'a Path,
+    pub mcr: &'a Path,
+    pub cpus: &'a CpuPlan,
+}
+
+/// Counters a relay keeps about itself (summed over hops).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct RelayCounters {
+    /// Packets the relay application received (MCR: classified by its eBPF program).
+    pub received: u64,
+    /// Packets it sent.
+    pub sent: u64,
+    /// Packets the kernel dropped before the relay could read them (socket or ring full).
+    pub input_drops: u64,
+    /// Copies the relay could not send (send queue or socket buffer full, send errors).
+    pub output_drops: u64,
+}
+
+impl RelayCounters {
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            received: self.received.saturating_sub(before.received),
+            sent: self.sent.saturating_sub(before.sent),
+            input_drops: self.input_drops.saturating_sub(before.input_drops),
+            output_drops: self.output_drops.saturating_sub(before.output_drops),
+        }
+    }
+}
+
+/// A running relay (all hops). Dropping it stops every process and removes their files.
+pub struct Relay {
+    pub kind: RelayKind,
+    daemons: Vec<Daemon>,
+    hops: Vec<HopPlan>,
+    mcr: PathBuf,
+    mcr_sockets: Vec<PathBuf>,
+}
+
+impl Relay {
+    pub fn start(kind: RelayKind, hops: &[HopPlan], env: &RelayEnv) -> anyhow::Result<Self> {
+        let mut relay = Self {
+            kind,
+            daemons: Vec::new(),
+            hops: hops.to_vec(),
+            mcr: env.mcr.to_owned(),
+            mcr_sockets: Vec::new(),
+        };
+        for (index, hop) in hops.iter().enumerate() {
+            let tag = format!("{PREFIX}{}-{}-h{}", std::process::id(), unique(), index + 1);
+            match kind {
+                RelayKind::Mcr { workers } => relay.start_mcr(hop, workers, &tag, env)?,
+                RelayKind::Kernel => relay.start_kernel(hop, &tag, env)?,
+                RelayKind::Socat => relay.start_socat(hop, &tag, env)?,
+            }
+        }
+        Ok(relay)
+    }
+
+    fn start_mcr(
+        &mut self,
+        hop: &HopPlan,
+        workers: usize,
+        tag: &str,
+        env: &RelayEnv,
+    ) -> anyhow::Result<()> {
+        let mut yaml = format!(
+            "# written by cargo xtask bench\nsettings:\n  workers: {workers}\n  cpus: [{}]\nrules:\n",
+            env.cpus.relay_list()
+        );
+        for (i, route) in hop.routes.iter().enumerate() {
+            write!(
+                yaml,
+                "  - name: s{i}\n    input:\n      interface: {}\n      group: {}\n      port: {}\n    outputs:\n",
+                hop.in_interface, route.input.group, route.input.port
+            )?;
+            for output in &route.outputs {
+                write!(
+                    yaml,
+                    "      - interface: {}\n        destination: {}\n        port: {}\n        ttl: {TTL}\n",
+                    output.interface, output.stream.group, output.stream.port
+                )?;
+            }
+        }
+        let config = env.dir.join(format!("{tag}.yaml"));
+        std::fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
+        let socket = PathBuf::from(format!("/run/mcr/{tag}.sock"));
+        // MCR pins its workers itself (`settings.cpus`) and checks those CPUs against the ones
+        // it may run on, so the supervisor gets every CPU back (the benchmark's own mask is
+        // the generator's CPU).
+        let mut command = nsenter(
+            &hop.netns,
+            "taskset",
+            &["-c", &env.cpus.all_list(), &self.mcr.to_string_lossy()],
+        );
+        command
+            .args(["run", "--log-level", "info", "--config"])
+            .arg(&config)
+            .arg("--pin-dir")
+            .arg(&pin_dir);
+        let mut daemon = Daemon::spawn(
+            &format!("mcr in {}", hop.netns),
+            command,
+            &env.dir.join(format!("{tag}.log")),
+        )?;
+        daemon.remove_on_stop(pin_dir);
+        daemon.remove_on_stop(socket.clone());
+        self.daemons.push(daemon);
+        let daemon = self.daemons.last_mut().context("no daemon")?;
+        let ready = wait_for(Duration::from_secs(15), || {
+            if daemon.has_exited() {
+                return Some(false);
+            }
+            socket.exists().then_some(true)
+        });
+        if ready != Some(true) {
+            bail!(
+                "mcr did not start in {}; its log:\n{}",
+                hop.netns,
+                daemon.log_tail()
+            );
+        }
+        self.mcr_sockets.push(socket.clone());
+        // Rules become active once the workers and the classifier are in place.
+        let mcr = self.mcr.clone();
+        let active = wait_for(Duration::from_secs(10), || {
+            let rules = mcr_json(&mcr, &socket, false).ok()?;
+            let rules = rules.as_array()?;
+            (!rules.is_empty() && rules.iter().all(|rule| rule["state"] == "active")).then_some(())
+        });
+        if active.is_none() {
+            let states = mcr_json(&self.mcr, &socket, false)
+                .map_or_else(|error| format!("{error:#}"), |rules| rules.to_string());
+            eprintln!(
+                "bench: warning: mcr rules in {} not all active: {states}",
+                hop.netns
+            );
+        }
+        Ok(())
+    }
+
+    fn start_kernel(&mut self, hop: &HopPlan, tag: &str, env: &RelayEnv) -> anyhow::Result<()> {
+        let mut interfaces = vec![hop.in_interface.clone()];
+        let mut routes = String::new();
+        for route in &hop.routes {
+            let mut outs = Vec::new();
+            for output in &route.outputs {
+                if output.stream != route.input {
+                    bail!("the kernel's forwarding cannot change a stream's group or port");
+                }
+                if !interfaces.contains(&output.interface) {
+                    interfaces.push(output.interface.clone());
+                }
+                outs.push(output.interface.clone());
+            }
+            writeln!(
+                routes,
+                "mroute from {} source {} group {} to {}",
+                hop.in_interface,
+                hop.source,
+                route.input.group,
+                outs.join(" ")
+            )?;
+        }
+        let mut conf = String::from("# written by cargo xtask bench\n");
+        for interface in &interfaces {
+            writeln!(conf, "phyint {interface} enable")?;
+        }
+        conf.push_str(&routes);
+        let conf_path = env.dir.join(format!("{tag}.conf"));
+        std::fs::write(&conf_path, conf)
+            .with_context(|| format!("writing {}", conf_path.display()))?;
+        let pid_file = PathBuf::from(format!("/run/{tag}.pid"));
+        let socket = PathBuf::from(format!("/run/{tag}.sock"));
+        let mut command = nsenter(&hop.netns, "smcrouted", &[]);
+        command
+            .args(["-n", "-N", "-l", "notice", "-i", tag, "-f"])
+            .arg(&conf_path)
+            .arg("-P")
+            .arg(&pid_file)
+            .arg("-u")
+            .arg(&socket);
+        let mut daemon = Daemon::spawn(
+            &format!("smcrouted in {}", hop.netns),
+            command,
+            &env.dir.join(format!("{tag}.log")),
+        )?;
+        daemon.remove_on_stop(pid_file.clone());
+        daemon.remove_on_stop(socket);
+        self.daemons.push(daemon);
+        let daemon = self.daemons.last_mut().context("no daemon")?;
+        let netns = hop.netns.clone();
+        let expected = hop.routes.len();
+        let ready = wait_for(Duration::from_secs(10), || {
+            if daemon.has_exited() {
+                return Some(false);
+            }
+            let cache = nsenter(&netns, "cat", &["/proc/net/ip_mr_cache"])
+                .output()
+                .ok()?;
+            let routes = String::from_utf8_lossy(&cache.stdout)
+                .lines()
+                .count()
+                .saturating_sub(1);
+            (pid_file.exists() && routes >= expected).then_some(true)
+        });
+        if ready != Some(true) {
+            bail!(
+                "smcrouted did not install {expected} routes in {}; its log:\n{}",
+                hop.netns,
+                daemon.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    fn start_socat(&mut self, hop: &HopPlan, tag: &str, env: &RelayEnv) -> anyhow::Result<()> {
+        for (i, route) in hop.routes.iter().enumerate() {
+            let [output] = route.outputs.as_slice() else {
+                bail!("socat relays one stream to one output");
+            };
+            let receive = format!(
+                "UDP4-RECV:{},ip-add-membership={}:{}",
+                route.input.port, route.input.group, hop.in_addr
+            );
+            let send = format!(
+                "UDP4-SENDTO:{}:{},ip-multicast-if={local},ip-multicast-ttl={TTL},bind={local}",
+                output.stream.group,
+                output.stream.port,
+                local = output.local
+            );
+            let mut command = pinned(&hop.netns, env.cpus, "socat");
+            command.args(["-u", &receive, &send]);
+            let daemon = Daemon::spawn(
+                &format!("socat in {}", hop.netns),
+                command,
+                &env.dir.join(format!("{tag}-{i}.log")),
+            )?;
+            self.daemons.push(daemon);
+            let daemon = self.daemons.last_mut().context("no daemon")?;
+            let pid = daemon.pid().context("socat has no pid")?;
+            let port = format!(":{:04X}", route.input.port);
+            let ready = wait_for(Duration::from_secs(5), || {
+                if daemon.has_exited() {
+                    return Some(false);
+                }
+                let table = std::fs::read_to_string(format!("/proc/{pid}/net/udp")).ok()?;
+                table
+                    .lines()
+                    .skip(1)
+                    .any(|line| {
+                        line.split_whitespace()
+                            .nth(1)
+                            .is_some_and(|local| local.ends_with(&port))
+                    })
+                    .then_some(true)
+            });
+            if ready != Some(true) {
+                bail!(
+                    "socat did not start in {}; its log:\n{}",
+                    hop.netns,
+                    daemon.log_tail()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// How long the relay's own counters may lag behind: MCR's supervisor reads the kernel's
+    /// per-socket drop counts once a second.
+    pub fn counters_lag(&self) -> Duration {
+        if self.kind.is_mcr() {
+            Duration::from_millis(1_100)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// The relay's processes and all their descendants (MCR's workers), alive now.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .daemons
+            .iter()
+            .filter_map(Daemon::pid)
+            .flat_map(process_tree)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Fails with the log of a process that exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        self.daemons.iter_mut().try_for_each(Daemon::check_running)
+    }
+
+    /// The relay's own view of what it received, sent and dropped, summed over hops.
+    pub fn counters(&self) -> anyhow::Result<RelayCounters> {
+        let mut total = RelayCounters::default();
+        match self.kind {
+            RelayKind::Mcr { .. } => {
+                for socket in &self.mcr_sockets {
+                    let rules = mcr_json(&self.mcr, socket, false)?;
+                    let workers = mcr_json(&self.mcr, socket, true)?;
+                    for rule in rules.as_array().into_iter().flatten() {
+                        total.received += rule["rx_packets"].as_u64().unwrap_or(0);
+                        total.output_drops += rule["drops"]["queue_full"].as_u64().unwrap_or(0)
+                            + rule["drops"]["send_errors"].as_u64().unwrap_or(0);
+                        for output in rule["outputs"].as_array().into_iter().flatten() {
+                            total.sent += output["tx_packets"].as_u64().unwrap_or(0);
+                        }
+                    }
+                    for worker in workers.as_array().into_iter().flatten() {
+                        total.input_drops += worker["kernel_drops"].as_u64().unwrap_or(0);
+                    }
+                }
+            }
+            RelayKind::Socat => {
+                for hop in &self.hops {
+                    let udp = udp_counters(&hop.netns)?;
+                    total.received += udp.in_datagrams;
+                    total.sent += udp.out_datagrams;
+                    total.input_drops += udp.rcvbuf_errors;
+                    total.output_drops += udp.sndbuf_errors;
+                }
+            }
+            RelayKind::Kernel => {
+                for hop in &self.hops {
+                    let (received, sent) = mroute_counters(&hop.netns, &hop.in_interface)?;
+                    total.received += received;
+                    total.sent += sent;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// `mcr stats` (the table) of every hop, for the log of a run.
+    pub fn describe(&self) -> String {
+        let mut text = String::new();
+        for socket in &self.mcr_sockets {
+            let output = Command::new(&self.mcr)
+                .args(["stats", "--control-socket"])
+                .arg(socket)
+                .output();
+            if let Ok(output) = output {
+                text.push_str(&String::from_utf8_lossy(&output.stdout));
+            }
+        }
+        text
+    }
+}
+
+/// A number no other relay of this run uses.
+fn unique() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `nsenter … taskset -c <relay CPUs> program`: a relay process on the relay CPUs.
+fn pinned(netns: &str, cpus: &CpuPlan, program: &str) -> Command {
+    nsenter(netns, "taskset", &["-c", &cpus.relay_list(), program])
+}
+
+fn mcr_json(mcr: &Path, socket: &Path, workers: bool) -> anyhow::Result<serde_json::Value> {
+    let mut command = Command::new(mcr);
+    command.args(["stats", "--json"]);
+    if workers {
+        command.arg("--workers");
+    }
+    let output = command
+        .arg("--control-socket")
+        .arg(socket)
+        .output()
+        .context("running mcr stats")?;
+    if !output.status.success() {
+        bail!(
+            "mcr stats failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("parsing mcr stats --json")
+}
+
+#[derive(Default)]
+struct UdpCounters {
+    in_datagrams: u64,
+    out_datagrams: u64,
+    rcvbuf_errors: u64,
+    sndbuf_errors: u64,
+}
+
+/// The `Udp:` lines of a namespace's `/proc/net/snmp`.
+fn udp_counters(netns: &str) -> anyhow::Result<UdpCounters> {
+    let output = nsenter(netns, "cat", &["/proc/net/snmp"])
+        .output()
+        .context("reading /proc/net/snmp")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut lines = text.lines().filter(|line| line.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no Udp counters in /proc/net/snmp of {netns}");
+    };
+    let mut counters = UdpCounters::default();
+    for (name, value) in names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+    {
+        let value = value.parse().unwrap_or(0);
+        match name {
+            "InDatagrams" => counters.in_datagrams = value,
+            "OutDatagrams" => counters.out_datagrams = value,
+            "RcvbufErrors" => counters.rcvbuf_errors = value,
+            "SndbufErrors" => counters.sndbuf_errors = value,
+            _ => {}
+        }
+    }
+    Ok(counters)
+}
+
+/// Packets in on `in_interface` and out on all other interfaces, from `/proc/net/ip_mr_vif`.
+fn mroute_counters(netns: &str, in_interface: &str) -> anyhow::Result<(u64, u64)> {
+    let output = nsenter(netns, "cat", &["/proc/net/ip_mr_vif"])
+        .output()
+        .context("reading /proc/net/ip_mr_vif")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (mut received, mut sent) = (0, 0);
+    // Interface BytesIn PktsIn BytesOut PktsOut Flags Local Remote, after the vif index.
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(name), Some(pkts_in), Some(pkts_out)) = (
+            fields.get(1),
+            fields.get(3).and_then(|v| v.parse::<u64>().ok()),
+            fields.get(5).and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        if *name == in_interface {
+            received += pkts_in;
+        } else {
+            sent += pkts_out;
+        }
+    }
+    Ok((received, sent))
+}

@@ -1,0 +1,186 @@
+//! The scenarios of the benchmark and how each one's streams are addressed at every stage.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use super::{
+    generator::Stream,
+    relay::{HopPlan, Output, RelayKind, Route},
+    sink::Destination,
+    topology::Topology,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    pub title: String,
+    pub streams: usize,
+    pub payload: usize,
+    pub fanout: usize,
+    pub hops: usize,
+    pub relays: Vec<RelayKind>,
+    /// Also run a trial at the 1-hop lossless rate this scenario names (the 3-hop chain).
+    pub one_hop_reference: Option<String>,
+}
+
+const MCR: RelayKind = RelayKind::Mcr { workers: 1 };
+const MCR_2W: RelayKind = RelayKind::Mcr { workers: 2 };
+const KERNEL: RelayKind = RelayKind::Kernel;
+const SOCAT: RelayKind = RelayKind::Socat;
+
+fn scenario(
+    name: &str,
+    title: &str,
+    (streams, payload, fanout, hops): (usize, usize, usize, usize),
+    relays: &[RelayKind],
+) -> Scenario {
+    Scenario {
+        name: name.to_owned(),
+        title: title.to_owned(),
+        streams,
+        payload,
+        fanout,
+        hops,
+        relays: relays.to_vec(),
+        one_hop_reference: (hops > 1).then(|| format!("1to1-{payload}")),
+    }
+}
+
+/// Every scenario, in the order they run (the 3-hop chain after the 1-hop run it refers to).
+pub fn all() -> Vec<Scenario> {
+    vec![
+        scenario(
+            "1to1-64",
+            "1 stream 1→1, 64-byte payload",
+            (1, 64, 1, 1),
+            &[MCR, KERNEL, SOCAT],
+        ),
+        scenario(
+            "1to1-512",
+            "1 stream 1→1, 512-byte payload",
+            (1, 512, 1, 1),
+            &[MCR, MCR_2W, KERNEL, SOCAT],
+        ),
+        scenario(
+            "1to1-1400",
+            "1 stream 1→1, 1400-byte payload",
+            (1, 1400, 1, 1),
+            &[MCR, KERNEL, SOCAT],
+        ),
+        scenario(
+            "fanout4-512",
+            "1 stream 1→4 fan-out, 512 bytes",
+            (1, 512, 4, 1),
+            &[MCR, KERNEL],
+        ),
+        scenario(
+            "streams50-512",
+            "50 streams 1→1, 512 bytes",
+            (50, 512, 1, 1),
+            &[MCR, MCR_2W, KERNEL],
+        ),
+        scenario(
+            "3hop-512",
+            "1 stream through 3 relays, 512 bytes",
+            (1, 512, 1, 3),
+            &[MCR, KERNEL, SOCAT],
+        ),
+    ]
+}
+
+/// The scenarios of `--quick`: every kind of topology once, without the payload sweep and the
+/// second MCR worker count.
+pub fn quick() -> Vec<Scenario> {
+    all()
+        .into_iter()
+        .filter(|s| {
+            ["1to1-512", "fanout4-512", "streams50-512", "3hop-512"].contains(&s.name.as_str())
+        })
+        .map(|mut s| {
+            s.relays.retain(|relay| *relay != MCR_2W);
+            s
+        })
+        .collect()
+}
+
+impl Scenario {
+    /// Stream `i` after `stage` relays that translate: stage 0 is what the generator sends
+    /// (`239.1.1.<i+1>:5000`), stage `s` is `239.<s+1>.<s+1>.<i+1>:<5000 + 1000 s>`.
+    pub fn stream(i: usize, stage: usize) -> anyhow::Result<Stream> {
+        let stage8 = u8::try_from(stage + 1).context("too many hops")?;
+        let index = u8::try_from(i + 1)
+            .ok()
+            .filter(|&n| n < 255)
+            .context("too many streams")?;
+        Ok(Stream {
+            group: Ipv4Addr::new(239, stage8, stage8, index),
+            port: 5000 + 1000 * u16::try_from(stage).context("too many hops")?,
+        })
+    }
+
+    /// What the generator sends.
+    pub fn generated(&self) -> anyhow::Result<Vec<Stream>> {
+        (0..self.streams).map(|i| Self::stream(i, 0)).collect()
+    }
+
+    fn stage_stream(i: usize, stage: usize, relay: RelayKind) -> anyhow::Result<Stream> {
+        Self::stream(i, if relay.translates() { stage } else { 0 })
+    }
+
+    /// What the sink counts for `relay`: every stream on every sink interface.
+    pub fn destinations(
+        &self,
+        topology: &Topology,
+        relay: RelayKind,
+    ) -> anyhow::Result<Vec<Destination>> {
+        let mut destinations = Vec::new();
+        for link in topology.output_links(self.hops) {
+            for i in 0..self.streams {
+                let stream = Self::stage_stream(i, self.hops, relay)?;
+                destinations.push(Destination {
+                    interface: link.down_if.clone(),
+                    group: stream.group,
+                    port: stream.port,
+                });
+            }
+        }
+        Ok(destinations)
+    }
+
+    /// What each relay hop does with each stream.
+    pub fn hop_plans(&self, topology: &Topology, relay: RelayKind) -> anyhow::Result<Vec<HopPlan>> {
+        let source = topology.input_link(1)?.up_addr;
+        (1..=self.hops)
+            .map(|hop| {
+                let input = topology.input_link(hop)?;
+                let routes = (0..self.streams)
+                    .map(|i| {
+                        Ok(Route {
+                            input: Self::stage_stream(i, hop - 1, relay)?,
+                            outputs: topology
+                                .output_links(hop)
+                                .into_iter()
+                                .map(|link| {
+                                    Ok(Output {
+                                        interface: link.up_if.clone(),
+                                        local: link.up_addr,
+                                        stream: Self::stage_stream(i, hop, relay)?,
+                                    })
+                                })
+                                .collect::<anyhow::Result<_>>()?,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                Ok(HopPlan {
+                    netns: topology.nodes[hop].name().to_owned(),
+                    in_interface: input.down_if.clone(),
+                    in_addr: input.down_addr,
+                    source,
+                    routes,
+                })
+            })
+            .collect()
+    }
+}

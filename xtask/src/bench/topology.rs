@@ -1,0 +1,368 @@
+//! The benchmark's network: a chain of namespaces joined by veth pairs, generator → relay
+//! (one or more hops) → sink, with the last relay joined to the sink by one link per fan-out
+//! output. Every name starts with [`PREFIX`] so the end-to-end tests' sweep (`mcrt-`) never
+//! sees them; everything is removed when the [`Topology`] drops.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+use super::process::{nsenter, run};
+
+/// Prefix of every namespace, pin directory and socket the benchmark creates.
+pub const PREFIX: &str = "mcrb-";
+
+/// A network namespace, deleted (with every interface in it) when dropped.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `mcrb-<pid>-<n>-<label>` with loopback up, IPv6 off (no neighbour discovery or
+    /// MLD chatter in the counters) and reverse-path filtering off.
+    pub fn create(label: &str) -> anyhow::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}-{n}-{label}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        netns.sysctl(&[
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ])?;
+        Ok(netns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <name> args…`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs `program args…` in the namespace and returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let output = nsenter(&self.name, program, args)
+            .output()
+            .with_context(|| format!("starting {program} in {}", self.name))?;
+        if !output.status.success() {
+            anyhow::bail!(
+                "{program} {} in {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Sets `key=value` sysctls (`/proc/sys/net` is per network namespace).
+    pub fn sysctl(&self, settings: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["-q"];
+        for setting in settings {
+            args.extend(["-w", setting]);
+        }
+        self.exec("sysctl", &args).map(drop)
+    }
+
+    /// Steers the receive processing of `interface` (RPS) to the CPUs in `mask`. Sysfs shows
+    /// a namespace's devices only when mounted inside it, which `ip netns exec` does.
+    pub fn steer_rx(&self, interface: &str, mask: u64) -> anyhow::Result<()> {
+        let script = format!("echo {mask:x} > /sys/class/net/{interface}/queues/rx-0/rps_cpus");
+        run("ip", &["netns", "exec", &self.name, "sh", "-c", &script]).map(drop)
+    }
+
+    /// Counters of every interface in the namespace, by name.
+    pub fn interface_stats(&self) -> anyhow::Result<BTreeMap<String, IfStats>> {
+        let text = self.ip(&["-s", "-j", "link", "show"])?;
+        let links: Vec<IpLink> = serde_json::from_str(&text)
+            .with_context(|| format!("parsing `ip -s -j link show` of {}", self.name))?;
+        Ok(links
+            .into_iter()
+            .map(|link| {
+                let stats = link.stats64.unwrap_or_default();
+                (
+                    link.ifname,
+                    IfStats {
+                        rx_packets: stats.rx.packets,
+                        rx_dropped: stats.rx.dropped,
+                        tx_packets: stats.tx.packets,
+                        tx_dropped: stats.tx.dropped,
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(error) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("bench: cleanup: {error:#}");
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct IpLink {
+    ifname: String,
+    stats64: Option<IpStats>,
+}
+
+#[derive(Default, Deserialize)]
+struct IpStats {
+    rx: IpCounters,
+    tx: IpCounters,
+}
+
+#[derive(Default, Deserialize)]
+struct IpCounters {
+    packets: u64,
+    dropped: u64,
+}
+
+/// The kernel's counters of one interface.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IfStats {
+    pub rx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
+}
+
+/// One veth pair: `up_if` in node `up` sends towards `down_if` in node `down`.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub up: usize,
+    pub up_if: String,
+    pub up_addr: Ipv4Addr,
+    pub down: usize,
+    pub down_if: String,
+    pub down_addr: Ipv4Addr,
+}
+
+/// Which CPUs do what: the generator (and the benchmark itself, and the sink's receive
+/// processing) on one, relays and their receive processing on the others.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CpuPlan {
+    pub generator: usize,
+    pub relays: Vec<usize>,
+}
+
+impl CpuPlan {
+    pub fn relay_mask(&self) -> u64 {
+        self.relays.iter().fold(0, |mask, cpu| mask | (1 << cpu))
+    }
+
+    pub fn generator_mask(&self) -> u64 {
+        1 << self.generator
+    }
+
+    /// `1,2,3` for taskset.
+    pub fn relay_list(&self) -> String {
+        let cpus: Vec<String> = self.relays.iter().map(ToString::to_string).collect();
+        cpus.join(",")
+    }
+
+    /// The generator's and the relays' CPUs, for taskset.
+    pub fn all_list(&self) -> String {
+        let mut cpus = self.relays.clone();
+        cpus.push(self.generator);
+        cpus.sort_unstable();
+        cpus.dedup();
+        let cpus: Vec<String> = cpus.iter().map(ToString::to_string).collect();
+        cpus.join(",")
+    }
+}
+
+/// Nodes `0` (generator), `1..=hops` (relays) and `hops + 1` (sink).
+pub struct Topology {
+    pub nodes: Vec<Netns>,
+    pub links: Vec<Link>,
+    pub hops: usize,
+}
+
+impl Topology {
+    /// Link `k` uses `10.(k+1).0.1` upstream and `10.(k+1).0.2` downstream. Interfaces:
+    /// `gen0` → `in0` of relay 1, `out0` → `in0` between relays, `out<j>` → `sink<j>` into the
+    /// sink.
+    pub fn build(hops: usize, fanout: usize, cpus: &CpuPlan) -> anyhow::Result<Self> {
+        let mut nodes = vec![Netns::create("gen")?];
+        for hop in 1..=hops {
+            let relay = Netns::create(&format!("relay{hop}"))?;
+            relay.sysctl(&["net.ipv4.ip_forward=1"])?;
+            nodes.push(relay);
+        }
+        nodes.push(Netns::create("sink")?);
+        let sink = hops + 1;
+
+        let mut links = Vec::new();
+        for up in 0..hops {
+            let up_if = if up == 0 { "gen0" } else { "out0" };
+            links.push((up, up_if.to_owned(), up + 1, "in0".to_owned()));
+        }
+        for j in 0..fanout {
+            links.push((hops, format!("out{j}"), sink, format!("sink{j}")));
+        }
+        let links: Vec<Link> = links
+            .into_iter()
+            .enumerate()
+            .map(|(k, (up, up_if, down, down_if))| {
+                let subnet = u8::try_from(k + 1).context("too many links for 10.x.0.0/24")?;
+                Ok(Link {
+                    up,
+                    up_if,
+                    up_addr: Ipv4Addr::new(10, subnet, 0, 1),
+                    down,
+                    down_if,
+                    down_addr: Ipv4Addr::new(10, subnet, 0, 2),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+
+        let topology = Self { nodes, links, hops };
+        for link in &topology.links {
+            topology.connect(link)?;
+        }
+        // Relays and the sink route everything else upstream (nothing depends on it; it
+        // keeps the source addresses reachable for anyone who checks).
+        for node in 1..=sink {
+            let link = topology
+                .links
+                .iter()
+                .find(|link| link.down == node)
+                .context("a node without an upstream link")?;
+            topology.nodes[node].ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &link.up_addr.to_string(),
+            ])?;
+        }
+        for link in &topology.links {
+            let mask = if link.down == sink {
+                cpus.generator_mask()
+            } else {
+                cpus.relay_mask()
+            };
+            topology.nodes[link.down].steer_rx(&link.down_if, mask)?;
+        }
+        Ok(topology)
+    }
+
+    fn connect(&self, link: &Link) -> anyhow::Result<()> {
+        let up = &self.nodes[link.up];
+        let down = &self.nodes[link.down];
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &link.up_if,
+                "netns",
+                up.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &link.down_if,
+                "netns",
+                down.name(),
+            ],
+        )?;
+        for (node, interface, address) in [
+            (up, &link.up_if, link.up_addr),
+            (down, &link.down_if, link.down_addr),
+        ] {
+            node.ip(&["addr", "add", &format!("{address}/24"), "dev", interface])?;
+            node.ip(&["link", "set", interface, "up"])?;
+        }
+        Ok(())
+    }
+
+    pub fn generator(&self) -> &Netns {
+        &self.nodes[0]
+    }
+
+    pub fn sink(&self) -> &Netns {
+        &self.nodes[self.hops + 1]
+    }
+
+    pub fn sink_node(&self) -> usize {
+        self.hops + 1
+    }
+
+    /// The link into relay `hop` (1-based).
+    pub fn input_link(&self, hop: usize) -> anyhow::Result<&Link> {
+        self.links
+            .iter()
+            .find(|link| link.down == hop)
+            .with_context(|| format!("no link into node {hop}"))
+    }
+
+    /// The links out of relay `hop` (1-based).
+    pub fn output_links(&self, hop: usize) -> Vec<&Link> {
+        self.links.iter().filter(|link| link.up == hop).collect()
+    }
+
+    /// Interface counters of every node, indexed like `nodes`.
+    pub fn interface_stats(&self) -> anyhow::Result<Vec<BTreeMap<String, IfStats>>> {
+        self.nodes.iter().map(Netns::interface_stats).collect()
+    }
+}
+
+/// Removes `mcrb-` namespaces, pins and sockets left by benchmark runs that no longer exist
+/// (a run that was killed cannot clean up after itself). Names carry the run's pid.
+pub fn sweep_stale() {
+    let own = std::process::id();
+    let stale = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let Some(pid) = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        pid != own && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    };
+    if let Ok(list) = run("ip", &["netns", "list"]) {
+        for name in list
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+        {
+            if stale(name) {
+                eprintln!("bench: removing namespace {name} left by an earlier run");
+                let _ = run("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    for dir in ["/sys/fs/bpf", "/run/mcr", "/run"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if stale(&name) {
+                eprintln!("bench: removing {dir}/{name} left by an earlier run");
+                let path = entry.path();
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+    }
+}
