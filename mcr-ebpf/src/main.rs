@@ -42,6 +42,7 @@ const IP_MF_AND_OFFSET: u16 = 0x3fff;
 
 /// The IPv4 header fields the classifier reads, in wire order (no options).
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv4Header {
     version_ihl: u8,
     tos: u8,
@@ -56,6 +57,7 @@ struct Ipv4Header {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct UdpHeader {
     source_port: [u8; 2],
     destination_port: [u8; 2],
@@ -86,21 +88,34 @@ pub fn mcr_classify(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// The `T` at `offset` in the packet, read in place when the headers are in the linear part
+/// of the skb (the usual case), copied out with `bpf_skb_load_bytes` otherwise.
+#[expect(
+    clippy::inline_always,
+    reason = "the verifier tracks the packet bounds check only within one function"
+)]
+#[inline(always)]
+fn header<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Skip> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bounds check above is the one the verifier requires for direct packet
+        // access; `T` is a plain byte layout (`#[repr(C)]` arrays and bytes), any value valid.
+        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
+    ctx.load(offset).map_err(|_| Skip::NotRelayable)
+}
+
 fn classify(ctx: &TcContext) -> Result<(), Skip> {
     let mut l3 = ETH_HLEN;
-    let mut ethertype =
-        u16::from_be_bytes(ctx.load::<[u8; 2]>(12).map_err(|_| Skip::NotRelayable)?);
+    let mut ethertype = u16::from_be_bytes(header::<[u8; 2]>(ctx, 12)?);
     if ethertype == ETH_P_8021Q {
-        ethertype = u16::from_be_bytes(
-            ctx.load::<[u8; 2]>(ETH_HLEN + 2)
-                .map_err(|_| Skip::NotRelayable)?,
-        );
+        ethertype = u16::from_be_bytes(header::<[u8; 2]>(ctx, ETH_HLEN + 2)?);
         l3 += VLAN_HLEN;
     }
     if ethertype != ETH_P_IP {
         return Err(Skip::NotRelayable);
     }
-    let ip: Ipv4Header = ctx.load(l3).map_err(|_| Skip::NotRelayable)?;
+    let ip: Ipv4Header = header(ctx, l3)?;
     // 224.0.0.0/4 only; everything else leaves at the cheapest possible point.
     if ip.destination[0] & 0xf0 != 0xe0 || ip.version_ihl >> 4 != 4 || ip.protocol != IPPROTO_UDP {
         return Err(Skip::NotRelayable);
@@ -113,7 +128,8 @@ fn classify(ctx: &TcContext) -> Result<(), Skip> {
     if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
         return Err(Skip::Fragment);
     }
-    let udp: UdpHeader = ctx.load(l3 + ihl).map_err(|_| Skip::Malformed)?;
+    // IHL is at most 60: keeping the offset bounded lets the verifier follow it.
+    let udp: UdpHeader = header(ctx, l3 + (ihl & 0x3c)).map_err(|_| Skip::Malformed)?;
     let udp_len = usize::from(u16::from_be_bytes(udp.len));
     if udp_len < UDP_HLEN || udp_len > total_len - ihl {
         return Err(Skip::Malformed);

@@ -264,15 +264,17 @@ impl Checker<'_> {
                     "empty CPU list: leave it out to use all CPUs",
                 );
             }
-            let online = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            // The machine's online CPUs, not the ones this process may use: `mcr check` may
+            // run confined to fewer.
+            let online = aya::util::online_cpus().unwrap_or_default();
             cpus.into_iter()
                 .enumerate()
-                .filter_map(|(i, cpu)| match usize::try_from(cpu) {
-                    Ok(cpu) if cpu < online => Some(cpu),
+                .filter_map(|(i, cpu)| match u32::try_from(cpu) {
+                    Ok(id) if online.contains(&id) => usize::try_from(id).ok(),
                     _ => {
                         self.problem(
                             format!("settings.cpus[{i}]"),
-                            format!("CPU {cpu} does not exist (this machine has {online})"),
+                            format!("CPU {cpu} is not online (online: {online:?})"),
                         );
                         None
                     }

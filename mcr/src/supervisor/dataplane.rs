@@ -29,6 +29,17 @@ use crate::{
     stats::{OutputStats, WorkerStats},
 };
 
+/// The CPUs this process may run on: the default for the workers.
+fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return vec![0];
+    };
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect();
+    if cpus.is_empty() { vec![0] } else { cpus }
+}
+
 /// Where each output of `rule` sends from, or why it cannot send yet.
 pub fn resolve_origins(rule: &Rule) -> Result<Vec<Option<Origin>>, String> {
     rule.outputs
@@ -91,9 +102,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Starts the workers `settings` asks for.
     pub fn start(settings: &Settings, events: mpsc::Sender<WorkerEvent>) -> anyhow::Result<Self> {
-        let cpus: Vec<usize> = settings.cpus.clone().unwrap_or_else(|| {
-            (0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).collect()
-        });
+        let cpus: Vec<usize> = settings.cpus.clone().unwrap_or_else(allowed_cpus);
         let count = settings
             .workers
             .unwrap_or(cpus.len())
