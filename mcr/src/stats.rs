@@ -195,26 +195,66 @@ impl Table {
     }
 }
 
-/// The human-readable view of `mcr stats`: a line per rule and per output, then the workers.
-pub fn render_table(report: &StatsReport) -> String {
-    let mut rules = Table::new(
+/// One table row of rates: label cells, then packets, bytes, packets/s, bits/s and the
+/// optional error and drop counts.
+fn rate_row(
+    labels: [String; 3],
+    packets: u64,
+    bytes: u64,
+    pps: f64,
+    bps: f64,
+    errors_and_drops: Option<(u64, u64)>,
+) -> Vec<String> {
+    let [name, flow, state] = labels;
+    let (errors, drops) = errors_and_drops.map_or((String::new(), String::new()), |(e, d)| {
+        (e.to_string(), d.to_string())
+    });
+    vec![
+        name,
+        flow,
+        state,
+        packets.to_string(),
+        bytes.to_string(),
+        si(pps),
+        si(bps),
+        errors,
+        drops,
+    ]
+}
+
+fn output_row(label: String, outputs: &[&OutputStats]) -> Vec<String> {
+    let sum = |f: fn(&OutputStats) -> u64| outputs.iter().map(|o| f(o)).sum::<u64>();
+    rate_row(
+        [String::new(), label, String::new()],
+        sum(|o| o.tx_packets),
+        sum(|o| o.tx_bytes),
+        outputs.iter().map(|o| o.tx_pps).sum(),
+        outputs.iter().map(|o| o.tx_bps).sum(),
+        Some((sum(|o| o.tx_errors), sum(|o| o.queue_full))),
+    )
+}
+
+/// A line per rule and per output, and totals when there are several rules.
+fn rules_table(rules: &[RuleStats]) -> Table {
+    let mut table = Table::new(
         &[
             "RULE", "FLOW", "STATE", "PACKETS", "BYTES", "PKT/S", "BIT/S", "ERRORS", "DROPS",
         ],
         3,
     );
-    for rule in &report.rules {
-        rules.row(vec![
-            rule.name.clone(),
-            format!("in  {}", rule.input),
-            rule.state.clone(),
-            rule.rx_packets.to_string(),
-            rule.rx_bytes.to_string(),
-            si(rule.rx_pps),
-            si(rule.rx_bps),
-            String::new(),
-            String::new(),
-        ]);
+    for rule in rules {
+        table.row(rate_row(
+            [
+                rule.name.clone(),
+                format!("in  {}", rule.input),
+                rule.state.clone(),
+            ],
+            rule.rx_packets,
+            rule.rx_bytes,
+            rule.rx_pps,
+            rule.rx_bps,
+            None,
+        ));
         for output in &rule.outputs {
             let to = match &output.interface {
                 Some(interface) => {
@@ -222,57 +262,71 @@ pub fn render_table(report: &StatsReport) -> String {
                 }
                 None => format!("out {} ttl {}", output.destination, output.ttl),
             };
-            rules.row(vec![
-                String::new(),
-                to,
-                String::new(),
-                output.tx_packets.to_string(),
-                output.tx_bytes.to_string(),
-                si(output.tx_pps),
-                si(output.tx_bps),
-                output.tx_errors.to_string(),
-                output.queue_full.to_string(),
-            ]);
+            table.row(output_row(to, &[output]));
         }
     }
-    let mut out = String::new();
-    rules.render(&mut out);
+    if rules.len() > 1 {
+        table.row(rate_row(
+            [
+                "total".into(),
+                format!("in  {} rules", rules.len()),
+                String::new(),
+            ],
+            rules.iter().map(|r| r.rx_packets).sum(),
+            rules.iter().map(|r| r.rx_bytes).sum(),
+            rules.iter().map(|r| r.rx_pps).sum(),
+            rules.iter().map(|r| r.rx_bps).sum(),
+            None,
+        ));
+        let outputs: Vec<&OutputStats> = rules.iter().flat_map(|r| &r.outputs).collect();
+        table.row(output_row("out all outputs".into(), &outputs));
+    }
+    table
+}
 
+fn workers_table(workers: &[WorkerStats]) -> Table {
+    let mut table = Table::new(
+        &[
+            "WORKER",
+            "PID",
+            "CPU",
+            "STATE",
+            "RESTARTS",
+            "RECEIVED",
+            "KERNEL-DROPS",
+            "MALFORMED",
+            "TOO-BIG",
+            "NO-RULE",
+            "NO-BUFFER",
+        ],
+        4,
+    );
+    for worker in workers {
+        let optional = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+        table.row(vec![
+            worker.worker.to_string(),
+            optional(worker.pid.map(|p| p.to_string())),
+            optional(worker.cpu.map(|c| c.to_string())),
+            worker.state.clone(),
+            worker.restarts.to_string(),
+            worker.received.to_string(),
+            worker.kernel_drops.to_string(),
+            worker.malformed.to_string(),
+            worker.too_big.to_string(),
+            worker.no_rule.to_string(),
+            worker.no_buffer.to_string(),
+        ]);
+    }
+    table
+}
+
+/// The human-readable view of `mcr stats`: a line per rule and per output, then the workers.
+pub fn render_table(report: &StatsReport) -> String {
+    let mut out = String::new();
+    rules_table(&report.rules).render(&mut out);
     if !report.workers.is_empty() {
         out.push('\n');
-        let mut workers = Table::new(
-            &[
-                "WORKER",
-                "PID",
-                "CPU",
-                "STATE",
-                "RESTARTS",
-                "RECEIVED",
-                "KERNEL-DROPS",
-                "MALFORMED",
-                "TOO-BIG",
-                "NO-RULE",
-                "NO-BUFFER",
-            ],
-            4,
-        );
-        for worker in &report.workers {
-            let optional = |value: Option<String>| value.unwrap_or_else(|| "-".into());
-            workers.row(vec![
-                worker.worker.to_string(),
-                optional(worker.pid.map(|p| p.to_string())),
-                optional(worker.cpu.map(|c| c.to_string())),
-                worker.state.clone(),
-                worker.restarts.to_string(),
-                worker.received.to_string(),
-                worker.kernel_drops.to_string(),
-                worker.malformed.to_string(),
-                worker.too_big.to_string(),
-                worker.no_rule.to_string(),
-                worker.no_buffer.to_string(),
-            ]);
-        }
-        workers.render(&mut out);
+        workers_table(&report.workers).render(&mut out);
     }
     let _ = writeln!(
         out,
@@ -393,5 +447,17 @@ mod tests {
             ["0", "42", "1", "running", "3", "7", "5", "0", "0", "0", "0"]
         );
         assert!(table.contains("malformed 1, IP fragments 2"));
+
+        // With two rules a total follows them.
+        let mut two = report.clone();
+        two.rules.push(two.rules[0].clone());
+        let table = render_table(&two);
+        let total = table
+            .lines()
+            .find(|l| l.starts_with("total"))
+            .expect("a total row");
+        let cells: Vec<&str> = total.split_whitespace().collect();
+        assert_eq!(cells, ["total", "in", "2", "rules", "14", "1400", "0", "0"]);
+        assert!(table.contains("out all outputs"));
     }
 }

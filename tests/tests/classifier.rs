@@ -114,6 +114,10 @@ fn counts_each_rule_exactly_and_cleans_up() -> anyhow::Result<()> {
     );
 
     let group_a = Ipv4Addr::new(239, 1, 1, 1);
+    ensure!(
+        lab.igmp_groups("in0")?.contains(&group_a),
+        "{group_a} not joined"
+    );
     let group_b = Ipv4Addr::new(239, 1, 1, 2);
     // Matching traffic.
     send_udp(&lab.generator, &Stream::new(group_a, 5000, 200, 1000))?;
@@ -182,6 +186,10 @@ fn counts_each_rule_exactly_and_cleans_up() -> anyhow::Result<()> {
     );
     ensure!(!pin_dir.exists(), "pins left in {}", pin_dir.display());
     ensure!(!mcr.control_socket.exists(), "control socket left");
+    ensure!(
+        !lab.igmp_groups("in0")?.contains(&group_a),
+        "{group_a} still joined on in0 after shutdown"
+    );
     ensure!(
         ingress_programs(&lab.relay, "in0")?.is_empty(),
         "classifier still attached to in0"
