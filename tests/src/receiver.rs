@@ -42,7 +42,7 @@ impl Datagram {
 }
 
 /// How long the receiver keeps listening after [`Receiver::finish`] once nothing arrives.
-const DRAIN_IDLE: Duration = Duration::from_millis(700);
+const DRAIN_IDLE: Duration = Duration::from_millis(1500);
 
 pub struct Receiver {
     stop: Arc<AtomicBool>,

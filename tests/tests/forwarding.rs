@@ -148,22 +148,58 @@ fn source_specific_rule_relays_only_its_sender() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `flows` rules named `{name}{k}`, each relaying `239.{input}.k:5000` on in0 to
+/// `239.{output}.k:6000` on out0.
+fn many_rules(name: &str, flows: u8, input: [u8; 2], output: [u8; 2]) -> String {
+    (1..=flows)
+        .map(|k| {
+            rule(
+                &format!("{name}{k}"),
+                &format!("239.{}.{}.{k}", input[0], input[1]),
+                5000,
+                &[&format!(
+                    "{{interface: out0, destination: 239.{}.{}.{k}, port: 6000}}",
+                    output[0], output[1]
+                )],
+            )
+        })
+        .collect()
+}
+
+/// Sends `count` datagrams on each of the flows of [`many_rules`] from `senders` threads at
+/// once and checks that every flow arrives whole, in order and once.
+fn relay_many_flows(
+    lab: &Lab,
+    flows: u8,
+    input: [u8; 2],
+    output: [u8; 2],
+    count: u64,
+    senders: usize,
+) -> anyhow::Result<()> {
+    let group = |prefix: [u8; 2], k: u8| Ipv4Addr::new(239, prefix[0], prefix[1], k);
+    let receivers = (1..=flows)
+        .map(|k| Receiver::start(&lab.sink, Some(group(output, k)), SINK, 6000))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let streams: Vec<Stream> = (1..=flows)
+        .map(|k| Stream::new(group(input, k), 5000, 400, count))
+        .collect();
+    send_concurrently(&lab.generator, &streams, senders)?;
+    for (k, (receiver, stream)) in (1..=flows).zip(receivers.into_iter().zip(&streams)) {
+        let expected = expected(group(output, k), RELAY_OUT0, 16);
+        assert_delivered(&receiver.finish()?, stream, expected)
+            .with_context(|| format!("flow {k}"))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn fifty_rules_with_concurrent_streams() -> anyhow::Result<()> {
     const RULES: u8 = 50;
     let lab = Lab::new()?;
-    let mut text = String::from("rules:\n");
-    for k in 1..=RULES {
-        text.push_str(&rule(
-            &format!("r{k}"),
-            &format!("239.1.2.{k}"),
-            5000,
-            &[&format!(
-                "{{interface: out0, destination: 239.5.2.{k}, port: 6000}}"
-            )],
-        ));
-    }
-    let rules = RulesFile::new(&text)?;
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        many_rules("r", RULES, [1, 2], [5, 2])
+    ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     let joined = lab.igmp_groups("in0")?;
     for k in 1..=RULES {
@@ -172,18 +208,7 @@ fn fifty_rules_with_concurrent_streams() -> anyhow::Result<()> {
             "239.1.2.{k} not joined"
         );
     }
-    let receivers = (1..=RULES)
-        .map(|k| Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 5, 2, k)), SINK, 6000))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let streams: Vec<Stream> = (1..=RULES)
-        .map(|k| Stream::new(Ipv4Addr::new(239, 1, 2, k), 5000, 400, 200))
-        .collect();
-    send_concurrently(&lab.generator, &streams, 5)?;
-    for (k, (receiver, stream)) in (1..=RULES).zip(receivers.into_iter().zip(&streams)) {
-        let group = Ipv4Addr::new(239, 5, 2, k);
-        assert_delivered(&receiver.finish()?, stream, expected(group, RELAY_OUT0, 16))
-            .with_context(|| format!("rule r{k}"))?;
-    }
+    relay_many_flows(&lab, RULES, [1, 2], [5, 2], 200, 5)?;
     let stats = mcr.stats()?;
     ensure!(stats.len() == usize::from(RULES));
     for rule in &stats {
@@ -196,31 +221,12 @@ fn fifty_rules_with_concurrent_streams() -> anyhow::Result<()> {
 fn two_workers_keep_each_flow_whole_and_in_order() -> anyhow::Result<()> {
     const FLOWS: u8 = 8;
     let lab = Lab::new()?;
-    let mut text = String::from("settings:\n  workers: 2\nrules:\n");
-    for k in 1..=FLOWS {
-        text.push_str(&rule(
-            &format!("f{k}"),
-            &format!("239.1.3.{k}"),
-            5000,
-            &[&format!(
-                "{{interface: out0, destination: 239.6.3.{k}, port: 6000}}"
-            )],
-        ));
-    }
-    let rules = RulesFile::new(&text)?;
+    let rules = RulesFile::new(&format!(
+        "settings:\n  workers: 2\nrules:\n{}",
+        many_rules("f", FLOWS, [1, 3], [6, 3])
+    ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
-    let receivers = (1..=FLOWS)
-        .map(|k| Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 6, 3, k)), SINK, 6000))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let streams: Vec<Stream> = (1..=FLOWS)
-        .map(|k| Stream::new(Ipv4Addr::new(239, 1, 3, k), 5000, 500, 500))
-        .collect();
-    send_concurrently(&lab.generator, &streams, 4)?;
-    for (k, (receiver, stream)) in (1..=FLOWS).zip(receivers.into_iter().zip(&streams)) {
-        let group = Ipv4Addr::new(239, 6, 3, k);
-        assert_delivered(&receiver.finish()?, stream, expected(group, RELAY_OUT0, 16))
-            .with_context(|| format!("flow f{k}"))?;
-    }
+    relay_many_flows(&lab, FLOWS, [1, 3], [6, 3], 500, 4)?;
     let workers: Vec<serde_json::Value> =
         serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"])?)?;
     assert_eq!(workers.len(), 2);
@@ -346,7 +352,18 @@ fn workers_run_unprivileged() -> anyhow::Result<()> {
     assert_eq!(workers.len(), 2);
     for worker in &workers {
         let pid = worker["pid"].as_u64().context("worker pid")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        // A worker starts as root and gives everything up once its init command has been
+        // handled; no_new_privs is the last step.
+        let read_status = || std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
+        let status = wait_for(Duration::from_secs(5), || {
+            read_status().filter(|status| status.contains("NoNewPrivs:\t1"))
+        })
+        .with_context(|| {
+            format!(
+                "worker {pid} never finished initialising: {:?}",
+                read_status()
+            )
+        })?;
         let field = |name: &str| -> anyhow::Result<String> {
             status
                 .lines()
