@@ -67,6 +67,9 @@ pub enum CommandError {
     Closed,
 }
 
+/// What a worker sends back, once: it has given up its privileges and is forwarding.
+pub const READY: &[u8] = b"ready";
+
 /// Sends `command` with `fds` attached.
 pub fn send(
     socket: BorrowedFd<'_>,

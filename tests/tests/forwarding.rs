@@ -347,23 +347,20 @@ fn workers_run_unprivileged() -> anyhow::Result<()> {
         )
     ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
-    let workers: Vec<serde_json::Value> =
-        serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"])?)?;
+    // A worker starts as root and reports "running" only once it has given everything up.
+    let workers = wait_for(Duration::from_secs(5), || {
+        let workers: Vec<serde_json::Value> =
+            serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"]).ok()?).ok()?;
+        workers
+            .iter()
+            .all(|worker| worker["state"] == "running")
+            .then_some(workers)
+    })
+    .context("the workers never reported running")?;
     assert_eq!(workers.len(), 2);
     for worker in &workers {
         let pid = worker["pid"].as_u64().context("worker pid")?;
-        // A worker starts as root and gives everything up once its init command has been
-        // handled; no_new_privs is the last step.
-        let read_status = || std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
-        let status = wait_for(Duration::from_secs(5), || {
-            read_status().filter(|status| status.contains("NoNewPrivs:\t1"))
-        })
-        .with_context(|| {
-            format!(
-                "worker {pid} never finished initialising: {:?}",
-                read_status()
-            )
-        })?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let field = |name: &str| -> anyhow::Result<String> {
             status
                 .lines()

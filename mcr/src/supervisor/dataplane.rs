@@ -307,6 +307,12 @@ impl Dataplane {
                 tracing::error!(worker = index, %status, "worker exited; restarting in {delay:?}");
                 Some((index, delay))
             }
+            WorkerEvent::Ready { index, generation } => {
+                if let Some(worker) = self.workers.get_mut(index) {
+                    worker.ready(generation);
+                }
+                None
+            }
             WorkerEvent::RestartDue { index } => {
                 if let Err(error) = self.restart(index) {
                     tracing::error!(worker = index, "restart failed: {error:#}");

@@ -1,16 +1,19 @@
 //! Starting, commanding and restarting the worker processes.
 
 use std::{
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use command_fds::{CommandFdExt as _, FdMapping};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use nix::sys::{
+    socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, setsockopt, socketpair, sockopt},
+    time::TimeVal,
+};
 use tokio::{
-    io::{AsyncBufReadExt as _, BufReader},
+    io::{AsyncBufReadExt as _, BufReader, unix::AsyncFd},
     sync::mpsc,
 };
 
@@ -31,6 +34,11 @@ pub enum WorkerEvent {
     RestartDue {
         index: usize,
     },
+    /// The worker dropped its privileges and is forwarding.
+    Ready {
+        index: usize,
+        generation: u64,
+    },
 }
 
 /// Restart back-off: the first restart is immediate-ish, repeated crashes wait longer.
@@ -41,6 +49,8 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerState {
+    /// Started, still setting up as root.
+    Starting,
     Running,
     Restarting,
     Stopped,
@@ -90,6 +100,10 @@ impl Worker {
             SockFlag::SOCK_CLOEXEC,
         )
         .context("creating a worker control socket")?;
+        // A worker that stops reading must not stall the supervisor: a command that cannot be
+        // queued within a second fails, is logged, and the worker is left to be restarted.
+        setsockopt(&ours, sockopt::SendTimeout, &TimeVal::new(1, 0))
+            .context("setting the control socket's send timeout")?;
         let exe = std::env::current_exe().context("locating the mcr binary")?;
         let mut command = tokio::process::Command::new(exe);
         command
@@ -107,15 +121,20 @@ impl Worker {
         let mut child = command.spawn().context("starting a worker")?;
         self.generation += 1;
         self.pid = child.id();
-        self.state = WorkerState::Running;
+        self.state = WorkerState::Starting;
         self.started = Instant::now();
-        self.control = Some(ours);
-
         let index = self.index;
         let generation = self.generation;
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(relay_log(index, stderr));
         }
+        let readiness = ours.try_clone().context("duplicating the control socket")?;
+        tokio::spawn(wait_until_ready(
+            readiness,
+            index,
+            generation,
+            events.clone(),
+        ));
         let events = events.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
@@ -131,6 +150,7 @@ impl Worker {
                 .await;
         });
 
+        self.control = Some(ours);
         let init = Command::Init {
             worker: u32::try_from(self.index)?,
             cpu: self.cpu,
@@ -172,14 +192,51 @@ impl Worker {
         Some(delay)
     }
 
+    /// Marks generation `generation` ready, if it is still the current one.
+    pub fn ready(&mut self, generation: u64) {
+        if generation == self.generation && self.state == WorkerState::Starting {
+            self.state = WorkerState::Running;
+        }
+    }
+
     /// Asks the worker to stop; it exits on its own, and is killed if it has not after a
     /// grace period (by `kill_on_drop` of the wait task's child when the runtime ends).
     pub fn stop(&mut self) {
-        if self.state == WorkerState::Running {
+        if matches!(self.state, WorkerState::Starting | WorkerState::Running) {
             let _ = self.send(&Command::Shutdown, &[]);
         }
         self.state = WorkerState::Stopped;
         self.control = None;
+    }
+}
+
+/// Waits for the worker's one message back, [`command::READY`], and reports it.
+async fn wait_until_ready(
+    socket: OwnedFd,
+    index: usize,
+    generation: u64,
+    events: mpsc::Sender<WorkerEvent>,
+) {
+    // SAFETY: the `OwnedFd` moves into the `AsyncFd` and stays open, the same descriptor,
+    // for as long as the `AsyncFd` lives.
+    let Ok(socket) = (unsafe { AsyncFd::register(socket) }) else {
+        return;
+    };
+    let mut buffer = [0_u8; 16];
+    loop {
+        let Ok(mut guard) = socket.readable().await else {
+            return;
+        };
+        match recv(socket.as_raw_fd(), &mut buffer, MsgFlags::MSG_DONTWAIT) {
+            Ok(len) if &buffer[..len] == command::READY => {
+                let _ = events.send(WorkerEvent::Ready { index, generation }).await;
+                return;
+            }
+            Err(nix::Error::EAGAIN) => guard.clear_ready(),
+            // End of file (the worker is gone; its exit is reported separately), an error, or
+            // a message that is not the ready message: stop listening.
+            Ok(_) | Err(_) => return,
+        }
     }
 }
 

@@ -6,7 +6,7 @@ mod forward;
 mod privileges;
 
 use std::{
-    os::fd::{AsFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -82,6 +82,12 @@ pub fn run() -> anyhow::Result<()> {
         gid,
         "worker ready: no capabilities, no_new_privs"
     );
+    nix::sys::socket::send(
+        control.as_raw_fd(),
+        command::READY,
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    )
+    .context("telling the supervisor this worker is ready")?;
 
     let mut forwarder = forward::Forwarder::new(control, counters, buffers);
     let result = forwarder.run(&mut ring);
