@@ -109,14 +109,6 @@ impl Memberships {
         member.members.retain(|m| *m != membership);
         change(&member.socket, membership, false)
     }
-
-    pub fn len(&self) -> usize {
-        self.joined.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.joined.is_empty()
-    }
 }
 
 impl Default for Memberships {
