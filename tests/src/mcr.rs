@@ -112,6 +112,12 @@ impl Mcr {
         serde_json::from_str(&text).context("parsing mcr stats --json")
     }
 
+    /// `mcr stats --json --workers`, parsed.
+    pub fn workers(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = self.cli(&["stats", "--json", "--workers"])?;
+        serde_json::from_str(&text).context("parsing mcr stats --json --workers")
+    }
+
     /// The stats entry of rule `name`.
     pub fn rule_stats(&self, name: &str) -> anyhow::Result<serde_json::Value> {
         self.stats()?

@@ -148,6 +148,16 @@ fn source_specific_rule_relays_only_its_sender() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One rule relaying 239.1.1.1:5000 on in0 to 239.2.2.1:6000 on out0.
+fn camera_rule() -> String {
+    rule(
+        "cam",
+        "239.1.1.1",
+        5000,
+        &["{interface: out0, destination: 239.2.2.1, port: 6000}"],
+    )
+}
+
 /// `flows` rules named `{name}{k}`, each relaying `239.{input}.k:5000` on in0 to
 /// `239.{output}.k:6000` on out0.
 fn many_rules(name: &str, flows: u8, input: [u8; 2], output: [u8; 2]) -> String {
@@ -227,8 +237,7 @@ fn two_workers_keep_each_flow_whole_and_in_order() -> anyhow::Result<()> {
     ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     relay_many_flows(&lab, FLOWS, [1, 3], [6, 3], 500, 4)?;
-    let workers: Vec<serde_json::Value> =
-        serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"])?)?;
+    let workers = mcr.workers()?;
     assert_eq!(workers.len(), 2);
     let total: u64 = workers
         .iter()
@@ -276,8 +285,7 @@ fn non_matching_traffic_never_reaches_a_worker() -> anyhow::Result<()> {
         "{} datagrams were relayed",
         arrived.len()
     );
-    let workers: Vec<serde_json::Value> =
-        serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"])?)?;
+    let workers = mcr.workers()?;
     for worker in &workers {
         assert_eq!(
             worker["received"], 0,
@@ -293,30 +301,18 @@ fn a_killed_worker_is_restarted_and_forwards_again() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     let rules = RulesFile::new(&format!(
         "settings:\n  workers: 1\nrules:\n{}",
-        rule(
-            "cam",
-            "239.1.1.1",
-            5000,
-            &["{interface: out0, destination: 239.2.2.1, port: 6000}"]
-        )
+        camera_rule()
     ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     let pid_of = |workers: &[serde_json::Value]| workers[0]["pid"].as_u64();
-    let workers = |mcr: &Mcr| -> anyhow::Result<Vec<serde_json::Value>> {
-        Ok(serde_json::from_str(&mcr.cli(&[
-            "stats",
-            "--json",
-            "--workers",
-        ])?)?)
-    };
-    let first = pid_of(&workers(&mcr)?).context("no worker pid")?;
+    let first = pid_of(&mcr.workers()?).context("no worker pid")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(first)?),
         nix::sys::signal::Signal::SIGKILL,
     )?;
     let killed = std::time::Instant::now();
     let restarted = wait_for(Duration::from_secs(1), || {
-        let now = workers(&mcr).ok()?;
+        let now = mcr.workers().ok()?;
         (now[0]["state"] == "running" && pid_of(&now).is_some_and(|pid| pid != first))
             .then_some(now)
     })
@@ -339,18 +335,12 @@ fn workers_run_unprivileged() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     let rules = RulesFile::new(&format!(
         "settings:\n  workers: 2\nrules:\n{}",
-        rule(
-            "cam",
-            "239.1.1.1",
-            5000,
-            &["{interface: out0, destination: 239.2.2.1, port: 6000}"]
-        )
+        camera_rule()
     ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     // A worker starts as root and reports "running" only once it has given everything up.
     let workers = wait_for(Duration::from_secs(5), || {
-        let workers: Vec<serde_json::Value> =
-            serde_json::from_str(&mcr.cli(&["stats", "--json", "--workers"]).ok()?).ok()?;
+        let workers = mcr.workers().ok()?;
         workers
             .iter()
             .all(|worker| worker["state"] == "running")
