@@ -24,6 +24,18 @@ pub struct RouteKey {
     pub port: u16,
 }
 
+/// What a worker needs to build the frames of a multicast output itself: the link-layer
+/// destination and the fields of the IPv4 and UDP headers that do not change per packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameHeader {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub source: [u8; 4],
+    pub destination: [u8; 4],
+    pub port: u16,
+    pub ttl: u8,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// First message. Attached: the counter block memfd.
@@ -43,11 +55,14 @@ pub enum Command {
         input: u32,
     },
     /// Forward `key` to the attached sockets, one per output, counting into `counters[i]`.
-    /// Replaces the rule's outputs if `slot` is already known.
+    /// Where `frames[i]` is set, socket `i` is a link-layer socket and the worker writes the
+    /// IPv4 and UDP headers itself. Replaces the rule's outputs if `slot` is already known.
     AddRule {
         slot: u32,
         key: RouteKey,
         counters: Vec<u32>,
+        #[serde(default)]
+        frames: Vec<Option<FrameHeader>>,
     },
     RemoveRule {
         slot: u32,

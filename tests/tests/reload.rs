@@ -282,14 +282,16 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
     assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))
 }
 
-/// Packet sockets open in the relay namespace, from `/proc/net/packet`.
-fn packet_sockets(lab: &Lab) -> anyhow::Result<usize> {
-    Ok(lab
-        .relay
-        .exec("cat", &["/proc/net/packet"])?
-        .lines()
-        .skip(1)
-        .count())
+/// Packet sockets open in the relay namespace, from `/proc/net/packet`: all of them, and
+/// those that receive IPv4 (protocol 0800; the output sockets have protocol 0 and only send).
+fn packet_sockets(lab: &Lab) -> anyhow::Result<(usize, usize)> {
+    let text = lab.relay.exec("cat", &["/proc/net/packet"])?;
+    let sockets: Vec<&str> = text.lines().skip(1).collect();
+    let receiving = sockets
+        .iter()
+        .filter(|line| line.split_whitespace().nth(3) == Some("0800"))
+        .count();
+    Ok((sockets.len(), receiving))
 }
 
 #[test]
@@ -300,11 +302,12 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")])
     ))?;
     let mcr = Mcr::start(&lab.relay, file.path())?;
+    let (all, receiving) = packet_sockets(&lab)?;
     assert_eq!(
-        packet_sockets(&lab)?,
-        2,
-        "one packet socket per worker on in0"
+        receiving, 2,
+        "one receiving packet socket per worker on in0"
     );
+    assert_eq!(all, 3, "and one sending socket for the multicast output");
 
     // The only rule moves to an interface that does not exist: in0 loses everything.
     file.write(&format!(
@@ -317,11 +320,11 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         "{status}"
     );
     let closed = wait_for(Duration::from_secs(3), || {
-        (packet_sockets(&lab).ok()? == 0).then_some(())
+        (packet_sockets(&lab).ok()?.0 == 0).then_some(())
     });
     ensure!(
         closed.is_some(),
-        "{} packet sockets still open",
+        "packet sockets still open (all, receiving): {:?}",
         packet_sockets(&lab)?
     );
     ensure!(

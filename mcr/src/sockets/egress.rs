@@ -10,7 +10,7 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::Output;
+use crate::{command::FrameHeader, config::Output};
 
 /// Send buffer of each output socket.
 const SEND_BUFFER: usize = 4 * 1024 * 1024;
@@ -21,6 +21,28 @@ pub struct Origin {
     pub interface: String,
     pub ifindex: u32,
     pub address: Ipv4Addr,
+}
+
+/// A link-layer socket for a multicast output: the worker writes the IPv4 and UDP headers
+/// itself and hands whole IP packets to the interface, which skips the per-packet route lookup
+/// that the kernel does for every multicast UDP send (decision 0004).
+pub fn open_frames(output: &Output, origin: &Origin) -> io::Result<(OwnedFd, FrameHeader)> {
+    // Protocol 0: the socket sends only and never receives a copy of the interface's traffic.
+    let socket = Socket::new(Domain::PACKET, Type::DGRAM.nonblocking().cloexec(), None)?;
+    if socket.set_send_buffer_size(SEND_BUFFER).is_err() {
+        tracing::debug!("could not enlarge the send buffer of an output socket");
+    }
+    let [_, b, c, d] = output.destination.octets();
+    let header = FrameHeader {
+        ifindex: origin.ifindex,
+        // RFC 1112: 01:00:5e and the group's low 23 bits.
+        mac: [0x01, 0x00, 0x5e, b & 0x7f, c, d],
+        source: origin.address.octets(),
+        destination: output.destination.octets(),
+        port: output.port,
+        ttl: output.ttl,
+    };
+    Ok((socket.into(), header))
 }
 
 pub fn open(output: &Output, origin: Option<&Origin>) -> io::Result<OwnedFd> {

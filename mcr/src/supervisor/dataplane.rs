@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::workers::{Worker, WorkerEvent, WorkerState};
 use crate::{
     bpf::Classifier,
-    command::{Command, RouteKey},
+    command::{Command, FrameHeader, RouteKey},
     config::{Output, Rule, Settings},
     counters::{MAX_OUTPUTS, OutputTotals},
     sockets::{
@@ -75,6 +75,8 @@ struct InputState {
 struct EgressState {
     output: Output,
     socket: OwnedFd,
+    /// Set when the worker builds this output's frames itself.
+    frame: Option<FrameHeader>,
     counter: u32,
     /// The counter's value when this output started; reported figures are relative to it.
     baseline: OutputTotals,
@@ -146,9 +148,15 @@ impl Dataplane {
     ) -> Result<usize, String> {
         let mut outputs = Vec::with_capacity(rule.outputs.len());
         for (output, origin) in rule.outputs.iter().zip(origins) {
-            let socket = egress::open(output, origin.as_ref())
-                .map_err(|error| format!("error: output {output}: {error}"))?;
-            outputs.push((output.clone(), socket));
+            let opened = match origin {
+                Some(origin) if output.destination.is_multicast() => {
+                    egress::open_frames(output, origin).map(|(socket, frame)| (socket, Some(frame)))
+                }
+                _ => egress::open(output, origin.as_ref()).map(|socket| (socket, None)),
+            };
+            let (socket, frame) =
+                opened.map_err(|error| format!("error: output {output}: {error}"))?;
+            outputs.push((output.clone(), socket, frame));
         }
         if self.free_counters.len() < outputs.len() {
             return Err(format!("error: more than {MAX_OUTPUTS} outputs in all"));
@@ -161,11 +169,12 @@ impl Dataplane {
         self.open_input(classifier, &rule.input.interface, ifindex)?;
         let outputs: Vec<EgressState> = outputs
             .into_iter()
-            .map(|(output, socket)| {
+            .map(|(output, socket, frame)| {
                 let counter = self.free_counters.pop().expect("checked above");
                 EgressState {
                     output,
                     socket,
+                    frame,
                     counter,
                     baseline: self.workers[worker].counters.block().outputs[counter as usize]
                         .read(),
@@ -213,6 +222,7 @@ impl Dataplane {
                 slot,
                 key: route.key,
                 counters: route.outputs.iter().map(|o| o.counter).collect(),
+                frames: route.outputs.iter().map(|o| o.frame).collect(),
             },
             &fds,
         )

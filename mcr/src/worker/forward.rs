@@ -13,7 +13,10 @@ use std::{
 
 use io_uring::{IoUring, Submitter, cqueue, opcode, squeue, types::Fd};
 
-use super::buffers::{BUFFER_SIZE, BufferRing, GROUP};
+use super::{
+    buffers::{BUFFER_SIZE, BufferRing, GROUP},
+    frames::{Frame, FrameSlab, HEADER_LEN},
+};
 use crate::{
     command::{self, Command, MAX_MESSAGE, RouteKey},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
@@ -36,9 +39,18 @@ fn recv_data(input: u32) -> u64 {
     (KIND_RECV << KIND_SHIFT) | u64::from(input)
 }
 
-fn send_data(buffer: u16, counter: u32) -> u64 {
-    (KIND_SEND << KIND_SHIFT) | (u64::from(buffer) << 32) | u64::from(counter)
+/// A send's user data: its buffer, its frame slot (or [`NO_SLOT`]) and its output counter.
+fn send_data(buffer: u16, slot: u32, counter: u32) -> u64 {
+    (KIND_SEND << KIND_SHIFT)
+        | (u64::from(buffer) << 40)
+        | (u64::from(slot & FIELD_MASK) << 20)
+        | u64::from(counter & FIELD_MASK)
 }
+
+/// Twenty bits each for the frame slot and the counter index.
+const FIELD_MASK: u32 = 0xf_ffff;
+/// The slot field of a send that needs no frame slot.
+const NO_SLOT: u32 = FIELD_MASK;
 
 struct Input {
     id: u32,
@@ -58,6 +70,8 @@ const MAX_RECEIVE_FAILURES: u32 = 100;
 struct Output {
     socket: OwnedFd,
     counter: u32,
+    /// Set for outputs whose frames the worker builds.
+    frame: Option<Frame>,
 }
 
 struct Route {
@@ -71,6 +85,7 @@ pub struct Forwarder {
     control_buffer: Vec<u8>,
     counters: SharedCounters,
     buffers: BufferRing,
+    frames: FrameSlab,
     inputs: Vec<Input>,
     routes: HashMap<RouteKey, Route>,
     /// Sends outstanding per buffer; the buffer is recycled when it drops to zero.
@@ -98,6 +113,7 @@ impl Forwarder {
             control_buffer: vec![0; MAX_MESSAGE],
             counters,
             buffers,
+            frames: FrameSlab::new(MAX_IN_FLIGHT),
             inputs: Vec::new(),
             routes: HashMap::new(),
             pending: vec![0; usize::from(super::buffers::ENTRIES)],
@@ -261,19 +277,42 @@ impl Forwarder {
         }
         let payload = &bytes[datagram.payload];
         let payload_len = u32::try_from(payload.len()).expect("payload fits a 2 KiB buffer");
+        let mut queued = 0;
         for output in &route.outputs {
-            let send =
-                opcode::Send::new(Fd(output.socket.as_raw_fd()), payload.as_ptr(), payload_len)
-                    // A full socket buffer fails the send at once instead of parking it, which
-                    // would let later packets of the flow overtake it.
+            let fd = Fd(output.socket.as_raw_fd());
+            // A full socket buffer fails a send at once instead of parking it, which would let
+            // later packets of the flow overtake it.
+            let send = match &output.frame {
+                None => opcode::Send::new(fd, payload.as_ptr(), payload_len)
                     .flags(nix::libc::MSG_DONTWAIT)
                     .build()
-                    .user_data(send_data(buffer, output.counter));
+                    .user_data(send_data(buffer, NO_SLOT, output.counter)),
+                Some(frame) => {
+                    let Some((slot, message)) = self.frames.prepare(frame, payload) else {
+                        bump(
+                            &self.counters.block().outputs[output.counter as usize].queue_full,
+                            1,
+                        );
+                        continue;
+                    };
+                    opcode::SendMsg::new(fd, message)
+                        .flags(nix::libc::MSG_DONTWAIT as u32)
+                        .build()
+                        .user_data(send_data(buffer, slot, output.counter))
+                }
+            };
             // SAFETY: the payload lies in buffer `buffer`, which is not recycled before the
-            // last of these sends completes (`pending`); the socket stays open because sends
+            // last of these sends completes (`pending`); a frame's header and message live in
+            // their slab slot until the send completes; the socket stays open because sends
             // are submitted before any command can close it.
             unsafe { sq.push(&send) }.expect("room was checked above");
+            queued += 1;
         }
+        if queued == 0 {
+            self.buffers.recycle(buffer);
+            return Ok(());
+        }
+        let outputs = queued;
         self.pending[usize::from(buffer)] = u16::try_from(outputs).unwrap_or(u16::MAX);
         self.in_flight += outputs;
         Ok(())
@@ -281,13 +320,21 @@ impl Forwarder {
 
     fn sent(&mut self, cqe: &cqueue::Entry) {
         let data = cqe.user_data();
-        let buffer = ((data >> 32) & 0xffff) as u16;
-        let counter = (data & 0xffff_ffff) as usize;
+        let buffer = ((data >> 40) & 0xffff) as u16;
+        let slot = u32::try_from((data >> 20) & u64::from(FIELD_MASK)).unwrap_or(NO_SLOT);
+        let counter = usize::try_from(data & u64::from(FIELD_MASK)).unwrap_or(usize::MAX);
+        // A framed send reports the headers it wrote too; counters count payload bytes.
+        let headers = if slot == NO_SLOT {
+            0
+        } else {
+            self.frames.release(slot);
+            HEADER_LEN as u64
+        };
         if let Some(output) = self.counters.block().outputs.get(counter) {
             match u64::try_from(cqe.result()) {
                 Ok(bytes) => {
                     bump(&output.packets, 1);
-                    bump(&output.bytes, bytes);
+                    bump(&output.bytes, bytes.saturating_sub(headers));
                 }
                 Err(_) if cqe.result() == -nix::libc::EAGAIN => bump(&output.queue_full, 1),
                 Err(_) => bump(&output.errors, 1),
@@ -407,6 +454,7 @@ impl Forwarder {
                 slot,
                 key,
                 counters,
+                frames,
             } => {
                 if counters.iter().any(|&c| c as usize >= MAX_OUTPUTS) {
                     tracing::error!(slot, "rule names a counter out of range; ignored");
@@ -417,7 +465,12 @@ impl Forwarder {
                 let outputs = fds
                     .into_iter()
                     .zip(counters)
-                    .map(|(socket, counter)| Output { socket, counter })
+                    .enumerate()
+                    .map(|(i, (socket, counter))| Output {
+                        socket,
+                        counter,
+                        frame: frames.get(i).copied().flatten().as_ref().map(Frame::new),
+                    })
                     .collect();
                 self.routes.insert(key, Route { slot, outputs });
                 tracing::debug!(slot, "rule added");

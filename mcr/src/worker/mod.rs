@@ -3,6 +3,7 @@
 
 mod buffers;
 mod forward;
+mod frames;
 mod privileges;
 
 use std::{
