@@ -56,6 +56,13 @@ fn probe(
     Ok((stream, receiver.finish()?))
 }
 
+/// Sends `count` packets to `group` and checks that the sink received all of them, in order,
+/// relayed to `output`.
+fn assert_relayed(lab: &Lab, group: Ipv4Addr, output: Ipv4Addr, count: u64) -> anyhow::Result<()> {
+    let (stream, received) = probe(lab, group, output, count)?;
+    assert_complete(&received, &stream, output)
+}
+
 fn wait_for_status(
     mcr: &Mcr,
     what: &str,
@@ -124,8 +131,7 @@ fn rules_added_and_removed_by_editing_the_file() -> anyhow::Result<()> {
         lab.igmp_groups("in0")?.contains(&group_b),
         "b's group was not joined"
     );
-    let (stream, received) = probe(&lab, group_b, Ipv4Addr::new(239, 2, 2, 2), 200)?;
-    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 2))?;
+    assert_relayed(&lab, group_b, Ipv4Addr::new(239, 2, 2, 2), 200)?;
 
     file.write(&rules(&[a]))?;
     wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
@@ -139,13 +145,12 @@ fn rules_added_and_removed_by_editing_the_file() -> anyhow::Result<()> {
         "a removed rule relayed {} datagrams",
         received.len()
     );
-    let (stream, received) = probe(
+    assert_relayed(
         &lab,
         Ipv4Addr::new(239, 1, 1, 1),
         Ipv4Addr::new(239, 2, 2, 1),
         200,
     )?;
-    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))?;
     let status = mcr.status()?;
     assert_eq!(status["last_reload"]["trigger"], "file-change", "{status}");
     Ok(())
@@ -158,7 +163,7 @@ fn a_bad_file_changes_nothing_and_is_reported() -> anyhow::Result<()> {
     let file = RulesFile::new(&rules(std::slice::from_ref(&a)))?;
     let mcr = Mcr::start(&lab.relay, file.path())?;
 
-    // Line 4 gets a malformed group.
+    // Line 3 (the rule's input) gets a malformed group.
     let bad = rules(std::slice::from_ref(&a)).replace("239.1.1.1", "239.1.1");
     file.write(&bad)?;
     let status = wait_for_status(&mcr, "the rejected file", |s| {
@@ -176,13 +181,12 @@ fn a_bad_file_changes_nothing_and_is_reported() -> anyhow::Result<()> {
     assert_eq!(output.status.code(), Some(1));
     ensure!(String::from_utf8_lossy(&output.stderr).contains(&location));
 
-    let (stream, received) = probe(
+    assert_relayed(
         &lab,
         Ipv4Addr::new(239, 1, 1, 1),
         Ipv4Addr::new(239, 2, 2, 1),
         300,
     )?;
-    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))?;
 
     let b = rule("b", "in0", "239.1.1.2", "239.2.2.2");
     file.write(&rules(&[a, b]))?;
@@ -200,13 +204,12 @@ fn a_file_renamed_over_the_rules_file_is_picked_up() -> anyhow::Result<()> {
     let mcr = Mcr::start(&lab.relay, file.path())?;
     file.rename_over(&rules(&[a, rule("b", "in0", "239.1.1.2", "239.2.2.2")]))?;
     wait_for_status(&mcr, "two active rules", |s| s["rules"]["active"] == 2)?;
-    let (stream, received) = probe(
+    assert_relayed(
         &lab,
         Ipv4Addr::new(239, 1, 1, 2),
         Ipv4Addr::new(239, 2, 2, 2),
         200,
     )?;
-    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 2))?;
     // A second edit after the rename is seen too: the watch follows the name, not the inode.
     file.rename_over(&rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]))?;
     wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
@@ -224,13 +227,12 @@ fn sighup_reloads_and_does_not_kill() -> anyhow::Result<()> {
     })?;
     assert_eq!(status["last_reload"]["result"], "applied");
     ensure!(mcr.is_running(), "SIGHUP ended mcr");
-    let (stream, received) = probe(
+    assert_relayed(
         &lab,
         Ipv4Addr::new(239, 1, 1, 1),
         Ipv4Addr::new(239, 2, 2, 1),
         200,
-    )?;
-    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))
+    )
 }
 
 #[test]
@@ -273,13 +275,12 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
         s["rules"]["waiting"] == 1 && s["rules"]["active"] == 1
     })?;
     ensure!(mcr.is_running(), "mcr exited when in7 went away");
-    let (stream, received) = probe(
+    assert_relayed(
         &lab,
         Ipv4Addr::new(239, 1, 1, 1),
         Ipv4Addr::new(239, 2, 2, 1),
         200,
-    )?;
-    assert_complete(&received, &stream, Ipv4Addr::new(239, 2, 2, 1))
+    )
 }
 
 /// Packet sockets open in the relay namespace, from `/proc/net/packet`: all of them, and

@@ -147,16 +147,21 @@ impl FrameSlab {
 mod tests {
     use super::*;
 
-    #[test]
-    fn header_checksum_verifies_and_fields_are_set() {
-        let frame = Frame::new(&FrameHeader {
+    /// 10.2.0.1 → 239.2.2.1:6000 with TTL 7.
+    fn camera_frame() -> Frame {
+        Frame::new(&FrameHeader {
             ifindex: 3,
             mac: [1, 0, 0x5e, 2, 2, 1],
             source: [10, 2, 0, 1],
             destination: [239, 2, 2, 1],
             port: 6000,
             ttl: 7,
-        });
+        })
+    }
+
+    #[test]
+    fn header_checksum_verifies_and_fields_are_set() {
+        let frame = camera_frame();
         let first = frame.header(100);
         let second = frame.header(100);
         // A header including its checksum sums to 0xffff, so its checksum is 0.
@@ -175,7 +180,7 @@ mod tests {
 
     #[test]
     fn known_checksum() {
-        // The example header of RFC 1071 style references: 45 00 00 73 00 00 40 00 40 11 ...
+        // A widely used worked example: 192.168.0.1 -> 192.168.0.199, UDP, checksum b861.
         let header = [
             0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
             0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
@@ -185,14 +190,7 @@ mod tests {
 
     #[test]
     fn slots_run_out_and_come_back() {
-        let frame = Frame::new(&FrameHeader {
-            ifindex: 1,
-            mac: [1, 0, 0x5e, 0, 0, 1],
-            source: [10, 0, 0, 1],
-            destination: [239, 0, 0, 1],
-            port: 1,
-            ttl: 1,
-        });
+        let frame = camera_frame();
         let mut slab = FrameSlab::new(2);
         let payload = [0_u8; 4];
         let (a, _) = slab.prepare(&frame, &payload).expect("slot");
