@@ -84,7 +84,16 @@ pub fn integration(tally: &mut Tally) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes and reports any namespace, pin directory or control socket a test left.
+/// Whether `name` (`mcrt-<pid>-…`) belongs to a test process that has exited. Names of test
+/// processes still running (another checkout's suite, say) are not this run's to remove.
+fn left_behind(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes and reports any namespace, pin directory or control socket a finished test left.
 fn sweep() -> Vec<String> {
     let mut found = Vec::new();
     let namespaces = output(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
@@ -92,7 +101,7 @@ fn sweep() -> Vec<String> {
         .lines()
         .filter_map(|line| line.split_whitespace().next())
     {
-        if name.starts_with(PREFIX) {
+        if left_behind(name) {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
             found.push(format!("namespace {name}"));
         }
@@ -102,7 +111,7 @@ fn sweep() -> Vec<String> {
             continue;
         };
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(PREFIX) {
+            if left_behind(&entry.file_name().to_string_lossy()) {
                 let path = entry.path();
                 let _ = remove(&path);
                 found.push(path.display().to_string());
@@ -122,7 +131,17 @@ fn remove(path: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::count;
+    use super::{count, left_behind};
+
+    #[test]
+    fn only_names_of_exited_test_processes_are_swept() {
+        let own = format!("mcrt-{}-0-gen", std::process::id());
+        assert!(!left_behind(&own), "a live process's namespace");
+        // Linux pids stay below 2^22.
+        assert!(left_behind("mcrt-4999999-3-relay"));
+        assert!(!left_behind("mcrb-4999999-3-relay"), "the benchmark's names");
+        assert!(!left_behind("mcrt-notapid"));
+    }
 
     #[test]
     fn reads_cargo_test_summaries() {
