@@ -48,12 +48,14 @@ pub const fn mark_worker(mark: u32) -> u32 {
 }
 
 /// What a rule matches: a UDP packet arriving on `ifindex` for `group:port`, from `source`
-/// (or from anyone when `source` is `0.0.0.0`).
+/// (or from anyone when `source` is `0.0.0.0`). The classifier's rule map and the workers'
+/// route tables use the same key.
 ///
 /// Addresses are kept as the four bytes on the wire so `bpftool` prints them as
 /// `[239,1,1,1]`; the port is in host byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct RuleKey {
     pub ifindex: u32,
     pub group: [u8; 4],
@@ -65,6 +67,27 @@ pub struct RuleKey {
 
 /// A source of `0.0.0.0` in a [`RuleKey`]: the rule accepts any sender.
 pub const ANY_SOURCE: [u8; 4] = [0; 4];
+
+impl RuleKey {
+    pub const fn new(ifindex: u32, group: [u8; 4], source: [u8; 4], port: u16) -> Self {
+        Self {
+            ifindex,
+            group,
+            source,
+            port,
+            pad: 0,
+        }
+    }
+
+    /// The same key for any sender: what a packet falls back to when no rule names its source.
+    #[must_use]
+    pub const fn any_source(self) -> Self {
+        Self {
+            source: ANY_SOURCE,
+            ..self
+        }
+    }
+}
 
 /// What the classifier needs to know about a matched rule.
 #[repr(C)]

@@ -7,22 +7,14 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
 };
 
+use mcr_common::RuleKey;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
 /// The largest command message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
-/// The most file descriptors one command carries (one per output of a rule).
+/// The most file descriptors one command carries (at most one per output of a rule).
 pub const MAX_FDS: usize = 64;
-
-/// A rule's match as the worker sees it: the interface by index, addresses as octets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RouteKey {
-    pub ifindex: u32,
-    pub group: [u8; 4],
-    pub source: [u8; 4],
-    pub port: u16,
-}
 
 /// What a worker needs to build the frames of a multicast output itself: the link-layer
 /// destination and the fields of the IPv4 and UDP headers that do not change per packet.
@@ -34,6 +26,15 @@ pub struct FrameHeader {
     pub destination: [u8; 4],
     pub port: u16,
     pub ttl: u8,
+}
+
+/// One output of a rule as a worker sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    /// Index of the output's counters in the worker's counter block.
+    pub counter: u32,
+    /// Set for outputs the worker frames itself; `None` for a UDP socket output.
+    pub frame: Option<FrameHeader>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,15 +55,16 @@ pub enum Command {
     RemoveInput {
         input: u32,
     },
-    /// Forward `key` to the attached sockets, one per output, counting into `counters[i]`.
-    /// Where `frames[i]` is set, socket `i` is a link-layer socket and the worker writes the
-    /// IPv4 and UDP headers itself. Replaces the rule's outputs if `slot` is already known.
+    /// Send the frames of every multicast output on the attached send-only link-layer socket
+    /// (one per worker: packet sockets cost the kernel an RCU grace period each to close).
+    SetEgress,
+    /// Forward `key` to `outputs`. An output with a frame header is framed by the worker and
+    /// sent on the egress socket; each other output brings its own connected UDP socket,
+    /// attached in order. Replaces the rule's outputs if `slot` is already known.
     AddRule {
         slot: u32,
-        key: RouteKey,
-        counters: Vec<u32>,
-        #[serde(default)]
-        frames: Vec<Option<FrameHeader>>,
+        key: RuleKey,
+        outputs: Vec<OutputSpec>,
     },
     RemoveRule {
         slot: u32,
@@ -147,8 +149,8 @@ impl Command {
     /// How many descriptors this command must carry.
     pub fn expected_fds(&self) -> usize {
         match self {
-            Self::Init { .. } | Self::AddInput { .. } => 1,
-            Self::AddRule { counters, .. } => counters.len(),
+            Self::Init { .. } | Self::AddInput { .. } | Self::SetEgress => 1,
+            Self::AddRule { outputs, .. } => outputs.iter().filter(|o| o.frame.is_none()).count(),
             Self::RemoveInput { .. } | Self::RemoveRule { .. } | Self::Shutdown => 0,
         }
     }
@@ -158,6 +160,7 @@ impl Command {
             Self::Init { .. } => "init",
             Self::AddInput { .. } => "add-input",
             Self::RemoveInput { .. } => "remove-input",
+            Self::SetEgress => "set-egress",
             Self::AddRule { .. } => "add-rule",
             Self::RemoveRule { .. } => "remove-rule",
             Self::Shutdown => "shutdown",

@@ -7,6 +7,7 @@ pub mod control;
 pub mod counters;
 pub mod packet;
 pub mod sockets;
+pub mod state;
 pub mod stats;
 pub mod status;
 pub mod supervisor;

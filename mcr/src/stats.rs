@@ -5,7 +5,7 @@ use std::{fmt::Write as _, time::Instant};
 use mcr_common::SkipCounters;
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Output, counters::OutputTotals};
+use crate::{config::Output, counters::OutputTotals, state::RuleState};
 
 /// One rule as `mcr stats` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -13,8 +13,9 @@ pub struct RuleStats {
     pub name: String,
     /// `interface:group:port`, with ` from source` for source-specific rules.
     pub input: String,
-    /// `active`, or why the rule is not classifying yet.
-    pub state: String,
+    /// `active`, or why the rule is not classifying yet (`state`, and `reason`).
+    #[serde(flatten)]
+    pub state: RuleState,
     /// Packets the classifier matched for this rule.
     pub rx_packets: u64,
     /// UDP payload bytes of those packets.
@@ -247,7 +248,7 @@ fn rules_table(rules: &[RuleStats]) -> Table {
             [
                 rule.name.clone(),
                 format!("in  {}", rule.input),
-                rule.state.clone(),
+                rule.state.to_string(),
             ],
             rule.rx_packets,
             rule.rx_bytes,
@@ -382,7 +383,7 @@ mod tests {
             rules: vec![RuleStats {
                 name: "cam".into(),
                 input: "eth0:239.1.1.1:5000".into(),
-                state: "active".into(),
+                state: RuleState::Active,
                 rx_packets: 7,
                 rx_bytes: 700,
                 rx_pps: 0.0,

@@ -210,7 +210,8 @@ fn a_rule_whose_interface_is_missing_waits() -> anyhow::Result<()> {
     let rules = RulesFile::new(&text)?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     let later = mcr.rule_stats("later")?;
-    assert_eq!(later["state"], "waiting: interface in7 does not exist");
+    assert_eq!(later["state"], "waiting", "{later}");
+    assert_eq!(later["reason"], "interface in7 does not exist", "{later}");
     assert_eq!(mcr.rule_stats("any-source")?["state"], "active");
     Ok(())
 }

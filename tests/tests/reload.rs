@@ -245,10 +245,9 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
     let mut mcr = Mcr::start(&lab.relay, file.path())?;
     let status = mcr.status()?;
     assert_eq!(status["rules"]["waiting"], 1, "{status}");
-    assert_eq!(
-        mcr.rule_stats("late")?["state"],
-        "waiting: interface in7 does not exist"
-    );
+    let late = mcr.rule_stats("late")?;
+    assert_eq!(late["state"], "waiting", "{late}");
+    assert_eq!(late["reason"], "interface in7 does not exist", "{late}");
 
     // A second generator behind a veth pair created after mcr started.
     let late_generator = Netns::new("gen7")?;
@@ -308,9 +307,13 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         receiving, 2,
         "one receiving packet socket per worker on in0"
     );
-    assert_eq!(all, 3, "and one sending socket for the multicast output");
+    assert_eq!(
+        all, 4,
+        "and one sending socket per worker, for multicast outputs"
+    );
 
-    // The only rule moves to an interface that does not exist: in0 loses everything.
+    // The only rule moves to an interface that does not exist: in0 loses its sockets; the
+    // workers keep their sending sockets.
     file.write(&format!(
         "settings:\n  workers: 2\n{}",
         rules(&[rule("a", "in9", "239.1.1.1", "239.2.2.1")])
@@ -321,7 +324,7 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         "{status}"
     );
     let closed = wait_for(Duration::from_secs(3), || {
-        (packet_sockets(&lab).ok()?.0 == 0).then_some(())
+        (packet_sockets(&lab).ok()? == (2, 0)).then_some(())
     });
     ensure!(
         closed.is_some(),
@@ -333,5 +336,197 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
             .contains(&Ipv4Addr::new(239, 1, 1, 1)),
         "239.1.1.1 still joined on in0"
     );
+    Ok(())
+}
+
+/// A rule relaying `group:port` on in0 to `output_group:6000` on out0 with `ttl`.
+fn rule_with(name: &str, group: &str, port: u16, output_group: &str, ttl: u8) -> String {
+    format!(
+        "  - name: {name}\n    input: {{interface: in0, group: {group}, port: {port}}}\n    outputs:\n      - {{interface: out0, destination: {output_group}, port: 6000, ttl: {ttl}}}\n"
+    )
+}
+
+/// Writes `parts` as the rules file and has mcr apply it now.
+fn reload_with(mcr: &Mcr, file: &RulesFile, parts: &[String]) -> anyhow::Result<()> {
+    file.write(&rules(parts))?;
+    let output = mcr.cli_output(&["reload"])?;
+    ensure!(output.status.success(), "reload failed: {output:?}");
+    Ok(())
+}
+
+/// Sends `count` datagrams to `group:port` and checks that all arrive at `output:6000`
+/// through out0 with `ttl`.
+fn assert_relayed_to(
+    lab: &Lab,
+    (group, port): (Ipv4Addr, u16),
+    output: Ipv4Addr,
+    ttl: u8,
+    count: u64,
+) -> anyhow::Result<()> {
+    let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
+    let stream = Stream::new(group, port, 200, count);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(
+        &receiver.finish()?,
+        &stream,
+        Expected {
+            destination: output,
+            source: RELAY_OUT0,
+            ttl,
+        },
+    )
+    .with_context(|| format!("{group}:{port} to {output}"))
+}
+
+#[test]
+fn a_group_two_rules_share_stays_joined_until_neither_needs_it() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let shared = Ipv4Addr::new(239, 1, 1, 1);
+    let a = rule_with("a", "239.1.1.1", 5000, "239.2.2.1", 16);
+    let b = rule_with("b", "239.1.1.1", 5001, "239.2.2.2", 16);
+    let file = RulesFile::new(&rules(&[a.clone(), b.clone()]))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    ensure!(lab.igmp_groups("in0")?.contains(&shared), "not joined");
+
+    // Renaming one rule: the new name starts before the old one stops.
+    let a_renamed = rule_with("a-renamed", "239.1.1.1", 5000, "239.2.2.1", 16);
+    reload_with(&mcr, &file, &[a_renamed.clone(), b.clone()])?;
+    ensure!(
+        lab.igmp_groups("in0")?.contains(&shared),
+        "renaming a rule left a group two rules need"
+    );
+    assert_relayed_to(&lab, (shared, 5000), Ipv4Addr::new(239, 2, 2, 1), 16, 100)?;
+
+    // Removing one rule: the other still needs the group.
+    reload_with(&mcr, &file, std::slice::from_ref(&b))?;
+    ensure!(
+        lab.igmp_groups("in0")?.contains(&shared),
+        "removing one rule left a group the other still needs"
+    );
+    assert_relayed_to(&lab, (shared, 5001), Ipv4Addr::new(239, 2, 2, 2), 16, 100)?;
+
+    // The last rule that needs it goes: the group is left.
+    reload_with(
+        &mcr,
+        &file,
+        &[rule_with("c", "239.1.1.3", 5000, "239.2.2.3", 16)],
+    )?;
+    let groups = lab.igmp_groups("in0")?;
+    ensure!(
+        !groups.contains(&shared),
+        "group kept after its last rule: {groups:?}"
+    );
+    ensure!(groups.contains(&Ipv4Addr::new(239, 1, 1, 3)), "{groups:?}");
+    Ok(())
+}
+
+#[test]
+fn counters_survive_a_ttl_change_and_an_interface_that_comes_back() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let group = (Ipv4Addr::new(239, 1, 1, 1), 5000);
+    let output = Ipv4Addr::new(239, 2, 2, 1);
+    let file = RulesFile::new(&rules(&[rule_with(
+        "cam",
+        "239.1.1.1",
+        5000,
+        "239.2.2.1",
+        8,
+    )]))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    assert_relayed_to(&lab, group, output, 8, 300)?;
+
+    // Only the TTL changes: same output, same counter.
+    reload_with(
+        &mcr,
+        &file,
+        &[rule_with("cam", "239.1.1.1", 5000, "239.2.2.1", 9)],
+    )?;
+    assert_relayed_to(&lab, group, output, 9, 200)?;
+    let stats = mcr.rule_stats("cam")?;
+    assert_eq!(stats["rx_packets"], 500, "{stats}");
+    assert_eq!(stats["outputs"][0]["tx_packets"], 500, "{stats}");
+    assert_eq!(stats["outputs"][0]["ttl"], 9, "{stats}");
+
+    // The output interface goes away and comes back: the rule waits, then carries on
+    // counting from where it was.
+    lab.relay
+        .ip(&["link", "set", "out0", "netns", lab.sink_2.name()])?;
+    wait_for(Duration::from_secs(5), || {
+        let stats = mcr.rule_stats("cam").ok()?;
+        (stats["state"] == "waiting").then_some(())
+    })
+    .context("the rule never waited for out0")?;
+    lab.sink_2
+        .ip(&["link", "set", "out0", "netns", lab.relay.name()])?;
+    lab.relay.address("out0", "10.2.0.1/24")?;
+    wait_for(Duration::from_secs(5), || {
+        let stats = mcr.rule_stats("cam").ok()?;
+        (stats["state"] == "active").then_some(())
+    })
+    .context("the rule never came back")?;
+    assert_relayed_to(&lab, group, output, 9, 100)?;
+    let stats = mcr.rule_stats("cam")?;
+    assert_eq!(stats["rx_packets"], 600, "{stats}");
+    assert_eq!(stats["outputs"][0]["tx_packets"], 600, "{stats}");
+    assert_eq!(stats["outputs"][0]["tx_bytes"], 600 * 200, "{stats}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_with_idle_workers_stops_at_once() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let file = RulesFile::new(&format!(
+        "settings:\n  workers: 2\n{}",
+        rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")])
+    ))?;
+    let mut mcr = Mcr::start(&lab.relay, file.path())?;
+    assert_relayed(
+        &lab,
+        Ipv4Addr::new(239, 1, 1, 1),
+        Ipv4Addr::new(239, 2, 2, 1),
+        100,
+    )?;
+    let asked = std::time::Instant::now();
+    let status = mcr.stop()?;
+    let took = asked.elapsed();
+    ensure!(status.success(), "{status}");
+    eprintln!("stopped {took:?} after SIGTERM");
+    ensure!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
+    Ok(())
+}
+
+#[test]
+fn shutdown_with_four_thousand_rules_takes_seconds() -> anyhow::Result<()> {
+    const RULES: u16 = 4000;
+    let lab = Lab::new()?;
+    let parts: Vec<String> = (0..RULES)
+        .map(|k| {
+            let (high, low) = (k / 250, k % 250 + 1);
+            rule_with(
+                &format!("r{k}"),
+                &format!("239.10.{high}.{low}"),
+                5000,
+                &format!("239.20.{high}.{low}"),
+                16,
+            )
+        })
+        .collect();
+    let file = RulesFile::new(&rules(&parts))?;
+    let started = std::time::Instant::now();
+    let mut mcr = Mcr::start(&lab.relay, file.path())?;
+    let status = wait_for_status(&mcr, "4000 active rules", |s| {
+        s["rules"]["active"] == u64::from(RULES)
+    })?;
+    eprintln!("{RULES} rules active after {:?}", started.elapsed());
+    ensure!(status["rules"]["failed"] == 0, "{}", status["rules"]);
+    let joined = lab.igmp_groups("in0")?.len();
+    ensure!(joined >= usize::from(RULES), "{joined} groups joined");
+    let asked = std::time::Instant::now();
+    let status = mcr.stop()?;
+    let took = asked.elapsed();
+    ensure!(status.success(), "{status}");
+    eprintln!("stopped {took:?} after SIGTERM with {RULES} rules");
+    ensure!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    ensure!(lab.igmp_groups("in0")?.len() < 10, "groups left behind");
     Ok(())
 }

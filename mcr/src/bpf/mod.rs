@@ -262,14 +262,18 @@ impl Classifier {
             .as_fd())
     }
 
-    /// Starts matching `key` into counter `slot`, whose counters start from zero, and steering
-    /// it to `worker`.
-    pub fn insert_rule(&mut self, key: &RuleKey, slot: u32, worker: u32) -> Result<(), BpfError> {
+    /// Sets the counters of `slot` to zero, for a rule that takes the slot over.
+    pub fn clear_rule_counters(&mut self, slot: u32) -> Result<(), BpfError> {
         let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); self.cpus])
             .map_err(|error| map_error(MAP_RULE_STATS)(MapError::from(error)))?;
         self.rule_stats
             .set(slot, zeros, 0)
-            .map_err(map_error(MAP_RULE_STATS))?;
+            .map_err(map_error(MAP_RULE_STATS))
+    }
+
+    /// Starts matching `key` into counter `slot` (which keeps counting from where it is) and
+    /// steering it to `worker`.
+    pub fn insert_rule(&mut self, key: &RuleKey, slot: u32, worker: u32) -> Result<(), BpfError> {
         self.rules
             .insert(key, RuleSlot { slot, worker }, 0)
             .map_err(map_error(MAP_RULES))

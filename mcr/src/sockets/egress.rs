@@ -1,11 +1,12 @@
-//! The UDP socket of one output: bound to the output interface and its address, so the kernel
-//! writes the relay's own source address, connected to the destination, with the rule's TTL
-//! and multicast loopback off.
+//! The sockets outputs send on: one send-only link-layer socket per worker, on which the
+//! worker sends the frames of every multicast output (decision 0004), and a UDP socket per
+//! unicast output, bound to the output interface and its address so the kernel writes the
+//! relay's own source address, connected to the destination, with the rule's TTL.
 
 use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::OwnedFd,
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -23,17 +24,39 @@ pub struct Origin {
     pub address: Ipv4Addr,
 }
 
-/// A link-layer socket for a multicast output: the worker writes the IPv4 and UDP headers
-/// itself and hands whole IP packets to the interface, which skips the per-packet route lookup
-/// that the kernel does for every multicast UDP send (decision 0004).
-pub fn open_frames(output: &Output, origin: &Origin) -> io::Result<(OwnedFd, FrameHeader)> {
-    // Protocol 0: the socket sends only and never receives a copy of the interface's traffic.
+/// Send buffer of a worker's link-layer socket, shared by all its multicast outputs.
+const FRAME_SEND_BUFFER: usize = 16 * 1024 * 1024;
+
+/// A worker's link-layer socket for multicast outputs: the worker writes the IPv4 and UDP
+/// headers itself and hands whole IP packets to the output interface named in each send,
+/// which skips the per-packet route lookup that the kernel does for every multicast UDP send
+/// (decision 0004). Protocol 0: the socket sends only and never receives a copy of any
+/// interface's traffic.
+pub fn open_frame_socket() -> io::Result<OwnedFd> {
     let socket = Socket::new(Domain::PACKET, Type::DGRAM.nonblocking().cloexec(), None)?;
-    if socket.set_send_buffer_size(SEND_BUFFER).is_err() {
+    enlarge_send_buffer(&socket, FRAME_SEND_BUFFER);
+    Ok(socket.into())
+}
+
+/// Sets the send buffer to `bytes`, beyond `net.core.wmem_max` where the process may.
+fn enlarge_send_buffer(socket: &Socket, bytes: usize) {
+    let forced = i32::try_from(bytes).map_or(Err(io::ErrorKind::InvalidInput.into()), |bytes| {
+        super::set_option(
+            socket.as_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_SNDBUFFORCE,
+            &bytes,
+        )
+    });
+    if forced.is_err() && socket.set_send_buffer_size(bytes).is_err() {
         tracing::debug!("could not enlarge the send buffer of an output socket");
     }
+}
+
+/// The fixed header fields of a multicast output the worker frames itself.
+pub fn frame_header(output: &Output, origin: &Origin) -> FrameHeader {
     let [_, b, c, d] = output.destination.octets();
-    let header = FrameHeader {
+    FrameHeader {
         ifindex: origin.ifindex,
         // RFC 1112: 01:00:5e and the group's low 23 bits.
         mac: [0x01, 0x00, 0x5e, b & 0x7f, c, d],
@@ -41,8 +64,7 @@ pub fn open_frames(output: &Output, origin: &Origin) -> io::Result<(OwnedFd, Fra
         destination: output.destination.octets(),
         port: output.port,
         ttl: output.ttl,
-    };
-    Ok((socket.into(), header))
+    }
 }
 
 pub fn open(output: &Output, origin: Option<&Origin>) -> io::Result<OwnedFd> {
@@ -68,9 +90,7 @@ pub fn open(output: &Output, origin: Option<&Origin>) -> io::Result<OwnedFd> {
     } else {
         socket.set_ttl_v4(u32::from(output.ttl))?;
     }
-    if socket.set_send_buffer_size(SEND_BUFFER).is_err() {
-        tracing::debug!("could not enlarge the send buffer of an output socket");
-    }
+    enlarge_send_buffer(&socket, SEND_BUFFER);
     socket.connect(&SocketAddrV4::new(output.destination, output.port).into())?;
     Ok(socket.into())
 }

@@ -4,6 +4,10 @@
 //! so memberships are spread over as many sockets as needed. A socket holds at most one
 //! membership per group, which also keeps source-specific joins clear of the per-group source
 //! limit (`igmp_max_msf`).
+//!
+//! Several rules can need one membership (the same group on other ports, or a renamed rule
+//! that starts before its old name stops), so memberships are counted: the group is left when
+//! the last rule that needs it lets go.
 
 use std::{collections::HashMap, io, net::Ipv4Addr, os::fd::AsFd};
 
@@ -54,10 +58,16 @@ struct MemberSocket {
     members: Vec<Membership>,
 }
 
+/// Where a membership is held, and by how many rules.
+struct Joined {
+    socket: usize,
+    holders: usize,
+}
+
 pub struct Memberships {
     sockets: Vec<MemberSocket>,
     limit: usize,
-    joined: HashMap<Membership, usize>,
+    joined: HashMap<Membership, Joined>,
 }
 
 impl Memberships {
@@ -74,8 +84,10 @@ impl Memberships {
         }
     }
 
+    /// Joins `membership`, or counts one more holder of it.
     pub fn join(&mut self, membership: Membership) -> io::Result<()> {
-        if self.joined.contains_key(&membership) {
+        if let Some(joined) = self.joined.get_mut(&membership) {
+            joined.holders += 1;
             return Ok(());
         }
         let free = self.sockets.iter().position(|s| {
@@ -97,17 +109,37 @@ impl Memberships {
         };
         change(&self.sockets[index].socket, membership, true)?;
         self.sockets[index].members.push(membership);
-        self.joined.insert(membership, index);
+        self.joined.insert(
+            membership,
+            Joined {
+                socket: index,
+                holders: 1,
+            },
+        );
         Ok(())
     }
 
+    /// Lets go of one hold on `membership`; the group is left when no holder remains.
     pub fn leave(&mut self, membership: Membership) -> io::Result<()> {
-        let Some(index) = self.joined.remove(&membership) else {
+        let Some(joined) = self.joined.get_mut(&membership) else {
             return Ok(());
         };
+        joined.holders -= 1;
+        if joined.holders > 0 {
+            return Ok(());
+        }
+        let index = joined.socket;
+        self.joined.remove(&membership);
         let member = &mut self.sockets[index];
         member.members.retain(|m| *m != membership);
         change(&member.socket, membership, false)
+    }
+
+    /// How many rules hold `membership` (0 when it is not joined).
+    pub fn holders(&self, membership: &Membership) -> usize {
+        self.joined
+            .get(membership)
+            .map_or(0, |joined| joined.holders)
     }
 }
 

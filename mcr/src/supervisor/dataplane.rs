@@ -15,10 +15,12 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use super::workers::{Worker, WorkerEvent, WorkerState};
+use mcr_common::RuleKey;
+
 use crate::{
     bpf::Classifier,
-    command::{Command, FrameHeader, RouteKey},
-    config::{Output, Rule, Settings},
+    command::{Command, OutputSpec},
+    config::{Rule, Settings},
     counters::{MAX_OUTPUTS, OutputTotals},
     sockets::{
         egress::{self, Origin},
@@ -26,7 +28,8 @@ use crate::{
         ingress::FanoutGroup,
         interfaces,
     },
-    stats::{OutputStats, WorkerStats},
+    state::{StartError, Waiting},
+    stats::WorkerStats,
 };
 
 /// The CPUs this process may run on: the default for the workers.
@@ -41,7 +44,7 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Where each output of `rule` sends from, or why it cannot send yet.
-pub fn resolve_origins(rule: &Rule) -> Result<Vec<Option<Origin>>, String> {
+pub fn resolve_origins(rule: &Rule) -> Result<Vec<Option<Origin>>, Waiting> {
     rule.outputs
         .iter()
         .map(|output| {
@@ -49,10 +52,9 @@ pub fn resolve_origins(rule: &Rule) -> Result<Vec<Option<Origin>>, String> {
                 return Ok(None);
             };
             let ifindex = interfaces::index(interface)
-                .ok_or_else(|| format!("waiting: output interface {interface} does not exist"))?;
-            let address = interfaces::ipv4_address(interface).ok_or_else(|| {
-                format!("waiting: output interface {interface} has no IPv4 address")
-            })?;
+                .ok_or_else(|| Waiting::OutputInterface(interface.clone()))?;
+            let address = interfaces::ipv4_address(interface)
+                .ok_or_else(|| Waiting::OutputAddress(interface.clone()))?;
             Ok(Some(Origin {
                 interface: interface.clone(),
                 ifindex,
@@ -73,17 +75,13 @@ struct InputState {
 }
 
 struct EgressState {
-    output: Output,
-    socket: OwnedFd,
-    /// Set when the worker builds this output's frames itself.
-    frame: Option<FrameHeader>,
-    counter: u32,
-    /// The counter's value when this output started; reported figures are relative to it.
-    baseline: OutputTotals,
+    spec: OutputSpec,
+    /// The output's UDP socket; `None` for outputs framed on the worker's link-layer socket.
+    socket: Option<OwnedFd>,
 }
 
 struct RouteState {
-    key: RouteKey,
+    key: RuleKey,
     worker: usize,
     membership: Membership,
     outputs: Vec<EgressState>,
@@ -91,13 +89,14 @@ struct RouteState {
 
 pub struct Dataplane {
     workers: Vec<Worker>,
+    /// Each worker's link-layer socket for multicast outputs, kept across its restarts.
+    frame_sockets: Vec<OwnedFd>,
     user: (u32, u32),
     events: mpsc::Sender<WorkerEvent>,
     /// By interface index: an interface deleted and created again is a new input.
     inputs: HashMap<u32, InputState>,
     routes: HashMap<u32, RouteState>,
     memberships: Memberships,
-    free_counters: Vec<u32>,
     next_input: u32,
 }
 
@@ -114,19 +113,24 @@ impl Dataplane {
             .with_context(|| format!("user {} does not exist (settings.user)", settings.user))?;
         let user = (user.uid.as_raw(), user.gid.as_raw());
         let mut workers = Vec::with_capacity(count);
+        let mut frame_sockets = Vec::with_capacity(count);
         for index in 0..count {
             let mut worker = Worker::new(index, cpus.get(index % cpus.len().max(1)).copied())?;
+            let frame_socket =
+                egress::open_frame_socket().context("opening a link-layer output socket")?;
             worker.spawn(user, &events)?;
+            worker.send(&Command::SetEgress, &[frame_socket.as_fd()])?;
             workers.push(worker);
+            frame_sockets.push(frame_socket);
         }
         Ok(Self {
             workers,
+            frame_sockets,
             user,
             events,
             inputs: HashMap::new(),
             routes: HashMap::new(),
             memberships: Memberships::new(),
-            free_counters: (0..u32::try_from(MAX_OUTPUTS)?).rev().collect(),
             next_input: 0,
         })
     }
@@ -135,63 +139,57 @@ impl Dataplane {
         self.workers.len()
     }
 
-    /// Makes rule `slot` forward: sockets, worker, IGMP. Called again for a running rule, it
-    /// switches the rule to the new outputs. `origins` are the resolved output interfaces
-    /// (see [`resolve_origins`]). Returns the worker that owns the rule.
+    /// The worker that forwards rule `slot`: fixed for the life of the slot, so a rule's
+    /// output counters stay in one worker's block.
+    pub fn worker_for(&self, slot: u32) -> usize {
+        slot as usize % self.workers.len()
+    }
+
+    /// Makes rule `slot` forward `key`: sockets, worker, IGMP. Called again for a running
+    /// rule, it switches the rule to the new outputs. `origins` are the resolved output
+    /// interfaces (see [`resolve_origins`]), `counters` the output counters, one per output.
+    /// Returns the worker that owns the rule.
     pub fn start_rule(
         &mut self,
         classifier: &Classifier,
         slot: u32,
         rule: &Rule,
-        ifindex: u32,
+        key: RuleKey,
         origins: &[Option<Origin>],
-    ) -> Result<usize, String> {
+        counters: &[u32],
+    ) -> Result<usize, StartError> {
         let mut outputs = Vec::with_capacity(rule.outputs.len());
-        for (output, origin) in rule.outputs.iter().zip(origins) {
-            let opened = match origin {
-                Some(origin) if output.destination.is_multicast() => {
-                    egress::open_frames(output, origin).map(|(socket, frame)| (socket, Some(frame)))
-                }
-                _ => egress::open(output, origin.as_ref()).map(|socket| (socket, None)),
+        for ((output, origin), &counter) in rule.outputs.iter().zip(origins).zip(counters) {
+            if counter as usize >= MAX_OUTPUTS {
+                return Err(StartError::NoOutputCounter(MAX_OUTPUTS));
+            }
+            let egress = match origin {
+                Some(origin) if output.destination.is_multicast() => EgressState {
+                    spec: OutputSpec {
+                        counter,
+                        frame: Some(egress::frame_header(output, origin)),
+                    },
+                    socket: None,
+                },
+                _ => EgressState {
+                    spec: OutputSpec {
+                        counter,
+                        frame: None,
+                    },
+                    socket: Some(egress::open(output, origin.as_ref()).map_err(|source| {
+                        StartError::OutputSocket {
+                            output: output.to_string(),
+                            source,
+                        }
+                    })?),
+                },
             };
-            let (socket, frame) =
-                opened.map_err(|error| format!("error: output {output}: {error}"))?;
-            outputs.push((output.clone(), socket, frame));
+            outputs.push(egress);
         }
-        if self.free_counters.len() < outputs.len() {
-            return Err(format!("error: more than {MAX_OUTPUTS} outputs in all"));
-        }
-
-        let worker = self
-            .routes
-            .get(&slot)
-            .map_or(slot as usize % self.workers.len(), |route| route.worker);
-        self.open_input(classifier, &rule.input.interface, ifindex)?;
-        let outputs: Vec<EgressState> = outputs
-            .into_iter()
-            .map(|(output, socket, frame)| {
-                let counter = self.free_counters.pop().expect("checked above");
-                EgressState {
-                    output,
-                    socket,
-                    frame,
-                    counter,
-                    baseline: self.workers[worker].counters.block().outputs[counter as usize]
-                        .read(),
-                }
-            })
-            .collect();
-        let key = RouteKey {
-            ifindex,
-            group: rule.input.group.octets(),
-            source: rule
-                .input
-                .source
-                .map_or(mcr_common::ANY_SOURCE, |s| s.octets()),
-            port: rule.input.port,
-        };
+        let worker = self.worker_for(slot);
+        self.open_input(classifier, &rule.input.interface, key.ifindex)?;
         let membership = Membership {
-            ifindex,
+            ifindex: key.ifindex,
             group: rule.input.group,
             source: rule.input.source,
         };
@@ -207,22 +205,25 @@ impl Dataplane {
         if let Err(error) = self.memberships.join(membership) {
             tracing::warn!(rule = %rule.name, %error, "cannot join {}", rule.input.group);
         }
-        // A rule that switched outputs: the old sockets close now that the worker has the new.
+        // A rule that switched outputs: the old sockets close now that the worker has the
+        // new ones, and its old hold on the input and the group is let go.
         if let Some(old) = self.routes.insert(slot, route) {
-            self.release_outputs(old.outputs);
-            self.close_input_ref(old.key.ifindex);
+            self.release(old);
         }
         Ok(worker)
     }
 
     fn send_route(&self, slot: u32, route: &RouteState) -> anyhow::Result<()> {
-        let fds: Vec<_> = route.outputs.iter().map(|o| o.socket.as_fd()).collect();
+        let fds: Vec<_> = route
+            .outputs
+            .iter()
+            .filter_map(|o| o.socket.as_ref().map(AsFd::as_fd))
+            .collect();
         self.workers[route.worker].send(
             &Command::AddRule {
                 slot,
                 key: route.key,
-                counters: route.outputs.iter().map(|o| o.counter).collect(),
-                frames: route.outputs.iter().map(|o| o.frame).collect(),
+                outputs: route.outputs.iter().map(|o| o.spec).collect(),
             },
             &fds,
         )
@@ -236,17 +237,18 @@ impl Dataplane {
         if let Err(error) = self.workers[route.worker].send(&Command::RemoveRule { slot }, &[]) {
             tracing::warn!("{error:#}");
         }
+        self.release(route);
+    }
+
+    /// Lets go of what a route held: its group membership and its input's packet sockets
+    /// (each shared with other rules, so only the last holder's release ends them), and its
+    /// output sockets.
+    fn release(&mut self, route: RouteState) {
         if let Err(error) = self.memberships.leave(route.membership) {
             tracing::warn!(%error, "cannot leave {}", route.membership.group);
         }
-        self.release_outputs(route.outputs);
         self.close_input_ref(route.key.ifindex);
-    }
-
-    fn release_outputs(&mut self, outputs: Vec<EgressState>) {
-        for output in outputs {
-            self.free_counters.push(output.counter);
-        }
+        drop(route.outputs);
     }
 
     fn open_input(
@@ -254,13 +256,18 @@ impl Dataplane {
         classifier: &Classifier,
         interface: &str,
         ifindex: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), StartError> {
         if let Some(input) = self.inputs.get_mut(&ifindex) {
             input.rules += 1;
             return Ok(());
         }
-        let group = FanoutGroup::open(ifindex, self.workers.len(), classifier)
-            .map_err(|error| format!("error: packet sockets on {interface}: {error}"))?;
+        let group =
+            FanoutGroup::open(ifindex, self.workers.len(), classifier).map_err(|source| {
+                StartError::InputSockets {
+                    interface: interface.to_owned(),
+                    source,
+                }
+            })?;
         let id = self.next_input;
         self.next_input += 1;
         for (worker, socket) in self.workers.iter().zip(&group.sockets) {
@@ -345,6 +352,7 @@ impl Dataplane {
         }
         worker.spawn(self.user, &self.events)?;
         let worker = &self.workers[index];
+        worker.send(&Command::SetEgress, &[self.frame_sockets[index].as_fd()])?;
         for input in self.inputs.values() {
             let socket = &input.group.sockets[index];
             worker.send(
@@ -375,20 +383,15 @@ impl Dataplane {
         }
     }
 
-    /// What each output of rule `slot` sent since it started.
-    pub fn output_stats(&self, slot: u32) -> Vec<OutputStats> {
-        let Some(route) = self.routes.get(&slot) else {
-            return Vec::new();
-        };
-        let block = self.workers[route.worker].counters.block();
-        route
+    /// What counter `counter` of rule `slot`'s worker holds now.
+    pub fn output_totals(&self, slot: u32, counter: u32) -> OutputTotals {
+        self.workers[self.worker_for(slot)]
+            .counters
+            .block()
             .outputs
-            .iter()
-            .map(|egress| {
-                let totals = block.outputs[egress.counter as usize].read() - egress.baseline;
-                OutputStats::new(&egress.output, totals)
-            })
-            .collect()
+            .get(counter as usize)
+            .map(crate::counters::OutputCounters::read)
+            .unwrap_or_default()
     }
 
     pub fn worker_stats(&self) -> Vec<WorkerStats> {
@@ -418,14 +421,20 @@ impl Dataplane {
             .collect()
     }
 
-    /// Stops every worker and closes every socket; memberships end with their sockets.
-    pub fn shutdown(&mut self) {
+    /// Asks every worker to stop; they exit on their own (see `Dataplane::pids`).
+    pub fn stop_workers(&mut self) {
         for worker in &mut self.workers {
             worker.stop();
         }
-        self.routes.clear();
-        self.inputs.clear();
-        self.memberships = Memberships::new();
+    }
+
+    /// Closes every socket; memberships end with their sockets. Packet sockets cost the
+    /// kernel an RCU grace period each to close, so thousands of them take a moment: this
+    /// runs after the workers are gone.
+    pub fn close(self) {
+        drop(self.routes);
+        drop(self.inputs);
+        drop(self.memberships);
     }
 
     /// Workers as `mcr status` shows them.

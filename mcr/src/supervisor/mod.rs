@@ -130,9 +130,11 @@ async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
     } = supervisor;
     let shutdown = classifier.shutdown();
     tracing::info!("classifier detached, pins removed");
-    dataplane.shutdown();
+    dataplane.stop_workers();
     wait_for_workers(&mut dataplane, &mut worker_events).await;
-    tracing::info!("workers stopped, groups left");
+    tracing::info!("workers stopped");
+    dataplane.close();
+    tracing::info!("sockets closed, groups left");
     result.and(shutdown.map_err(Into::into))
 }
 

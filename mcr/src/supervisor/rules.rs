@@ -1,54 +1,61 @@
 //! Keeps the classifier and the data plane equal to the rules file: where a rule becomes a
 //! map entry and a worker route.
+//!
+//! A rule keeps its counters for as long as it is in the rules file: its ingress counter slot
+//! and one counter per output are allocated when the rule first appears and released when it
+//! is removed. A rule that waits for an interface keeps them, so its figures continue when it
+//! starts again; a reload that changes an output's TTL keeps that output's counter.
 
 use std::{
     collections::{HashMap, HashSet},
     time::Instant,
 };
 
-use mcr_common::{ANY_SOURCE, RuleKey};
+use mcr_common::{ANY_SOURCE, MAX_RULES, RuleKey};
 
 use serde::{Deserialize, Serialize};
 
 use super::dataplane::{Dataplane, resolve_origins};
 use crate::{
-    bpf::{Classifier, MAX_SLOT},
-    config::{Config, Input, Rule},
+    bpf::Classifier,
+    config::{Config, Input, Output, Rule},
+    counters::{MAX_OUTPUTS, OutputTotals},
     sockets::{egress::Origin, interfaces},
-    stats::{RateMeter, RuleDrops, RuleStats, StatsReport},
+    state::{RuleState, StartError, Waiting},
+    stats::{OutputStats, RateMeter, RuleDrops, RuleStats, StatsReport},
 };
 
-/// The rules the supervisor runs, each with its map key, counter slot and state.
+/// The rules the supervisor runs, each with its map key, counters and state.
 #[derive(Default)]
 pub struct RuleTable {
     entries: Vec<Entry>,
-    slots: SlotAllocator,
+    /// Rules of the file that could not even get counters, with why (shown as failed).
+    unplaced: Vec<(Rule, String)>,
+    slots: IdAllocator<{ MAX_RULES as usize }>,
+    output_counters: IdAllocator<MAX_OUTPUTS>,
+}
+
+/// One output's counter: an index into the owning worker's counter block, and the block's
+/// reading when the output got it (a released counter may be handed out again).
+struct OutputCounter {
+    counter: u32,
+    baseline: OutputTotals,
+    meter: RateMeter,
 }
 
 struct Entry {
     rule: Rule,
+    /// Index of the rule's ingress counters; held while the rule is in the rules file.
+    slot: u32,
+    /// One per output of `rule`, in the same order.
+    outputs: Vec<OutputCounter>,
     /// Present while the rule is in the classifier map (and so forwarding).
     key: Option<RuleKey>,
-    /// The output interfaces the rule's sockets were opened on.
+    /// The outputs the data plane runs, and the interfaces their sockets were opened on.
+    running_outputs: Vec<Output>,
     origins: Vec<Option<Origin>>,
-    slot: Option<u32>,
-    state: String,
+    state: RuleState,
     meter: RateMeter,
-    output_meters: Vec<RateMeter>,
-}
-
-impl Entry {
-    fn new(rule: &Rule) -> Self {
-        Self {
-            rule: rule.clone(),
-            key: None,
-            origins: Vec::new(),
-            slot: None,
-            state: String::new(),
-            meter: RateMeter::default(),
-            output_meters: Vec::new(),
-        }
-    }
 }
 
 /// What one `apply` did, for the log and `mcr status`.
@@ -62,10 +69,9 @@ pub struct ApplySummary {
 impl RuleTable {
     /// Makes the classifier and the workers run exactly the rules of `config`, as they can
     /// run on the interfaces that exist now. New rules start before old ones stop. A rule
-    /// whose name, input and interfaces did not change keeps its map entry, worker and
-    /// counters, so its stream is never interrupted; if only its outputs changed, its worker
-    /// switches to the new ones in one step. A rule whose interface disappeared goes back to
-    /// waiting.
+    /// whose name and input did not change keeps its map entry, worker and counters, so its
+    /// stream is never interrupted; if only its outputs changed, its worker switches to the
+    /// new ones in one step. A rule whose interface disappeared goes back to waiting.
     pub fn apply(
         &mut self,
         classifier: &mut Classifier,
@@ -73,54 +79,40 @@ impl RuleTable {
         config: &Config,
     ) -> ApplySummary {
         let mut old: Vec<Entry> = std::mem::take(&mut self.entries);
-
+        self.unplaced.clear();
         for rule in &config.rules {
-            let key = resolve(&rule.input);
-            let origins = key.clone().and_then(|_| resolve_origins(rule));
-            let kept = old.iter().position(|entry| {
-                entry.rule.name == rule.name
-                    && entry.key.is_some()
-                    && entry.key == key.as_ref().ok().copied()
-                    && origins.is_ok()
-            });
-            let entry = match (kept, key, origins) {
-                (Some(i), _, Ok(origins)) => {
-                    let mut entry = old.swap_remove(i);
-                    if entry.rule.outputs != rule.outputs || entry.origins != origins {
-                        entry.rule = rule.clone();
-                        Self::switch_outputs(classifier, dataplane, &mut entry, origins);
-                    }
+            let existing = old
+                .iter()
+                .position(|entry| entry.rule.name == rule.name && entry.rule.input == rule.input)
+                .map(|i| old.swap_remove(i));
+            let entry = match existing {
+                Some(mut entry) => {
+                    self.update_outputs(dataplane, &mut entry, &rule.outputs);
                     entry.rule = rule.clone();
                     entry
                 }
-                (_, Ok(key), Ok(origins)) => {
-                    let mut entry = Entry::new(rule);
-                    self.start(classifier, dataplane, &mut entry, key, origins);
-                    entry
-                }
-                (_, Err(reason), _) | (_, Ok(_), Err(reason)) => {
-                    let mut entry = Entry::new(rule);
-                    entry.state = reason;
-                    entry
-                }
+                None => match self.new_entry(classifier, dataplane, rule) {
+                    Ok(entry) => entry,
+                    Err(error) => {
+                        tracing::error!(rule = %rule.name, %error, "rule not started");
+                        self.unplaced.push((rule.clone(), error.to_string()));
+                        continue;
+                    }
+                },
             };
             self.entries.push(entry);
         }
-
-        let live: HashSet<RuleKey> = self.entries.iter().filter_map(|e| e.key).collect();
+        // Keys of rules that keep running: a renamed rule takes its old key over, which the
+        // old entry's removal must not delete.
+        let mut running: HashSet<RuleKey> = HashSet::new();
+        for index in 0..self.entries.len() {
+            self.bring_up(classifier, dataplane, index);
+            if let Some(key) = self.entries[index].key {
+                running.insert(key);
+            }
+        }
         for entry in old {
-            if let Some(key) = entry.key
-                && !live.contains(&key)
-                && let Err(error) = classifier.remove_rule(&key)
-            {
-                tracing::warn!(rule = %entry.rule.name, %error, "cannot remove the rule's map entry");
-            }
-            if let Some(slot) = entry.slot {
-                if entry.key.is_some() {
-                    dataplane.stop_rule(slot);
-                }
-                self.slots.free(slot);
-            }
+            self.remove(classifier, dataplane, entry, &running);
         }
         self.detach_unused(classifier);
         self.summary()
@@ -128,12 +120,15 @@ impl RuleTable {
 
     /// How many rules are active, waiting and failed.
     pub fn summary(&self) -> ApplySummary {
-        let mut summary = ApplySummary::default();
+        let mut summary = ApplySummary {
+            failed: self.unplaced.len(),
+            ..ApplySummary::default()
+        };
         for entry in &self.entries {
-            match (&entry.key, entry.state.as_str()) {
-                (Some(_), _) => summary.active += 1,
-                (None, state) if state.starts_with("waiting") => summary.waiting += 1,
-                (None, _) => summary.failed += 1,
+            match entry.state {
+                RuleState::Active => summary.active += 1,
+                RuleState::Waiting { .. } => summary.waiting += 1,
+                RuleState::Failed { .. } => summary.failed += 1,
             }
         }
         summary
@@ -150,69 +145,119 @@ impl RuleTable {
         counts
     }
 
-    fn start(
+    /// A table entry for a rule that was not in the table: its slot (counters zeroed) and
+    /// its output counters. It starts in `bring_up`.
+    fn new_entry(
         &mut self,
         classifier: &mut Classifier,
-        dataplane: &mut Dataplane,
-        entry: &mut Entry,
-        key: RuleKey,
-        origins: Vec<Option<Origin>>,
-    ) {
-        if let Err(error) = classifier.attach(&entry.rule.input.interface, key.ifindex) {
-            entry.state = format!("error: {error}");
+        dataplane: &Dataplane,
+        rule: &Rule,
+    ) -> Result<Entry, StartError> {
+        let slot = self.slots.allocate().ok_or(StartError::NoSlot(MAX_RULES))?;
+        if let Err(error) = classifier.clear_rule_counters(slot) {
+            self.slots.free(slot);
+            return Err(StartError::Map(error));
+        }
+        let mut entry = Entry {
+            rule: rule.clone(),
+            slot,
+            outputs: Vec::new(),
+            key: None,
+            running_outputs: Vec::new(),
+            origins: Vec::new(),
+            state: RuleState::Waiting {
+                reason: "not started yet".into(),
+            },
+            meter: RateMeter::default(),
+        };
+        self.update_outputs(dataplane, &mut entry, &rule.outputs);
+        Ok(entry)
+    }
+
+    /// Gives `entry` one counter per output of `outputs`: an output that was there before
+    /// (same interface, destination and port) keeps its counter, a new one gets a fresh
+    /// counter, and the counters of outputs that went away are released.
+    fn update_outputs(&mut self, dataplane: &Dataplane, entry: &mut Entry, outputs: &[Output]) {
+        let mut previous: Vec<(Output, OutputCounter)> = entry
+            .rule
+            .outputs
+            .iter()
+            .cloned()
+            .zip(std::mem::take(&mut entry.outputs))
+            .collect();
+        let mut counters = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            if let Some(i) = previous
+                .iter()
+                .position(|(old, _)| same_output(old, output))
+            {
+                counters.push(previous.swap_remove(i).1);
+            } else if let Some(counter) = self.output_counters.allocate() {
+                counters.push(OutputCounter {
+                    counter,
+                    baseline: dataplane.output_totals(entry.slot, counter),
+                    meter: RateMeter::default(),
+                });
+            } else {
+                // The pool is exhausted: the rule gets no counters at all (so none can be
+                // attributed to the wrong output) and fails to start with `NoOutputCounter`.
+                previous.extend(outputs.iter().cloned().zip(counters.drain(..)));
+                break;
+            }
+        }
+        for (_, released) in previous {
+            self.output_counters.free(released.counter);
+        }
+        entry.outputs = counters;
+    }
+
+    /// Starts, restarts or re-plumbs entry `index` as its rule and the interfaces now allow,
+    /// or sends it back to waiting.
+    fn bring_up(&mut self, classifier: &mut Classifier, dataplane: &mut Dataplane, index: usize) {
+        let entry = &mut self.entries[index];
+        let wanted = resolve(&entry.rule.input)
+            .and_then(|key| resolve_origins(&entry.rule).map(|origins| (key, origins)));
+        let (key, origins) = match wanted {
+            Ok(wanted) => wanted,
+            Err(reason) => {
+                stop(classifier, dataplane, entry, None);
+                entry.state = RuleState::waiting(&reason);
+                return;
+            }
+        };
+        if entry.outputs.len() != entry.rule.outputs.len() {
+            stop(classifier, dataplane, entry, None);
+            entry.state = RuleState::failed(&StartError::NoOutputCounter(MAX_OUTPUTS));
             return;
         }
-        let Some(slot) = self.slots.allocate() else {
-            entry.state = format!("error: more than {} rules", MAX_SLOT + 1);
-            return;
-        };
-        // The worker gets the route before the classifier steers anything to it.
-        let worker =
-            match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex, &origins) {
-                Ok(worker) => worker,
-                Err(reason) => {
-                    self.slots.free(slot);
-                    entry.state = reason;
-                    return;
+        match entry.key {
+            // Running with the same key: only the outputs may have changed.
+            Some(running) if running == key => {
+                if let Err(error) = switch_outputs(classifier, dataplane, entry, origins) {
+                    tracing::warn!(rule = %entry.rule.name, "new outputs not applied: {error}");
                 }
-            };
-        let worker = u32::try_from(worker).expect("worker count is bounded by MAX_WORKERS");
-        match classifier.insert_rule(&key, slot, worker) {
-            Ok(()) => {
-                entry.key = Some(key);
-                entry.slot = Some(slot);
-                entry.origins = origins;
-                entry.state = "active".into();
-                entry.meter = RateMeter::default();
-                entry.output_meters = vec![RateMeter::default(); entry.rule.outputs.len()];
             }
-            Err(error) => {
-                dataplane.stop_rule(slot);
-                self.slots.free(slot);
-                entry.state = format!("error: {error}");
+            // The interface was deleted and created again (a new index): start afresh.
+            Some(_) => {
+                stop(classifier, dataplane, entry, None);
+                start(classifier, dataplane, entry, key, origins);
             }
+            None => start(classifier, dataplane, entry, key, origins),
         }
     }
 
-    /// A running rule got new outputs (or its output interfaces changed): the worker
-    /// switches over; the map entry stays.
-    fn switch_outputs(
-        classifier: &Classifier,
+    /// Stops a rule that left the rules file and releases its counters.
+    fn remove(
+        &mut self,
+        classifier: &mut Classifier,
         dataplane: &mut Dataplane,
-        entry: &mut Entry,
-        origins: Vec<Option<Origin>>,
+        mut entry: Entry,
+        running: &HashSet<RuleKey>,
     ) {
-        let (Some(slot), Some(key)) = (entry.slot, entry.key) else {
-            return;
-        };
-        match dataplane.start_rule(classifier, slot, &entry.rule, key.ifindex, &origins) {
-            Ok(_) => {
-                entry.origins = origins;
-                entry.output_meters = vec![RateMeter::default(); entry.rule.outputs.len()];
-            }
-            Err(reason) => {
-                tracing::warn!(rule = %entry.rule.name, "new outputs not applied: {reason}");
-            }
+        stop(classifier, dataplane, &mut entry, Some(running));
+        self.slots.free(entry.slot);
+        for output in entry.outputs {
+            self.output_counters.free(output.counter);
         }
     }
 
@@ -240,18 +285,12 @@ impl RuleTable {
     pub fn sample(&mut self, classifier: &Classifier, dataplane: &Dataplane) {
         let now = Instant::now();
         for entry in &mut self.entries {
-            let (Some(slot), Some(_)) = (entry.slot, entry.key) else {
-                continue;
-            };
-            if let Ok(counters) = classifier.rule_counters(slot) {
+            if let Ok(counters) = classifier.rule_counters(entry.slot) {
                 entry.meter.sample(now, counters.packets, counters.bytes);
             }
-            for (meter, output) in entry
-                .output_meters
-                .iter_mut()
-                .zip(dataplane.output_stats(slot))
-            {
-                meter.sample(now, output.tx_packets, output.tx_bytes);
+            for output in &mut entry.outputs {
+                let totals = dataplane.output_totals(entry.slot, output.counter) - output.baseline;
+                output.meter.sample(now, totals.packets, totals.bytes);
             }
         }
     }
@@ -262,17 +301,21 @@ impl RuleTable {
             .entries
             .iter()
             .map(|entry| {
-                let active = entry.slot.filter(|_| entry.key.is_some());
-                let counters = active
-                    .and_then(|slot| classifier.rule_counters(slot).ok())
-                    .unwrap_or_default();
-                let mut outputs = active
-                    .map(|slot| dataplane.output_stats(slot))
-                    .unwrap_or_default();
-                for (output, meter) in outputs.iter_mut().zip(&entry.output_meters) {
-                    output.tx_pps = meter.packets_per_second();
-                    output.tx_bps = meter.bits_per_second();
-                }
+                let counters = classifier.rule_counters(entry.slot).unwrap_or_default();
+                let outputs: Vec<OutputStats> = entry
+                    .rule
+                    .outputs
+                    .iter()
+                    .zip(&entry.outputs)
+                    .map(|(output, counter)| {
+                        let totals =
+                            dataplane.output_totals(entry.slot, counter.counter) - counter.baseline;
+                        let mut stats = OutputStats::new(output, totals);
+                        stats.tx_pps = counter.meter.packets_per_second();
+                        stats.tx_bps = counter.meter.bits_per_second();
+                        stats
+                    })
+                    .collect();
                 let drops = RuleDrops {
                     queue_full: outputs.iter().map(|o| o.queue_full).sum(),
                     send_errors: outputs.iter().map(|o| o.tx_errors).sum(),
@@ -289,6 +332,19 @@ impl RuleTable {
                     outputs,
                 }
             })
+            .chain(self.unplaced.iter().map(|(rule, reason)| RuleStats {
+                name: rule.name.clone(),
+                input: rule.input.to_string(),
+                state: RuleState::Failed {
+                    reason: reason.clone(),
+                },
+                rx_packets: 0,
+                rx_bytes: 0,
+                rx_pps: 0.0,
+                rx_bps: 0.0,
+                drops: RuleDrops::default(),
+                outputs: Vec::new(),
+            }))
             .collect();
         StatsReport {
             rules,
@@ -298,40 +354,138 @@ impl RuleTable {
     }
 }
 
-/// The map key of `input`, or why it cannot have one yet.
-fn resolve(input: &Input) -> Result<RuleKey, String> {
-    let ifindex = interfaces::index(&input.interface)
-        .ok_or_else(|| format!("waiting: interface {} does not exist", input.interface))?;
-    Ok(RuleKey {
-        ifindex,
-        group: input.group.octets(),
-        source: input.source.map_or(ANY_SOURCE, |source| source.octets()),
-        port: input.port,
-        pad: 0,
-    })
+/// Whether `a` and `b` are the same output for its counters: same interface, destination and
+/// port (TTL and other header settings may change).
+fn same_output(a: &Output, b: &Output) -> bool {
+    a.interface == b.interface && a.destination == b.destination && a.port == b.port
 }
 
-/// Hands out counter slots; a freed slot is reused last-freed-first.
+/// Makes `entry` forward `key` through `origins`. The worker gets the route before the
+/// classifier steers anything to it.
+fn start(
+    classifier: &mut Classifier,
+    dataplane: &mut Dataplane,
+    entry: &mut Entry,
+    key: RuleKey,
+    origins: Vec<Option<Origin>>,
+) {
+    let result = (|| {
+        classifier
+            .attach(&entry.rule.input.interface, key.ifindex)
+            .map_err(StartError::Attach)?;
+        let counters: Vec<u32> = entry.outputs.iter().map(|o| o.counter).collect();
+        let worker = dataplane.start_rule(
+            classifier,
+            entry.slot,
+            &entry.rule,
+            key,
+            &origins,
+            &counters,
+        )?;
+        let worker = u32::try_from(worker).expect("worker count is bounded by MAX_WORKERS");
+        classifier
+            .insert_rule(&key, entry.slot, worker)
+            .map_err(|error| {
+                dataplane.stop_rule(entry.slot);
+                StartError::Map(error)
+            })
+    })();
+    match result {
+        Ok(()) => {
+            entry.key = Some(key);
+            entry.running_outputs = entry.rule.outputs.clone();
+            entry.origins = origins;
+            entry.state = RuleState::Active;
+        }
+        Err(error) => {
+            tracing::error!(rule = %entry.rule.name, %error, "rule not started");
+            entry.state = RuleState::failed(&error);
+        }
+    }
+}
+
+/// A running rule got new outputs (or its output interfaces changed): the worker switches
+/// over; the map entry stays.
+fn switch_outputs(
+    classifier: &Classifier,
+    dataplane: &mut Dataplane,
+    entry: &mut Entry,
+    origins: Vec<Option<Origin>>,
+) -> Result<(), StartError> {
+    let Some(key) = entry.key else {
+        return Ok(());
+    };
+    if entry.origins == origins && entry.running_outputs == entry.rule.outputs {
+        return Ok(());
+    }
+    let counters: Vec<u32> = entry.outputs.iter().map(|o| o.counter).collect();
+    dataplane.start_rule(
+        classifier,
+        entry.slot,
+        &entry.rule,
+        key,
+        &origins,
+        &counters,
+    )?;
+    entry.running_outputs = entry.rule.outputs.clone();
+    entry.origins = origins;
+    Ok(())
+}
+
+/// Takes `entry` out of the classifier and the data plane, if it is running. The map entry
+/// stays when `keep` holds its key (another rule took it over).
+fn stop(
+    classifier: &mut Classifier,
+    dataplane: &mut Dataplane,
+    entry: &mut Entry,
+    keep: Option<&HashSet<RuleKey>>,
+) {
+    let Some(key) = entry.key.take() else {
+        return;
+    };
+    if !keep.is_some_and(|keep| keep.contains(&key))
+        && let Err(error) = classifier.remove_rule(&key)
+    {
+        tracing::warn!(rule = %entry.rule.name, %error, "cannot remove the rule's map entry");
+    }
+    dataplane.stop_rule(entry.slot);
+    entry.running_outputs.clear();
+    entry.origins.clear();
+}
+
+/// The map key of `input`, or why it cannot have one yet.
+fn resolve(input: &Input) -> Result<RuleKey, Waiting> {
+    let ifindex = interfaces::index(&input.interface)
+        .ok_or_else(|| Waiting::InputInterface(input.interface.clone()))?;
+    Ok(RuleKey::new(
+        ifindex,
+        input.group.octets(),
+        input.source.map_or(ANY_SOURCE, |source| source.octets()),
+        input.port,
+    ))
+}
+
+/// Hands out the numbers `0..LIMIT`; a freed number is reused last-freed-first.
 #[derive(Default)]
-struct SlotAllocator {
+struct IdAllocator<const LIMIT: usize> {
     next: u32,
     free: Vec<u32>,
 }
 
-impl SlotAllocator {
+impl<const LIMIT: usize> IdAllocator<LIMIT> {
     fn allocate(&mut self) -> Option<u32> {
-        if let Some(slot) = self.free.pop() {
-            return Some(slot);
+        if let Some(id) = self.free.pop() {
+            return Some(id);
         }
-        if self.next > MAX_SLOT {
+        if self.next as usize >= LIMIT {
             return None;
         }
         self.next += 1;
         Some(self.next - 1)
     }
 
-    fn free(&mut self, slot: u32) {
-        self.free.push(slot);
+    fn free(&mut self, id: u32) {
+        self.free.push(id);
     }
 }
 
@@ -340,15 +494,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_are_reused_and_bounded() {
-        let mut slots = SlotAllocator::default();
-        assert_eq!(slots.allocate(), Some(0));
-        assert_eq!(slots.allocate(), Some(1));
-        slots.free(0);
-        assert_eq!(slots.allocate(), Some(0));
-        for _ in 2..=MAX_SLOT {
-            assert!(slots.allocate().is_some());
-        }
-        assert_eq!(slots.allocate(), None);
+    fn ids_are_reused_and_bounded() {
+        let mut ids = IdAllocator::<4>::default();
+        assert_eq!(ids.allocate(), Some(0));
+        assert_eq!(ids.allocate(), Some(1));
+        ids.free(0);
+        assert_eq!(ids.allocate(), Some(0));
+        assert_eq!(ids.allocate(), Some(2));
+        assert_eq!(ids.allocate(), Some(3));
+        assert_eq!(ids.allocate(), None);
+    }
+
+    #[test]
+    fn an_output_is_the_same_whatever_its_ttl() {
+        let output = |port, ttl| Output {
+            interface: Some("out0".into()),
+            destination: "239.2.2.1".parse().expect("address"),
+            port,
+            ttl,
+        };
+        assert!(same_output(&output(6000, 8), &output(6000, 16)));
+        assert!(!same_output(&output(6000, 8), &output(6001, 8)));
     }
 }

@@ -12,13 +12,14 @@ use std::{
 };
 
 use io_uring::{IoUring, Submitter, cqueue, opcode, squeue, types::Fd};
+use mcr_common::RuleKey;
 
 use super::{
     buffers::{BUFFER_SIZE, BufferRing, GROUP},
     frames::{Frame, FrameSlab, HEADER_LEN},
 };
 use crate::{
-    command::{self, Command, MAX_MESSAGE, RouteKey},
+    command::{self, Command, MAX_MESSAGE},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
     packet::{self, ParseError},
 };
@@ -67,11 +68,17 @@ struct Input {
 /// Receive errors in a row after which an input is no longer re-armed.
 const MAX_RECEIVE_FAILURES: u32 = 100;
 
+/// How an output's packets leave.
+enum Egress {
+    /// A connected UDP socket of its own.
+    Socket(OwnedFd),
+    /// Framed by the worker and sent on its link-layer socket.
+    Framed(Frame),
+}
+
 struct Output {
-    socket: OwnedFd,
+    egress: Egress,
     counter: u32,
-    /// Set for outputs whose frames the worker builds.
-    frame: Option<Frame>,
 }
 
 struct Route {
@@ -86,8 +93,10 @@ pub struct Forwarder {
     counters: SharedCounters,
     buffers: BufferRing,
     frames: FrameSlab,
+    /// The link-layer socket framed outputs send on, once the supervisor has sent it.
+    frame_socket: Option<OwnedFd>,
     inputs: Vec<Input>,
-    routes: HashMap<RouteKey, Route>,
+    routes: HashMap<RuleKey, Route>,
     /// Sends outstanding per buffer; the buffer is recycled when it drops to zero.
     pending: Vec<u16>,
     in_flight: usize,
@@ -114,6 +123,7 @@ impl Forwarder {
             counters,
             buffers,
             frames: FrameSlab::new(MAX_IN_FLIGHT),
+            frame_socket: None,
             inputs: Vec::new(),
             routes: HashMap::new(),
             pending: vec![0; usize::from(super::buffers::ENTRIES)],
@@ -240,18 +250,17 @@ impl Forwarder {
                 return Ok(());
             }
         };
-        let mut key = RouteKey {
-            ifindex: self.inputs[input].ifindex,
-            group: datagram.destination.octets(),
-            source: datagram.source.octets(),
-            port: datagram.destination_port,
-        };
+        let key = RuleKey::new(
+            self.inputs[input].ifindex,
+            datagram.destination.octets(),
+            datagram.source.octets(),
+            datagram.destination_port,
+        );
         // Source-specific rules first, then the rule for any sender.
         let route = if let Some(route) = self.routes.get(&key) {
             route
         } else {
-            key.source = mcr_common::ANY_SOURCE;
-            let Some(route) = self.routes.get(&key) else {
+            let Some(route) = self.routes.get(&key.any_source()) else {
                 bump(&totals.no_rule, 1);
                 self.buffers.recycle(buffer);
                 return Ok(());
@@ -279,16 +288,21 @@ impl Forwarder {
         let payload_len = u32::try_from(payload.len()).expect("payload fits a 2 KiB buffer");
         let mut queued = 0;
         for output in &route.outputs {
-            let fd = Fd(output.socket.as_raw_fd());
             // A full socket buffer fails a send at once instead of parking it, which would let
             // later packets of the flow overtake it.
-            let send = match &output.frame {
-                None => opcode::Send::new(fd, payload.as_ptr(), payload_len)
-                    .flags(nix::libc::MSG_DONTWAIT)
-                    .build()
-                    .user_data(send_data(buffer, NO_SLOT, output.counter)),
-                Some(frame) => {
-                    let Some((slot, message)) = self.frames.prepare(frame, payload) else {
+            let send = match &output.egress {
+                Egress::Socket(socket) => {
+                    opcode::Send::new(Fd(socket.as_raw_fd()), payload.as_ptr(), payload_len)
+                        .flags(nix::libc::MSG_DONTWAIT)
+                        .build()
+                        .user_data(send_data(buffer, NO_SLOT, output.counter))
+                }
+                Egress::Framed(frame) => {
+                    let prepared = self.frame_socket.as_ref().and_then(|socket| {
+                        let (slot, message) = self.frames.prepare(frame, payload)?;
+                        Some((Fd(socket.as_raw_fd()), slot, message))
+                    });
+                    let Some((fd, slot, message)) = prepared else {
                         bump(
                             &self.counters.block().outputs[output.counter as usize].queue_full,
                             1,
@@ -450,26 +464,28 @@ impl Forwarder {
                     tracing::debug!(input, "input removed");
                 }
             }
-            Command::AddRule {
-                slot,
-                key,
-                counters,
-                frames,
-            } => {
-                if counters.iter().any(|&c| c as usize >= MAX_OUTPUTS) {
+            Command::SetEgress => {
+                self.frame_socket = fds.into_iter().next();
+            }
+            Command::AddRule { slot, key, outputs } => {
+                if outputs.iter().any(|o| o.counter as usize >= MAX_OUTPUTS) {
                     tracing::error!(slot, "rule names a counter out of range; ignored");
                     return Ok(());
                 }
                 self.routes
                     .retain(|old_key, route| route.slot != slot || *old_key == key);
-                let outputs = fds
-                    .into_iter()
-                    .zip(counters)
-                    .enumerate()
-                    .map(|(i, (socket, counter))| Output {
-                        socket,
-                        counter,
-                        frame: frames.get(i).copied().flatten().as_ref().map(Frame::new),
+                let mut sockets = fds.into_iter();
+                let outputs = outputs
+                    .iter()
+                    .filter_map(|spec| {
+                        let egress = match &spec.frame {
+                            Some(header) => Egress::Framed(Frame::new(header)),
+                            None => Egress::Socket(sockets.next()?),
+                        };
+                        Some(Output {
+                            egress,
+                            counter: spec.counter,
+                        })
                     })
                     .collect();
                 self.routes.insert(key, Route { slot, outputs });
