@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     config,
     control::{self, Request, Response},
-    stats, status,
+    stats,
+    status::{self, ReloadResult},
     supervisor::{self, RunOptions},
 };
 
@@ -28,7 +29,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the relay (needs root, or `CAP_BPF`, `CAP_NET_ADMIN` and `CAP_NET_RAW`).
+    /// Run the relay (needs root, or `CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN`, `CAP_NET_RAW`,
+    /// and `CAP_SETUID`, `CAP_SETGID`, `CAP_SETPCAP` to start the workers unprivileged).
     Run {
         /// The rules file.
         #[arg(long, short)]
@@ -181,15 +183,16 @@ impl Cli {
                 else {
                     bail!("mcr answered something other than a reload result");
                 };
-                match record.error {
-                    None => {
+                match record.result {
+                    ReloadResult::Applied => {
                         println!("reload {}: rules file applied", record.time);
                         Ok(ExitCode::SUCCESS)
                     }
-                    Some(error) => {
+                    ReloadResult::Rejected => {
                         eprintln!(
-                            "reload {}: rules file rejected, the running rules stay as they were:\n{error}",
-                            record.time
+                            "reload {}: rules file rejected, the running rules stay as they were:\n{}",
+                            record.time,
+                            record.error.unwrap_or_default()
                         );
                         Ok(ExitCode::FAILURE)
                     }

@@ -1,4 +1,5 @@
-//! The control socket: how `mcr stats` (and later commands) talk to a running supervisor.
+//! The control socket: how `mcr stats`, `mcr status` and `mcr reload` talk to a running
+//! supervisor.
 //!
 //! One JSON object per line each way: a [`Request`], then a [`Response`].
 

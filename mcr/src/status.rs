@@ -17,14 +17,32 @@ pub enum Trigger {
     Command,
 }
 
+/// Whether a reload changed anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadResult {
+    /// The file was valid and is what runs now.
+    Applied,
+    /// The file was invalid; the rules that ran before still run.
+    Rejected,
+}
+
+impl std::fmt::Display for ReloadResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Applied => "applied",
+            Self::Rejected => "rejected",
+        })
+    }
+}
+
 /// The outcome of the last reload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReloadRecord {
     /// RFC 3339, UTC.
     pub time: String,
     pub trigger: Trigger,
-    /// `applied` or `rejected`.
-    pub result: String,
+    pub result: ReloadResult,
     /// Why the file was rejected (file, line, field), if it was.
     pub error: Option<String>,
 }

@@ -8,7 +8,10 @@ use mcr_tests::{
     Datagram, Expected, Lab, Mcr, Netns, RELAY_OUT0, Receiver, RulesFile, SINK, Stream,
     assert_delivered, send_udp, veth, wait_for,
 };
-use nix::sys::signal::Signal;
+use nix::sys::{
+    resource::{Resource, getrlimit, setrlimit},
+    signal::Signal,
+};
 
 fn rule(name: &str, interface: &str, group: &str, output_group: &str) -> String {
     let mut text = String::new();
@@ -496,24 +499,38 @@ fn sigterm_with_idle_workers_stops_at_once() -> anyhow::Result<()> {
 }
 
 #[test]
-fn shutdown_with_four_thousand_rules_takes_seconds() -> anyhow::Result<()> {
+fn four_thousand_rules_start_and_stop_within_seconds() -> anyhow::Result<()> {
     const RULES: u16 = 4000;
     let lab = Lab::new()?;
+    // Every other rule has a unicast output, each a UDP socket of its own.
     let parts: Vec<String> = (0..RULES)
         .map(|k| {
             let (high, low) = (k / 250, k % 250 + 1);
-            rule_with(
-                &format!("r{k}"),
-                &format!("239.10.{high}.{low}"),
-                5000,
-                &format!("239.20.{high}.{low}"),
-                16,
-            )
+            if k % 2 == 0 {
+                rule_with(
+                    &format!("r{k}"),
+                    &format!("239.10.{high}.{low}"),
+                    5000,
+                    &format!("239.20.{high}.{low}"),
+                    16,
+                )
+            } else {
+                format!(
+                    "  - name: r{k}\n    input: {{interface: in0, group: 239.10.{high}.{low}, port: 5000}}\n    outputs:\n      - {{destination: {SINK}, port: {}}}\n",
+                    7000 + k
+                )
+            }
         })
         .collect();
     let file = RulesFile::new(&rules(&parts))?;
+    // mcr is started the way many service managers start it: with a soft limit of 1024 open
+    // files (which its workers inherit).
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard)?;
     let started = std::time::Instant::now();
-    let mut mcr = Mcr::start(&lab.relay, file.path())?;
+    let mcr = Mcr::start(&lab.relay, file.path());
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let mut mcr = mcr?;
     let status = wait_for_status(&mcr, "4000 active rules", |s| {
         s["rules"]["active"] == u64::from(RULES)
     })?;
@@ -529,4 +546,36 @@ fn shutdown_with_four_thousand_rules_takes_seconds() -> anyhow::Result<()> {
     ensure!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
     ensure!(lab.igmp_groups("in0")?.len() < 10, "groups left behind");
     Ok(())
+}
+
+#[test]
+fn a_slow_reload_does_not_hold_up_the_control_socket() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rule_text = rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]);
+    let file = RulesFile::new(&rule_text)?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    // A valid file that takes a while to read: the same rule and about 15 MB of comments.
+    let comment = format!("# {}\n", "x".repeat(98));
+    file.write(&format!("{rule_text}{}", comment.repeat(150_000)))?;
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let reload = scope.spawn(|| mcr.cli_output(&["reload"]));
+        std::thread::sleep(Duration::from_millis(200));
+        let stats = mcr.stats()?;
+        ensure!(
+            !reload.is_finished(),
+            "the reload ended before the stats call: this file reads too fast to show anything"
+        );
+        assert_eq!(stats.len(), 1, "{stats:?}");
+        let reloaded = reload
+            .join()
+            .map_err(|_| anyhow::anyhow!("reload thread panicked"))??;
+        ensure!(reloaded.status.success(), "{reloaded:?}");
+        Ok(())
+    })?;
+    assert_relayed(
+        &lab,
+        Ipv4Addr::new(239, 1, 1, 1),
+        Ipv4Addr::new(239, 2, 2, 1),
+        100,
+    )
 }

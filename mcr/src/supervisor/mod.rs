@@ -28,7 +28,7 @@ use crate::{
     bpf::Classifier,
     config::{self, Config},
     control::{Request, Response},
-    status::{InterfaceStatus, ReloadRecord, RuleCounts, StatusReport, Trigger},
+    status::{InterfaceStatus, ReloadRecord, ReloadResult, RuleCounts, StatusReport, Trigger},
 };
 
 /// How often counters are read for the rates `mcr stats` shows.
@@ -45,9 +45,27 @@ pub struct RunOptions {
 
 type Call = (Request, oneshot::Sender<Response>);
 
+/// A reload under way: the rules file is read and validated on a blocking thread, so a slow
+/// or hostile file never holds up signals, the control socket or worker restarts.
+struct Reloading {
+    trigger: Trigger,
+    parse: tokio::task::JoinHandle<Result<Config, config::ConfigError>>,
+    /// `mcr reload` callers waiting for the outcome.
+    waiters: Vec<oneshot::Sender<Response>>,
+}
+
+/// Reloads asked for while one was under way: they run once it ends (the file may have
+/// changed since its parse began), and answer their own callers.
+#[derive(Default)]
+struct NextReload {
+    trigger: Option<Trigger>,
+    waiters: Vec<oneshot::Sender<Response>>,
+}
+
 /// Runs the supervisor until SIGINT or SIGTERM, then detaches everything and removes the pins.
 pub fn run(options: &RunOptions) -> anyhow::Result<()> {
     let config = config::load(&options.config)?;
+    raise_descriptor_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -150,6 +168,8 @@ impl Supervisor<'_> {
         let mut hangup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
         let mut sampler = tokio::time::interval(SAMPLE_INTERVAL);
         let (calls, mut pending) = mpsc::channel::<Call>(64);
+        let mut reloading: Option<Reloading> = None;
+        let mut next_reload = NextReload::default();
         // Changes wait until they have settled.
         let mut file_changed: Option<TokioInstant> = None;
         let mut interfaces_changed: Option<TokioInstant> = None;
@@ -163,7 +183,7 @@ impl Supervisor<'_> {
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
                 _ = hangup.recv() => {
-                    self.reload(Trigger::Sighup);
+                    next_reload.trigger.get_or_insert(Trigger::Sighup);
                 }
                 Some(change) = changes.recv() => {
                     let at = Some(TokioInstant::now() + SETTLE);
@@ -174,7 +194,26 @@ impl Supervisor<'_> {
                 }
                 () = tokio::time::sleep_until(next_file), if file_changed.is_some() => {
                     file_changed = None;
-                    self.reload(Trigger::FileChange);
+                    next_reload.trigger.get_or_insert(Trigger::FileChange);
+                }
+                parsed = async {
+                    match reloading.as_mut() {
+                        Some(reload) => (&mut reload.parse).await,
+                        None => std::future::pending().await,
+                    }
+                }, if reloading.is_some() => {
+                    let Reloading { trigger, waiters, .. } =
+                        reloading.take().expect("the branch runs only while reloading");
+                    let parsed = parsed.unwrap_or_else(|error| {
+                        Err(config::ConfigError::Read {
+                            path: self.options.config.clone(),
+                            source: std::io::Error::other(error),
+                        })
+                    });
+                    let record = self.finish_reload(trigger, parsed);
+                    for waiter in waiters {
+                        let _ = waiter.send(Response::Reload(record.clone()));
+                    }
                 }
                 () = tokio::time::sleep_until(next_interfaces), if interfaces_changed.is_some() => {
                     interfaces_changed = None;
@@ -191,9 +230,30 @@ impl Supervisor<'_> {
                     }
                     Err(error) => tracing::warn!(%error, "control socket accept failed"),
                 },
-                Some((request, reply)) = pending.recv() => {
-                    let _ = reply.send(self.answer(&request));
-                }
+                Some((request, reply)) = pending.recv() => match request {
+                    Request::Stats => {
+                        let report = self.table.report(&self.classifier, &self.dataplane);
+                        let _ = reply.send(Response::Stats(report));
+                    }
+                    Request::Status => {
+                        let _ = reply.send(Response::Status(Box::new(self.status())));
+                    }
+                    // Answered when the reload ends.
+                    Request::Reload => {
+                        next_reload.trigger.get_or_insert(Trigger::Command);
+                        next_reload.waiters.push(reply);
+                    }
+                },
+            }
+            if reloading.is_none()
+                && let Some(trigger) = next_reload.trigger.take()
+            {
+                let path = self.options.config.clone();
+                reloading = Some(Reloading {
+                    trigger,
+                    parse: tokio::task::spawn_blocking(move || config::load(&path)),
+                    waiters: std::mem::take(&mut next_reload.waiters),
+                });
             }
         }
         tracing::info!("shutting down");
@@ -215,10 +275,14 @@ impl Supervisor<'_> {
         );
     }
 
-    /// Re-reads the rules file; a file that fails validation changes nothing.
-    fn reload(&mut self, trigger: Trigger) -> ReloadRecord {
+    /// Applies a re-read rules file; a file that failed validation changes nothing.
+    fn finish_reload(
+        &mut self,
+        trigger: Trigger,
+        parsed: Result<Config, config::ConfigError>,
+    ) -> ReloadRecord {
         self.reloads += 1;
-        let (result, error) = match config::load(&self.options.config) {
+        let (result, error) = match parsed {
             Ok(config) => {
                 if config.settings != self.config.settings {
                     tracing::warn!(
@@ -227,20 +291,20 @@ impl Supervisor<'_> {
                 }
                 self.config = config;
                 self.apply(trigger);
-                ("applied", None)
+                (ReloadResult::Applied, None)
             }
             Err(error) => {
                 tracing::error!(
                     ?trigger,
                     "rules file rejected, the running rules stay as they were:\n{error}"
                 );
-                ("rejected", Some(error.to_string()))
+                (ReloadResult::Rejected, Some(error.to_string()))
             }
         };
         let record = ReloadRecord {
             time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             trigger,
-            result: result.to_owned(),
+            result,
             error,
         };
         self.last_reload = Some(record.clone());
@@ -270,14 +334,6 @@ impl Supervisor<'_> {
                 tokio::time::sleep(delay).await;
                 let _ = events.send(WorkerEvent::RestartDue { index }).await;
             });
-        }
-    }
-
-    fn answer(&mut self, request: &Request) -> Response {
-        match request {
-            Request::Stats => Response::Stats(self.table.report(&self.classifier, &self.dataplane)),
-            Request::Status => Response::Status(Box::new(self.status())),
-            Request::Reload => Response::Reload(self.reload(Trigger::Command)),
         }
     }
 
@@ -355,6 +411,22 @@ async fn serve_client(stream: UnixStream, calls: mpsc::Sender<Call>) {
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');
         let _ = write.write_all(text.as_bytes()).await;
+    }
+}
+
+/// Unicast outputs, memberships and packet sockets are file descriptors, in the supervisor and
+/// again in the workers (which inherit the limit): thousands of rules need more than the usual
+/// soft limit of 1024, so it is raised to the hard limit.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "cannot raise the open file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open file limit"),
     }
 }
 
