@@ -120,6 +120,74 @@ pub struct SkipCounters {
     pub fragments: u64,
 }
 
+/// Name of the hash map from a rule's slot to its [`KernelOutputs`].
+pub const MAP_KERNEL_OUTPUTS: &str = "MCR_KERNEL_OUTPUTS";
+/// Name of the per-CPU array of [`OutputCounters`], indexed by [`KernelOutput::counter`].
+pub const MAP_OUTPUT_STATS: &str = "MCR_OUTPUT_STATS";
+/// Most outputs of one rule.
+pub const MAX_RULE_OUTPUTS: usize = 64;
+/// Most outputs (over all rules) one instance can hold: the size of `MCR_OUTPUT_STATS` and of
+/// each worker's counter block.
+pub const MAX_OUTPUTS: u32 = 16_384;
+
+/// One output the classifier writes itself (the kernel path): the headers that differ from
+/// the input packet's, and where the copy goes. Addresses are the bytes on the wire, the port
+/// is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOutput {
+    /// The output interface: the copy leaves through its egress.
+    pub ifindex: u32,
+    /// Index of the output's counters in `MCR_OUTPUT_STATS` (and in the owning worker's
+    /// counter block: the same output counts in one place whichever path carried it).
+    pub counter: u32,
+    /// Ethernet destination: the group's MAC, or the unicast next hop's.
+    pub destination_mac: [u8; 6],
+    /// Ethernet source: the output interface's MAC.
+    pub source_mac: [u8; 6],
+    /// IPv4 source: the output interface's address.
+    pub source: [u8; 4],
+    pub destination: [u8; 4],
+    pub port: u16,
+    pub ttl: u8,
+    /// Explicit padding, always zero.
+    pub pad: u8,
+}
+
+/// The outputs of one rule on the kernel path. Replaced as one hash map element, so the
+/// classifier sees either the old set or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOutputs {
+    /// Outputs in use, at most [`MAX_RULE_OUTPUTS`].
+    pub count: u32,
+    /// Longest frame (Ethernet header included) that fits every output's MTU; a longer packet
+    /// is handed to the rule's worker instead.
+    pub max_frame: u32,
+    pub outputs: [KernelOutput; MAX_RULE_OUTPUTS],
+}
+
+impl Default for KernelOutputs {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            max_frame: 0,
+            outputs: [KernelOutput::default(); MAX_RULE_OUTPUTS],
+        }
+    }
+}
+
+/// What the classifier sent for one output on the kernel path, on one CPU. Bytes are UDP
+/// payload bytes, as everywhere else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Copies the kernel refused (`bpf_clone_redirect` failed, e.g. the interface is down).
+    pub errors: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +200,13 @@ mod tests {
         assert_eq!(mark & 0xffff, MAX_RULES - 1);
         assert!(!is_steering_mark(0));
         assert!(!is_steering_mark(0x0001_0000));
+    }
+
+    #[test]
+    fn kernel_outputs_have_no_hidden_padding() {
+        assert_eq!(size_of::<KernelOutput>(), 32);
+        assert_eq!(size_of::<KernelOutputs>(), 8 + 32 * MAX_RULE_OUTPUTS);
+        assert_eq!(size_of::<OutputCounters>(), 24);
     }
 }
 
@@ -146,4 +221,10 @@ mod user {
     unsafe impl aya::Pod for super::RuleCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SkipCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOutput {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOutputs {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OutputCounters {}
 }

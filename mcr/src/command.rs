@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// The largest command message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// The most file descriptors one command carries (at most one per output of a rule).
-pub const MAX_FDS: usize = 64;
+pub const MAX_FDS: usize = mcr_common::MAX_RULE_OUTPUTS;
 
 /// What a worker needs to build the frames of a multicast output itself: the link-layer
 /// destination and the fields of the IPv4 and UDP headers that do not change per packet.

@@ -19,7 +19,7 @@ use nix::sys::{
 };
 
 /// Most outputs (over all rules) one instance can hold.
-pub const MAX_OUTPUTS: usize = 16_384;
+pub const MAX_OUTPUTS: usize = mcr_common::MAX_OUTPUTS as usize;
 
 /// Drops a worker counts before it knows the rule, by reason.
 #[repr(C)]
