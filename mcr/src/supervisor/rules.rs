@@ -86,6 +86,12 @@ impl RuleTable {
             let entry = match (kept, key, origins) {
                 (Some(i), _, Ok(origins)) => {
                     let mut entry = old.swap_remove(i);
+                    if entry.rule.min_ttl != rule.min_ttl
+                        && let Some(key) = entry.key
+                        && let Err(error) = classifier.set_min_ttl(&key, rule.min_ttl.unwrap_or(0))
+                    {
+                        tracing::warn!(rule = %rule.name, %error, "new minimum TTL not applied");
+                    }
                     if entry.rule.outputs != rule.outputs || entry.origins != origins {
                         entry.rule = rule.clone();
                         Self::switch_outputs(classifier, dataplane, &mut entry, origins);
@@ -177,7 +183,7 @@ impl RuleTable {
                 }
             };
         let worker = u32::try_from(worker).expect("worker count is bounded by MAX_WORKERS");
-        match classifier.insert_rule(&key, slot, worker) {
+        match classifier.insert_rule(&key, slot, worker, entry.rule.min_ttl.unwrap_or(0)) {
             Ok(()) => {
                 entry.key = Some(key);
                 entry.slot = Some(slot);
@@ -285,6 +291,8 @@ impl RuleTable {
                     rx_bytes: counters.bytes,
                     rx_pps: entry.meter.packets_per_second(),
                     rx_bps: entry.meter.bits_per_second(),
+                    min_ttl: entry.rule.min_ttl,
+                    below_min_ttl: counters.below_min_ttl,
                     drops,
                     outputs,
                 }
