@@ -98,6 +98,11 @@ pub struct RuleSlot {
     pub slot: u32,
     /// Index of the worker that forwards this rule; it goes into the packet's mark.
     pub worker: u32,
+    /// Lowest IPv4 TTL the rule relays; packets below it are counted in
+    /// [`RuleCounters::below_min_ttl`] and left alone. 0 (the default) relays any TTL.
+    pub min_ttl: u8,
+    /// Explicit padding, always zero.
+    pub pad: [u8; 3],
 }
 
 /// Ingress counters of one rule on one CPU. Bytes are UDP payload bytes, the figure that
@@ -105,19 +110,61 @@ pub struct RuleSlot {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleCounters {
+    /// Packets steered to the rule's worker.
     pub packets: u64,
     pub bytes: u64,
+    /// Packets of the rule that arrived with a TTL below its `min_ttl`: not relayed.
+    pub below_min_ttl: u64,
 }
 
-/// Multicast IPv4 packets seen on a classified interface that no rule can take, by reason.
-/// They pass on untouched; these counters say why they were not relayed.
+impl core::ops::Add for RuleCounters {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            below_min_ttl: self.below_min_ttl + other.below_min_ttl,
+        }
+    }
+}
+
+/// Multicast UDP over IPv4 seen on a classified interface that the relay does not take, by
+/// reason. Such packets pass on untouched and are counted for no rule.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SkipCounters {
-    /// UDP to a multicast group with a header that contradicts the packet (length fields).
+    /// Headers that contradict themselves or the packet (IHL, length fields).
     pub malformed: u64,
-    /// IP fragments to a multicast group: the relay forwards whole datagrams only.
+    /// IP fragments: the relay forwards whole datagrams only.
     pub fragments: u64,
+    /// Frames with an 802.1Q or 802.1AD tag, in the data or taken into the skb by the
+    /// receive path: they belong to a VLAN interface, which needs a rule of its own.
+    pub vlan: u64,
+    /// Frames addressed to another host's unicast MAC (`PACKET_OTHERHOST`).
+    pub other_host: u64,
+    /// IPv4 header checksum does not add up.
+    pub bad_checksum: u64,
+    /// TTL 0: no router may have passed it on.
+    pub ttl_zero: u64,
+    /// A source no sender can have: 0.0.0.0/8, 127.0.0.0/8, multicast, 255.255.255.255.
+    pub bad_source: u64,
+}
+
+impl core::ops::Add for SkipCounters {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            malformed: self.malformed + other.malformed,
+            fragments: self.fragments + other.fragments,
+            vlan: self.vlan + other.vlan,
+            other_host: self.other_host + other.other_host,
+            bad_checksum: self.bad_checksum + other.bad_checksum,
+            ttl_zero: self.ttl_zero + other.ttl_zero,
+            bad_source: self.bad_source + other.bad_source,
+        }
+    }
 }
 
 /// Name of the hash map from a rule's slot to its [`KernelOutputs`].
@@ -207,6 +254,42 @@ mod tests {
         assert_eq!(size_of::<KernelOutput>(), 32);
         assert_eq!(size_of::<KernelOutputs>(), 8 + 32 * MAX_RULE_OUTPUTS);
         assert_eq!(size_of::<OutputCounters>(), 24);
+    }
+
+    #[test]
+    fn counters_add_field_by_field() {
+        let a = SkipCounters {
+            malformed: 1,
+            fragments: 2,
+            vlan: 3,
+            other_host: 4,
+            bad_checksum: 5,
+            ttl_zero: 6,
+            bad_source: 7,
+        };
+        let doubled = SkipCounters {
+            malformed: 2,
+            fragments: 4,
+            vlan: 6,
+            other_host: 8,
+            bad_checksum: 10,
+            ttl_zero: 12,
+            bad_source: 14,
+        };
+        assert_eq!(a + a, doubled);
+        let r = RuleCounters {
+            packets: 1,
+            bytes: 10,
+            below_min_ttl: 2,
+        };
+        assert_eq!(
+            r + r,
+            RuleCounters {
+                packets: 2,
+                bytes: 20,
+                below_min_ttl: 4
+            }
+        );
     }
 }
 

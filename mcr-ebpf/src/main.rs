@@ -1,15 +1,20 @@
 //! MCR's ingress classifier (TC ingress, attached to each input interface that has a rule).
 //!
-//! It parses Ethernet (with at most one 802.1Q tag), IPv4 and UDP, looks the destination up in
-//! `MCR_RULES` (source-specific rules first, then any-source rules), counts a match in the
-//! rule's per-CPU counters and marks it for steering (`skb->mark`, see
-//! `mcr_common::steering_mark`). Every packet continues on its way, its bytes unaltered.
+//! `classify` parses Ethernet, IPv4 and UDP, refuses what the host's own IPv4 input would
+//! refuse or what belongs to another interface (VLAN-tagged frames), and looks the destination
+//! up in `MCR_RULES` (source-specific rules first, then any-source rules). A packet of a rule
+//! is counted in the rule's per-CPU counters and marked for steering (`skb->mark`, see
+//! `mcr_common::steering_mark`), unless its TTL is below the rule's minimum. Every packet
+//! continues on its way, its bytes unaltered; those not relayed are counted by reason in
+//! `MCR_SKIPS`.
 //!
 //! Two socket programs complete the steering: `mcr_steer` is the fanout program of each input
 //! interface's `AF_PACKET` sockets and picks the worker named in the mark; `mcr_admit` is the
 //! filter on each of those sockets and admits only marked, incoming packets.
 #![no_std]
 #![no_main]
+
+mod classify;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
@@ -18,9 +23,11 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use mcr_common::{
-    ANY_SOURCE, MAX_RULES, RuleCounters, RuleKey, RuleSlot, SkipCounters, is_steering_mark,
-    mark_worker, steering_mark,
+    MAX_RULES, RuleCounters, RuleKey, RuleSlot, SkipCounters, is_steering_mark, mark_worker,
+    steering_mark,
 };
+
+use crate::classify::{Matched, Skip, classify};
 
 #[btf_map]
 static MCR_RULES: HashMap<RuleKey, RuleSlot, { MAX_RULES as usize }> = HashMap::new();
@@ -31,48 +38,6 @@ static MCR_RULE_STATS: PerCpuArray<RuleCounters, { MAX_RULES as usize }> = PerCp
 #[btf_map]
 static MCR_SKIPS: PerCpuArray<SkipCounters, 1> = PerCpuArray::new();
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_8021Q: u16 = 0x8100;
-const VLAN_HLEN: usize = 4;
-const IPPROTO_UDP: u8 = 17;
-const UDP_HLEN: usize = 8;
-/// More-fragments flag and fragment offset in the IPv4 `frag_off` field.
-const IP_MF_AND_OFFSET: u16 = 0x3fff;
-
-/// The IPv4 header fields the classifier reads, in wire order (no options).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Header {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    frag_off: [u8; 2],
-    ttl: u8,
-    protocol: u8,
-    checksum: [u8; 2],
-    source: [u8; 4],
-    destination: [u8; 4],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UdpHeader {
-    source_port: [u8; 2],
-    destination_port: [u8; 2],
-    len: [u8; 2],
-    checksum: [u8; 2],
-}
-
-/// Why a multicast packet could not be classified.
-enum Skip {
-    /// Not for us at all (not IPv4, not multicast, not UDP, too short to tell): not counted.
-    NotRelayable,
-    Malformed,
-    Fragment,
-}
-
 #[classifier]
 #[expect(
     clippy::needless_pass_by_value,
@@ -80,92 +45,37 @@ enum Skip {
 )]
 pub fn mcr_classify(ctx: TcContext) -> i32 {
     match classify(&ctx) {
-        Ok(()) | Err(Skip::NotRelayable) => {}
-        Err(Skip::Malformed) => count_skip(|c| c.malformed += 1),
-        Err(Skip::Fragment) => count_skip(|c| c.fragments += 1),
+        Ok(matched) => steer(&ctx, &matched),
+        Err(Skip::NotRelayable) => {}
+        Err(skip) => count_skip(&skip),
     }
     // Continue to the next program (TCX) or filter (clsact): the packet is never altered.
     TC_ACT_UNSPEC
 }
 
-/// The `T` at `offset` in the packet, read in place when the headers are in the linear part
-/// of the skb (the usual case), copied out with `bpf_skb_load_bytes` otherwise.
-#[expect(
-    clippy::inline_always,
-    reason = "the verifier tracks the packet bounds check only within one function"
-)]
-#[inline(always)]
-fn header<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Skip> {
-    let start = ctx.data();
-    if start + offset + size_of::<T>() <= ctx.data_end() {
-        // SAFETY: the bounds check above is the one the verifier requires for direct packet
-        // access; `T` is a plain byte layout (`#[repr(C)]` arrays and bytes), any value valid.
-        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
-    }
-    ctx.load(offset).map_err(|_| Skip::NotRelayable)
-}
-
-fn classify(ctx: &TcContext) -> Result<(), Skip> {
-    let mut l3 = ETH_HLEN;
-    let mut ethertype = u16::from_be_bytes(header::<[u8; 2]>(ctx, 12)?);
-    if ethertype == ETH_P_8021Q {
-        ethertype = u16::from_be_bytes(header::<[u8; 2]>(ctx, ETH_HLEN + 2)?);
-        l3 += VLAN_HLEN;
-    }
-    if ethertype != ETH_P_IP {
-        return Err(Skip::NotRelayable);
-    }
-    let ip: Ipv4Header = header(ctx, l3)?;
-    // 224.0.0.0/4 only; everything else leaves at the cheapest possible point.
-    if ip.destination[0] & 0xf0 != 0xe0 || ip.version_ihl >> 4 != 4 || ip.protocol != IPPROTO_UDP {
-        return Err(Skip::NotRelayable);
-    }
-    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
-    let total_len = usize::from(u16::from_be_bytes(ip.total_len));
-    if ihl < 20 || total_len < ihl + UDP_HLEN {
-        return Err(Skip::Malformed);
-    }
-    if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
-        return Err(Skip::Fragment);
-    }
-    // IHL is at most 60: keeping the offset bounded lets the verifier follow it.
-    let udp: UdpHeader = header(ctx, l3 + (ihl & 0x3c)).map_err(|_| Skip::Malformed)?;
-    let udp_len = usize::from(u16::from_be_bytes(udp.len));
-    if udp_len < UDP_HLEN || udp_len > total_len - ihl {
-        return Err(Skip::Malformed);
-    }
-
-    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; reading a
-    // field of it is what the verifier allows for a classifier.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let mut key = RuleKey {
-        ifindex,
-        group: ip.destination,
-        source: ip.source,
-        port: u16::from_be_bytes(udp.destination_port),
-        pad: 0,
-    };
-    let slot = if let Some(slot) = MCR_RULES.get_ptr(key) {
-        slot
-    } else {
-        key.source = ANY_SOURCE;
-        MCR_RULES.get_ptr(key).ok_or(Skip::NotRelayable)?
-    };
-    // SAFETY: the verifier proved `slot` non-null; the value is read at once, before any other
-    // map operation could recycle the entry.
+/// Marks a packet of a rule for the rule's worker and counts it, or only counts it when its
+/// TTL is below the rule's minimum.
+fn steer(ctx: &TcContext, matched: &Matched) {
     let RuleSlot {
-        slot: index,
+        slot,
         worker,
-    } = unsafe { *slot };
-    ctx.set_mark(steering_mark(worker, index));
-    if let Some(counters) = MCR_RULE_STATS.get_ptr_mut(index) {
+        min_ttl,
+        ..
+    } = matched.rule;
+    let relay = matched.ttl >= min_ttl;
+    if relay {
+        ctx.set_mark(steering_mark(worker, slot));
+    }
+    if let Some(counters) = MCR_RULE_STATS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU array slot belongs to this CPU for the duration of the program.
-        unsafe {
-            (*counters).packets += 1;
-            (*counters).bytes += (udp_len - UDP_HLEN) as u64;
+        let counters = unsafe { &mut *counters };
+        if relay {
+            counters.packets += 1;
+            counters.bytes += matched.payload_len;
+        } else {
+            counters.below_min_ttl += 1;
         }
     }
-    Ok(())
 }
 
 /// `PACKET_OUTGOING`: a frame this host sends, seen by a packet socket on its way out.
@@ -206,10 +116,21 @@ pub fn mcr_steer(ctx: SkBuffContext) -> i64 {
     }
 }
 
-fn count_skip(bump: impl FnOnce(&mut SkipCounters)) {
-    if let Some(counters) = MCR_SKIPS.get_ptr_mut(0) {
-        // SAFETY: a per-CPU array slot belongs to this CPU for the duration of the program.
-        bump(unsafe { &mut *counters });
+fn count_skip(skip: &Skip) {
+    let Some(counters) = MCR_SKIPS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU array slot belongs to this CPU for the duration of the program.
+    let counters = unsafe { &mut *counters };
+    match skip {
+        Skip::NotRelayable => {}
+        Skip::Malformed => counters.malformed += 1,
+        Skip::Fragment => counters.fragments += 1,
+        Skip::Vlan => counters.vlan += 1,
+        Skip::OtherHost => counters.other_host += 1,
+        Skip::BadChecksum => counters.bad_checksum += 1,
+        Skip::TtlZero => counters.ttl_zero += 1,
+        Skip::BadSource => counters.bad_source += 1,
     }
 }
 

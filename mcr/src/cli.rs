@@ -71,6 +71,9 @@ enum Command {
         /// With --json: print the array of workers instead of rules.
         #[arg(long, requires = "json")]
         workers: bool,
+        /// With --json: print the classifier's counts of packets it did not relay, by reason.
+        #[arg(long, requires = "json", conflicts_with = "workers")]
+        skipped: bool,
         /// Redraw the table every second until interrupted.
         #[arg(long, conflicts_with = "json")]
         watch: bool,
@@ -139,6 +142,7 @@ impl Cli {
             Command::Stats {
                 json,
                 workers,
+                skipped,
                 watch,
                 instance,
             } => {
@@ -147,7 +151,9 @@ impl Cli {
                     let Response::Stats(report) = control::call(&socket, &Request::Stats)? else {
                         bail!("mcr answered something other than statistics");
                     };
-                    if json && workers {
+                    if json && skipped {
+                        println!("{}", serde_json::to_string_pretty(&report.skipped)?);
+                    } else if json && workers {
                         println!("{}", serde_json::to_string_pretty(&report.workers)?);
                     } else if json {
                         println!("{}", serde_json::to_string_pretty(&report.rules)?);

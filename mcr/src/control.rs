@@ -82,9 +82,13 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
         path: path.to_owned(),
         source,
     })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
+    // A reload answers when the file is read, validated and applied, which takes longer for a
+    // big file on a busy machine; the others answer at once.
+    let timeout = match request {
+        Request::Reload => Duration::from_secs(60),
+        Request::Stats | Request::Status => Duration::from_secs(5),
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_string(request).map_err(|source| ControlError::Decode {
         path: path.to_owned(),
         source,

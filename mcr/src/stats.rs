@@ -24,6 +24,13 @@ pub struct RuleStats {
     pub rx_pps: f64,
     /// Payload bits per second over the last sampling interval.
     pub rx_bps: f64,
+    /// The rule's minimum input TTL, if it has one.
+    #[serde(default)]
+    pub min_ttl: Option<u8>,
+    /// Packets of the rule that arrived with a TTL below `min_ttl`: not relayed, and not in
+    /// `rx_packets`.
+    #[serde(default)]
+    pub below_min_ttl: u64,
     /// Packets lost for this rule after classification, by reason.
     pub drops: RuleDrops,
     pub outputs: Vec<OutputStats>,
@@ -97,18 +104,55 @@ pub struct StatsReport {
     pub skipped: Skipped,
 }
 
+/// The classifier's [`SkipCounters`], named as in the pinned map. Missing fields read as 0,
+/// so a newer CLI can read the report of an older supervisor.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Skipped {
     pub malformed: u64,
     pub fragments: u64,
+    pub vlan: u64,
+    pub other_host: u64,
+    pub bad_checksum: u64,
+    pub ttl_zero: u64,
+    pub bad_source: u64,
 }
 
 impl From<SkipCounters> for Skipped {
     fn from(counters: SkipCounters) -> Self {
+        let SkipCounters {
+            malformed,
+            fragments,
+            vlan,
+            other_host,
+            bad_checksum,
+            ttl_zero,
+            bad_source,
+        } = counters;
         Self {
-            malformed: counters.malformed,
-            fragments: counters.fragments,
+            malformed,
+            fragments,
+            vlan,
+            other_host,
+            bad_checksum,
+            ttl_zero,
+            bad_source,
         }
+    }
+}
+
+impl Skipped {
+    /// Each reason with its count, in the order of the pinned map.
+    pub fn reasons(&self) -> [(&'static str, u64); 7] {
+        [
+            ("malformed", self.malformed),
+            ("fragments", self.fragments),
+            ("vlan", self.vlan),
+            ("other_host", self.other_host),
+            ("bad_checksum", self.bad_checksum),
+            ("ttl_zero", self.ttl_zero),
+            ("bad_source", self.bad_source),
+        ]
     }
 }
 
@@ -256,6 +300,14 @@ fn rules_table(rules: &[RuleStats]) -> Table {
             rule.rx_bps,
             None,
         ));
+        if let Some(min_ttl) = rule.min_ttl {
+            table.row(vec![
+                String::new(),
+                format!("in  ttl below {min_ttl}, not relayed"),
+                String::new(),
+                rule.below_min_ttl.to_string(),
+            ]);
+        }
         for output in &rule.outputs {
             let to = match &output.interface {
                 Some(interface) => {
@@ -329,10 +381,16 @@ pub fn render_table(report: &StatsReport) -> String {
         out.push('\n');
         workers_table(&report.workers).render(&mut out);
     }
+    let reasons: Vec<String> = report
+        .skipped
+        .reasons()
+        .iter()
+        .map(|(reason, count)| format!("{reason} {count}"))
+        .collect();
     let _ = writeln!(
         out,
-        "\nnot classified (multicast UDP that no rule can take): malformed {}, IP fragments {}",
-        report.skipped.malformed, report.skipped.fragments
+        "\nnot relayed by the classifier (multicast UDP, passed on untouched):\n{}",
+        reasons.join(", ")
     );
     out
 }
@@ -365,8 +423,8 @@ mod tests {
         assert_eq!(si(2.5e9), "2.50 G");
     }
 
-    #[test]
-    fn table_shows_rules_outputs_and_workers() {
+    /// One rule with one output, one worker, and a different count for every skip reason.
+    fn sample_report() -> StatsReport {
         let output = Output {
             interface: Some("eth1".into()),
             destination: "239.2.2.2".parse().expect("address"),
@@ -379,7 +437,7 @@ mod tests {
             errors: 1,
             queue_full: 2,
         };
-        let report = StatsReport {
+        StatsReport {
             rules: vec![RuleStats {
                 name: "cam".into(),
                 input: "eth0:239.1.1.1:5000".into(),
@@ -388,6 +446,8 @@ mod tests {
                 rx_bytes: 700,
                 rx_pps: 0.0,
                 rx_bps: 0.0,
+                min_ttl: None,
+                below_min_ttl: 0,
                 drops: RuleDrops::default(),
                 outputs: vec![OutputStats::new(&output, totals)],
             }],
@@ -407,13 +467,28 @@ mod tests {
             skipped: Skipped {
                 malformed: 1,
                 fragments: 2,
+                vlan: 3,
+                other_host: 4,
+                bad_checksum: 5,
+                ttl_zero: 6,
+                bad_source: 7,
             },
-        };
-        let table = render_table(&report);
-        let lines: Vec<Vec<&str>> = table
+        }
+    }
+
+    /// The table's lines, split into cells.
+    fn cells(table: &str) -> Vec<Vec<&str>> {
+        table
             .lines()
             .map(|l| l.split_whitespace().collect())
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn table_shows_rules_outputs_and_workers() {
+        let report = sample_report();
+        let table = render_table(&report);
+        let lines = cells(&table);
         assert_eq!(lines[0][0], "RULE");
         assert_eq!(
             lines[1],
@@ -447,7 +522,6 @@ mod tests {
             lines[5],
             ["0", "42", "1", "running", "3", "7", "5", "0", "0", "0", "0"]
         );
-        assert!(table.contains("malformed 1, IP fragments 2"));
 
         // With two rules a total follows them.
         let mut two = report.clone();
@@ -460,5 +534,32 @@ mod tests {
         let cells: Vec<&str> = total.split_whitespace().collect();
         assert_eq!(cells, ["total", "in", "2", "rules", "14", "1400", "0", "0"]);
         assert!(table.contains("out all outputs"));
+    }
+
+    #[test]
+    fn footer_names_every_skip_reason_as_the_map_does() {
+        let table = render_table(&sample_report());
+        assert!(
+            table.ends_with(
+                "malformed 1, fragments 2, vlan 3, other_host 4, bad_checksum 5, ttl_zero 6, \
+                 bad_source 7\n"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_rule_with_min_ttl_shows_what_it_held_back() {
+        let mut report = sample_report();
+        report.rules[0].min_ttl = Some(2);
+        report.rules[0].below_min_ttl = 9;
+        let table = render_table(&report);
+        let lines = cells(&table);
+        assert_eq!(lines[1][0], "cam");
+        assert_eq!(
+            lines[2],
+            ["in", "ttl", "below", "2,", "not", "relayed", "9"]
+        );
+        assert_eq!(lines[3][0], "out");
     }
 }

@@ -6,6 +6,7 @@
 //! nothing was left behind. The tests need root.
 
 mod check;
+mod frame;
 mod lab;
 mod mcr;
 mod netns;
@@ -13,6 +14,7 @@ mod receiver;
 mod traffic;
 
 pub use check::{Expected, assert_delivered, send_concurrently};
+pub use frame::{ETH_P_8021AD, ETH_P_8021Q, Frame, OTHER_HOST_MAC, send_frames};
 pub use lab::{GENERATOR, GENERATOR_2, Lab, RELAY_OUT0, RELAY_OUT1, RulesFile, SINK, SINK_2};
 pub use mcr::{Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};

@@ -279,18 +279,27 @@ fn non_matching_traffic_never_reaches_a_worker() -> anyhow::Result<()> {
         &lab.generator,
         &Stream::new(Ipv4Addr::new(239, 9, 9, 9), 6000, 100, 300),
     )?;
+    // The positive control: the rule's own stream (default output TTL 16), sent last,
+    // arrives complete. Without it a relay that forwards nothing at all would pass.
+    let matching = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 100, 300);
+    send_udp(&lab.generator, &matching)?;
     let arrived = receiver.finish()?;
-    ensure!(
-        arrived.is_empty(),
-        "{} datagrams were relayed",
-        arrived.len()
-    );
+    assert_delivered(
+        &arrived,
+        &matching,
+        expected(Ipv4Addr::new(239, 2, 2, 1), RELAY_OUT0, 16),
+    )
+    .context("only the matching stream must arrive, all of it")?;
     let workers = mcr.workers()?;
+    let worker_packets: u64 = workers
+        .iter()
+        .map(|worker| worker["received"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        worker_packets, matching.count,
+        "workers must receive the matching stream and nothing else: {workers:?}"
+    );
     for worker in &workers {
-        assert_eq!(
-            worker["received"], 0,
-            "a worker saw non-matching traffic: {worker}"
-        );
         assert_eq!(worker["kernel_drops"], 0, "{worker}");
     }
     Ok(())

@@ -554,9 +554,9 @@ fn a_slow_reload_does_not_hold_up_the_control_socket() -> anyhow::Result<()> {
     let rule_text = rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]);
     let file = RulesFile::new(&rule_text)?;
     let mcr = Mcr::start(&lab.relay, file.path())?;
-    // A valid file that takes a while to read: the same rule and about 15 MB of comments.
+    // A valid file that takes a while to read: the same rule and about 6 MB of comments.
     let comment = format!("# {}\n", "x".repeat(98));
-    file.write(&format!("{rule_text}{}", comment.repeat(150_000)))?;
+    file.write(&format!("{rule_text}{}", comment.repeat(60_000)))?;
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let reload = scope.spawn(|| mcr.cli_output(&["reload"]));
         std::thread::sleep(Duration::from_millis(200));

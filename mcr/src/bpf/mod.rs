@@ -272,10 +272,32 @@ impl Classifier {
     }
 
     /// Starts matching `key` into counter `slot` (which keeps counting from where it is) and
-    /// steering it to `worker`.
-    pub fn insert_rule(&mut self, key: &RuleKey, slot: u32, worker: u32) -> Result<(), BpfError> {
+    /// steering it to `worker`; packets with a TTL below `min_ttl` (0: none) are only counted.
+    pub fn insert_rule(
+        &mut self,
+        key: &RuleKey,
+        slot: u32,
+        worker: u32,
+        min_ttl: u8,
+    ) -> Result<(), BpfError> {
+        let value = RuleSlot {
+            slot,
+            worker,
+            min_ttl,
+            pad: [0; 3],
+        };
         self.rules
-            .insert(key, RuleSlot { slot, worker }, 0)
+            .insert(key, value, 0)
+            .map_err(map_error(MAP_RULES))
+    }
+
+    /// Changes the minimum TTL of the rule at `key` in place: its slot, worker and counters
+    /// stay as they are.
+    pub fn set_min_ttl(&mut self, key: &RuleKey, min_ttl: u8) -> Result<(), BpfError> {
+        let mut value = self.rules.get(key, 0).map_err(map_error(MAP_RULES))?;
+        value.min_ttl = min_ttl;
+        self.rules
+            .insert(key, value, BPF_EXIST)
             .map_err(map_error(MAP_RULES))
     }
 
@@ -294,21 +316,15 @@ impl Classifier {
             .map_err(map_error(MAP_RULE_STATS))?;
         Ok(per_cpu
             .iter()
-            .fold(RuleCounters::default(), |sum, c| RuleCounters {
-                packets: sum.packets + c.packets,
-                bytes: sum.bytes + c.bytes,
-            }))
+            .fold(RuleCounters::default(), |sum, c| sum + *c))
     }
 
-    /// Multicast packets the classifier could not classify, summed over all CPUs.
+    /// Multicast UDP the classifier did not relay, by reason, summed over all CPUs.
     pub fn skip_counters(&self) -> Result<SkipCounters, BpfError> {
         let per_cpu = self.skips.get(&0, 0).map_err(map_error(MAP_SKIPS))?;
         Ok(per_cpu
             .iter()
-            .fold(SkipCounters::default(), |sum, c| SkipCounters {
-                malformed: sum.malformed + c.malformed,
-                fragments: sum.fragments + c.fragments,
-            }))
+            .fold(SkipCounters::default(), |sum, c| sum + *c))
     }
 
     /// Detaches from every interface and removes the pins.
@@ -329,6 +345,9 @@ impl Classifier {
         first_error.map_or(Ok(()), Err)
     }
 }
+
+/// `BPF_EXIST`: update an element only if it is there.
+const BPF_EXIST: u64 = 2;
 
 /// Highest slot number the counter array can hold.
 pub const MAX_SLOT: u32 = MAX_RULES - 1;

@@ -54,6 +54,9 @@ pub const MAX_OUTPUTS_PER_RULE: usize = crate::command::MAX_FDS;
 pub struct Rule {
     pub name: String,
     pub input: Input,
+    /// Lowest TTL an input packet may have to be relayed (`input.min_ttl` in the file);
+    /// `None` relays any TTL.
+    pub min_ttl: Option<u8>,
     pub outputs: Vec<Output>,
 }
 
@@ -220,6 +223,7 @@ struct RawInput {
     group: Ipv4Addr,
     port: u16,
     source: Option<Ipv4Addr>,
+    min_ttl: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -367,6 +371,16 @@ impl Checker<'_> {
                 format!("{source} cannot be a sender: give the sender's unicast address"),
             );
         }
+        let min_ttl = raw.input.min_ttl.and_then(|min_ttl| {
+            let valid = u8::try_from(min_ttl).ok().filter(|ttl| *ttl >= 1);
+            if valid.is_none() {
+                self.problem(
+                    format!("{at}.input.min_ttl"),
+                    format!("minimum TTL {min_ttl}: use 1 to 255"),
+                );
+            }
+            valid
+        });
         let input = Input {
             interface: raw.input.interface,
             group: raw.input.group,
@@ -397,6 +411,7 @@ impl Checker<'_> {
         Rule {
             name: raw.name,
             input,
+            min_ttl,
             outputs,
         }
     }

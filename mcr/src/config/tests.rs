@@ -191,6 +191,32 @@ fn ttl_out_of_range() {
     }
 }
 
+/// `GOOD` with `min_ttl: value` added to the first rule's input (line 10).
+fn good_with_min_ttl(value: &str) -> String {
+    good_with(
+        "      source: 10.0.0.5\n",
+        &format!("      source: 10.0.0.5\n      min_ttl: {value}\n"),
+    )
+}
+
+#[test]
+fn min_ttl_is_optional_and_kept_per_rule() {
+    let config = parse(&good_with_min_ttl("2")).expect("valid");
+    assert_eq!(config.rules[0].min_ttl, Some(2));
+    assert_eq!(config.rules[1].min_ttl, None, "default: any TTL is relayed");
+    assert_eq!(parse(GOOD).expect("valid").rules[0].min_ttl, None);
+}
+
+#[test]
+fn min_ttl_out_of_range() {
+    for bad in ["0", "256", "-1"] {
+        let problem = only_problem(&good_with_min_ttl(bad));
+        assert_eq!(problem.line, Some(10));
+        assert_eq!(problem.field, "rules[0].input.min_ttl");
+        assert_eq!(problem.message, format!("minimum TTL {bad}: use 1 to 255"));
+    }
+}
+
 #[test]
 fn multicast_destination_needs_an_interface() {
     let problem = only_problem(&good_with(

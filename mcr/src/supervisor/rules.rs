@@ -88,6 +88,12 @@ impl RuleTable {
             let entry = match existing {
                 Some(mut entry) => {
                     self.update_outputs(dataplane, &mut entry, &rule.outputs);
+                    if entry.rule.min_ttl != rule.min_ttl
+                        && let Some(key) = entry.key
+                        && let Err(error) = classifier.set_min_ttl(&key, rule.min_ttl.unwrap_or(0))
+                    {
+                        tracing::warn!(rule = %rule.name, %error, "new minimum TTL not applied");
+                    }
                     entry.rule = rule.clone();
                     entry
                 }
@@ -328,6 +334,8 @@ impl RuleTable {
                     rx_bytes: counters.bytes,
                     rx_pps: entry.meter.packets_per_second(),
                     rx_bps: entry.meter.bits_per_second(),
+                    min_ttl: entry.rule.min_ttl,
+                    below_min_ttl: counters.below_min_ttl,
                     drops,
                     outputs,
                 }
@@ -342,6 +350,8 @@ impl RuleTable {
                 rx_bytes: 0,
                 rx_pps: 0.0,
                 rx_bps: 0.0,
+                min_ttl: rule.min_ttl,
+                below_min_ttl: 0,
                 drops: RuleDrops::default(),
                 outputs: Vec::new(),
             }))
@@ -384,7 +394,7 @@ fn start(
         )?;
         let worker = u32::try_from(worker).expect("worker count is bounded by MAX_WORKERS");
         classifier
-            .insert_rule(&key, entry.slot, worker)
+            .insert_rule(&key, entry.slot, worker, entry.rule.min_ttl.unwrap_or(0))
             .map_err(|error| {
                 dataplane.stop_rule(entry.slot);
                 StartError::Map(error)
