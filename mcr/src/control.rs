@@ -85,7 +85,7 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
     // A reload answers when the file is read, validated and applied, which takes longer for a
     // big file on a busy machine; the others answer at once.
     let timeout = match request {
-        Request::Reload => Duration::from_secs(60),
+        Request::Reload => Duration::from_mins(1),
         Request::Stats | Request::Status => Duration::from_secs(5),
     };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
