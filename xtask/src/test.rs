@@ -139,7 +139,10 @@ mod tests {
         assert!(!left_behind(&own), "a live process's namespace");
         // Linux pids stay below 2^22.
         assert!(left_behind("mcrt-4999999-3-relay"));
-        assert!(!left_behind("mcrb-4999999-3-relay"), "the benchmark's names");
+        assert!(
+            !left_behind("mcrb-4999999-3-relay"),
+            "the benchmark's names"
+        );
         assert!(!left_behind("mcrt-notapid"));
     }
 

@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
-use super::workers::{Worker, WorkerEvent, WorkerState};
+use super::workers::{Executable, Worker, WorkerEvent};
 use crate::{
     bpf::Classifier,
     command::{Command, FrameHeader, RouteKey},
@@ -27,6 +27,7 @@ use crate::{
         interfaces,
     },
     stats::{OutputStats, WorkerStats},
+    status::WorkerStatus,
 };
 
 /// The CPUs this process may run on: the default for the workers.
@@ -91,6 +92,8 @@ struct RouteState {
 
 pub struct Dataplane {
     workers: Vec<Worker>,
+    /// The binary every worker is started from.
+    executable: Executable,
     user: (u32, u32),
     events: mpsc::Sender<WorkerEvent>,
     /// By interface index: an interface deleted and created again is a new input.
@@ -113,14 +116,16 @@ impl Dataplane {
             .with_context(|| format!("looking up user {}", settings.user))?
             .with_context(|| format!("user {} does not exist (settings.user)", settings.user))?;
         let user = (user.uid.as_raw(), user.gid.as_raw());
+        let executable = Executable::current().context("opening /proc/self/exe")?;
         let mut workers = Vec::with_capacity(count);
         for index in 0..count {
             let mut worker = Worker::new(index, cpus.get(index % cpus.len().max(1)).copied())?;
-            worker.spawn(user, &events)?;
+            worker.spawn(&executable, user, &events)?;
             workers.push(worker);
         }
         Ok(Self {
             workers,
+            executable,
             user,
             events,
             inputs: HashMap::new(),
@@ -313,8 +318,13 @@ impl Dataplane {
                 status,
             } => {
                 let worker = self.workers.get_mut(index)?;
-                let delay = worker.exited(generation)?;
-                tracing::error!(worker = index, %status, "worker exited; restarting in {delay:?}");
+                let delay = worker.exited(generation, &status)?;
+                let state = worker.lifecycle.state();
+                let reason = state.reason().unwrap_or_default();
+                tracing::error!(
+                    worker = index,
+                    "worker {state}, {reason}; next start in {delay:?}"
+                );
                 Some((index, delay))
             }
             WorkerEvent::Ready { index, generation } => {
@@ -323,27 +333,38 @@ impl Dataplane {
                 }
                 None
             }
-            WorkerEvent::RestartDue { index } => {
-                if let Err(error) = self.restart(index) {
-                    tracing::error!(worker = index, "restart failed: {error:#}");
-                    let worker = self.workers.get_mut(index)?;
-                    let delay = worker.exited(u64::MAX).unwrap_or(Duration::from_secs(1));
-                    return Some((index, delay));
-                }
-                None
-            }
+            WorkerEvent::RestartDue { index } => self.restart(index),
         }
     }
 
-    /// Starts worker `index` again and hands it its sockets and rules.
-    fn restart(&mut self, index: usize) -> anyhow::Result<()> {
-        let Some(worker) = self.workers.get_mut(index) else {
-            return Ok(());
-        };
-        if worker.state != WorkerState::Restarting {
-            return Ok(());
+    /// Starts worker `index` again and hands it its sockets and rules; returns the next try
+    /// when no process could be started.
+    fn restart(&mut self, index: usize) -> Option<(usize, Duration)> {
+        let worker = self.workers.get_mut(index)?;
+        if !worker.lifecycle.wants_restart() {
+            return None;
         }
-        worker.spawn(self.user, &self.events)?;
+        if let Err(error) = worker.spawn(&self.executable, self.user, &self.events) {
+            let delay = worker.lifecycle.start_failed(format!("{error:#}"));
+            let state = worker.lifecycle.state();
+            tracing::error!(
+                worker = index,
+                "worker {state}: {error:#}; next try in {delay:?}"
+            );
+            return Some((index, delay));
+        }
+        if let Err(error) = self.hand_over(index) {
+            // Without its sockets or rules the process is no use: its exit restarts it.
+            tracing::error!(worker = index, "{error:#}");
+            self.workers[index].kill(format!("handing over its sockets and rules: {error:#}"));
+            return None;
+        }
+        tracing::info!(worker = index, pid = ?self.workers[index].pid, "worker restarted with its rules");
+        None
+    }
+
+    /// Sends a newly started worker `index` its inputs and rules.
+    fn hand_over(&self, index: usize) -> anyhow::Result<()> {
         let worker = &self.workers[index];
         for input in self.inputs.values() {
             let socket = &input.group.sockets[index];
@@ -360,7 +381,6 @@ impl Dataplane {
                 self.send_route(*slot, route)?;
             }
         }
-        tracing::info!(worker = index, pid = ?worker.pid, "worker restarted with its rules");
         Ok(())
     }
 
@@ -402,11 +422,7 @@ impl Dataplane {
                     .filter_map(|input| input.drops.get(worker.index))
                     .sum();
                 WorkerStats {
-                    worker: worker.index,
-                    pid: worker.pid,
-                    cpu: worker.cpu,
-                    state: format!("{:?}", worker.state).to_lowercase(),
-                    restarts: worker.restarts,
+                    process: worker_status(worker),
                     received: totals.received.load(Ordering::Relaxed),
                     kernel_drops,
                     malformed: totals.malformed.load(Ordering::Relaxed),
@@ -429,21 +445,22 @@ impl Dataplane {
     }
 
     /// Workers as `mcr status` shows them.
-    pub fn worker_summaries(&self) -> Vec<crate::status::WorkerStatus> {
-        self.workers
-            .iter()
-            .map(|worker| crate::status::WorkerStatus {
-                worker: worker.index,
-                pid: worker.pid,
-                cpu: worker.cpu,
-                state: format!("{:?}", worker.state).to_lowercase(),
-                restarts: worker.restarts,
-            })
-            .collect()
+    pub fn worker_summaries(&self) -> Vec<WorkerStatus> {
+        self.workers.iter().map(worker_status).collect()
     }
 
     /// Pids of the workers still running (for the shutdown grace period).
     pub fn pids(&self) -> Vec<u32> {
         self.workers.iter().filter_map(|w| w.pid).collect()
+    }
+}
+
+fn worker_status(worker: &Worker) -> WorkerStatus {
+    WorkerStatus {
+        worker: worker.index,
+        pid: worker.pid,
+        cpu: worker.cpu,
+        state: worker.lifecycle.state().clone(),
+        restarts: worker.lifecycle.restarts(),
     }
 }

@@ -1,25 +1,38 @@
-//! Starting, commanding and restarting the worker processes.
+//! Starting, commanding, watching and restarting the worker processes.
 
 use std::{
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    process::Stdio,
+    ffi::OsString,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        unix::process::ExitStatusExt as _,
+    },
+    process::{ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use command_fds::{CommandFdExt as _, FdMapping};
-use nix::sys::{
-    socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, setsockopt, socketpair, sockopt},
-    time::TimeVal,
+use nix::{
+    fcntl::{OFlag, open},
+    sys::{
+        signal::Signal,
+        socket::{
+            AddressFamily, MsgFlags, SockFlag, SockType, recv, setsockopt, socketpair, sockopt,
+        },
+        stat::Mode,
+        time::TimeVal,
+    },
 };
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader, unix::AsyncFd},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 
 use crate::{
     command::{self, Command},
     counters::SharedCounters,
+    status::WorkerState,
     worker::CONTROL_FD,
 };
 
@@ -46,27 +59,153 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A worker that ran this long before crashing restarts with the first back-off again.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Starts in a row that end before the worker reports ready (or that cannot even create the
+/// process) after which the worker shows as `failed`. It is still retried, at [`MAX_BACKOFF`].
+const FAILED_AFTER: u32 = 3;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkerState {
-    /// Started, still setting up as root.
-    Starting,
-    Running,
-    Restarting,
-    Stopped,
+/// The executable this supervisor runs, held open from the start. Workers are started through
+/// this descriptor, so they run the same binary as their supervisor even after a package
+/// upgrade renamed a new file over its path or deleted it.
+pub struct Executable {
+    file: OwnedFd,
+}
+
+impl Executable {
+    pub fn current() -> io::Result<Self> {
+        let file = open(
+            "/proc/self/exe",
+            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self { file })
+    }
+
+    /// A path that names this executable in a child that inherited the descriptor: the child
+    /// execs it before the descriptor closes (it is close-on-exec).
+    fn path(&self) -> String {
+        format!("/proc/self/fd/{}", self.file.as_raw_fd())
+    }
+}
+
+/// A worker slot's state and the rules that move it: back-off and repeated failures.
+/// Kept apart from the process handles so the rules can be tested without processes.
+#[derive(Debug)]
+pub struct Lifecycle {
+    state: WorkerState,
+    restarts: u32,
+    started: Instant,
+    backoff: Duration,
+    /// Starts in a row that ended before the worker reported ready.
+    failed_starts: u32,
+    /// Why the current process was killed, reported when its exit arrives.
+    kill_reason: Option<String>,
+}
+
+impl Lifecycle {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            state: WorkerState::Stopped,
+            restarts: 0,
+            started: now,
+            backoff: FIRST_BACKOFF,
+            failed_starts: 0,
+            kill_reason: None,
+        }
+    }
+
+    pub fn state(&self) -> &WorkerState {
+        &self.state
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// A new process was started.
+    pub fn started(&mut self, now: Instant) {
+        self.state = WorkerState::Starting;
+        self.started = now;
+        self.kill_reason = None;
+    }
+
+    /// The process reported ready: it has given up its privileges and is forwarding.
+    pub fn ready(&mut self) {
+        if self.state == WorkerState::Starting {
+            self.state = WorkerState::Running;
+            self.failed_starts = 0;
+        }
+    }
+
+    /// The process exited with `status`; returns the delay before the next start, or `None`
+    /// when the exit was asked for.
+    pub fn exited(&mut self, now: Instant, status: &str) -> Option<Duration> {
+        if self.state == WorkerState::Stopped {
+            return None;
+        }
+        let was_ready = matches!(self.state, WorkerState::Running);
+        let reason = self.kill_reason.take().unwrap_or_else(|| {
+            if was_ready {
+                format!("exited: {status}")
+            } else {
+                format!("exited before it was ready: {status}")
+            }
+        });
+        self.restarts += 1;
+        if !was_ready {
+            self.failed_starts += 1;
+        } else if now.duration_since(self.started) >= STABLE_AFTER {
+            self.backoff = FIRST_BACKOFF;
+        }
+        Some(self.retry(reason))
+    }
+
+    /// Starting a process failed outright (no process exists); returns the delay before the
+    /// next try.
+    pub fn start_failed(&mut self, reason: String) -> Duration {
+        self.failed_starts += 1;
+        self.retry(reason)
+    }
+
+    fn retry(&mut self, reason: String) -> Duration {
+        if self.failed_starts >= FAILED_AFTER {
+            self.state = WorkerState::Failed { reason };
+            self.backoff = MAX_BACKOFF;
+            return MAX_BACKOFF;
+        }
+        self.state = WorkerState::Restarting { reason };
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        delay
+    }
+
+    /// Whether a scheduled restart should start a process now.
+    pub fn wants_restart(&self) -> bool {
+        matches!(
+            self.state,
+            WorkerState::Restarting { .. } | WorkerState::Failed { .. }
+        )
+    }
+
+    /// The process is about to be killed for `reason`.
+    pub fn killing(&mut self, reason: String) {
+        self.kill_reason.get_or_insert(reason);
+    }
+
+    pub fn stopping(&mut self) {
+        self.state = WorkerState::Stopped;
+    }
 }
 
 pub struct Worker {
     pub index: usize,
     pub cpu: Option<usize>,
     pub pid: Option<u32>,
-    pub restarts: u32,
-    pub state: WorkerState,
     pub counters: SharedCounters,
+    pub lifecycle: Lifecycle,
     control: Option<OwnedFd>,
+    /// Tells the task that waits for the process to kill it.
+    kill: Option<oneshot::Sender<()>>,
     generation: u64,
-    started: Instant,
-    backoff: Duration,
 }
 
 impl Worker {
@@ -77,19 +216,21 @@ impl Worker {
             index,
             cpu,
             pid: None,
-            restarts: 0,
-            state: WorkerState::Stopped,
             counters,
+            lifecycle: Lifecycle::new(Instant::now()),
             control: None,
+            kill: None,
             generation: 0,
-            started: Instant::now(),
-            backoff: FIRST_BACKOFF,
         })
     }
 
     /// Starts the process and sends it `init`. The caller then replays inputs and rules.
+    ///
+    /// An error means that no process was started. Once one is, a failure to hand it `init`
+    /// kills it, and its exit goes the usual way.
     pub fn spawn(
         &mut self,
+        executable: &Executable,
         user: (u32, u32),
         events: &mpsc::Sender<WorkerEvent>,
     ) -> anyhow::Result<()> {
@@ -104,9 +245,9 @@ impl Worker {
         // queued within a second fails, is logged, and the worker is left to be restarted.
         setsockopt(&ours, sockopt::SendTimeout, &TimeVal::new(1, 0))
             .context("setting the control socket's send timeout")?;
-        let exe = std::env::current_exe().context("locating the mcr binary")?;
-        let mut command = tokio::process::Command::new(exe);
+        let mut command = tokio::process::Command::new(executable.path());
         command
+            .arg0(OsString::from("mcr"))
             .arg("worker")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -121,8 +262,7 @@ impl Worker {
         let mut child = command.spawn().context("starting a worker")?;
         self.generation += 1;
         self.pid = child.id();
-        self.state = WorkerState::Starting;
-        self.started = Instant::now();
+        self.lifecycle.started(Instant::now());
         let index = self.index;
         let generation = self.generation;
         if let Some(stderr) = child.stderr.take() {
@@ -135,10 +275,19 @@ impl Worker {
             generation,
             events.clone(),
         ));
+        let (kill, killed) = oneshot::channel();
+        self.kill = Some(kill);
         let events = events.clone();
         tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(status) => status.to_string(),
+            let status = tokio::select! {
+                status = child.wait() => status,
+                Ok(()) = killed => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = match status {
+                Ok(status) => describe_exit(status),
                 Err(error) => error.to_string(),
             };
             let _ = events
@@ -157,7 +306,11 @@ impl Worker {
             uid: user.0,
             gid: user.1,
         };
-        self.send(&init, &[self.counters.fd()])
+        if let Err(error) = self.send(&init, &[self.counters.fd()]) {
+            tracing::error!(worker = index, "{error:#}");
+            self.kill(format!("{error:#}"));
+        }
+        Ok(())
     }
 
     /// Sends a command; a worker that cannot take it is left to crash and be restarted.
@@ -170,43 +323,50 @@ impl Worker {
             .with_context(|| format!("sending {} to worker {}", command.name(), self.index))
     }
 
+    /// Kills the current process; its exit is reported with `reason` and restarts it.
+    pub fn kill(&mut self, reason: String) {
+        self.lifecycle.killing(reason);
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+
     /// Handles the exit of generation `generation`; returns the delay before a restart, or
     /// `None` when the exit is stale or expected.
-    pub fn exited(&mut self, generation: u64) -> Option<Duration> {
+    pub fn exited(&mut self, generation: u64, status: &str) -> Option<Duration> {
         if generation != self.generation {
             return None;
         }
-        if self.state == WorkerState::Stopped {
-            self.pid = None;
-            return None;
-        }
         self.control = None;
+        self.kill = None;
         self.pid = None;
-        self.state = WorkerState::Restarting;
-        self.restarts += 1;
-        if self.started.elapsed() >= STABLE_AFTER {
-            self.backoff = FIRST_BACKOFF;
-        }
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        Some(delay)
+        self.lifecycle.exited(Instant::now(), status)
     }
 
     /// Marks generation `generation` ready, if it is still the current one.
     pub fn ready(&mut self, generation: u64) {
-        if generation == self.generation && self.state == WorkerState::Starting {
-            self.state = WorkerState::Running;
+        if generation == self.generation {
+            self.lifecycle.ready();
         }
     }
 
     /// Asks the worker to stop; it exits on its own, and is killed if it has not after a
     /// grace period (by `kill_on_drop` of the wait task's child when the runtime ends).
     pub fn stop(&mut self) {
-        if matches!(self.state, WorkerState::Starting | WorkerState::Running) {
+        if self.pid.is_some() {
             let _ = self.send(&Command::Shutdown, &[]);
         }
-        self.state = WorkerState::Stopped;
+        self.lifecycle.stopping();
         self.control = None;
+    }
+}
+
+/// An exit status as the log and `mcr status` show it; SIGSYS gets its meaning spelt out.
+fn describe_exit(status: ExitStatus) -> String {
+    if status.signal() == Some(Signal::SIGSYS as i32) {
+        format!("{status}: a system call its seccomp filter does not allow")
+    } else {
+        status.to_string()
     }
 }
 
@@ -258,5 +418,128 @@ async fn relay_log(index: usize, stderr: tokio::process::ChildStderr) {
         } else {
             tracing::info!(worker = index, "{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(now: Instant) -> Lifecycle {
+        let mut lifecycle = Lifecycle::new(now);
+        lifecycle.started(now);
+        lifecycle.ready();
+        lifecycle
+    }
+
+    #[test]
+    fn a_crash_restarts_with_a_growing_back_off() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        assert_eq!(
+            lifecycle.exited(now, "signal: 9 (SIGKILL)"),
+            Some(FIRST_BACKOFF)
+        );
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Restarting {
+                reason: "exited: signal: 9 (SIGKILL)".into()
+            }
+        );
+        assert!(lifecycle.wants_restart());
+        lifecycle.started(now);
+        lifecycle.ready();
+        assert_eq!(lifecycle.exited(now, "x"), Some(FIRST_BACKOFF * 2));
+        assert_eq!(lifecycle.restarts(), 2);
+        // A worker that ran for a while before it crashed starts over with the first back-off.
+        lifecycle.started(now);
+        lifecycle.ready();
+        assert_eq!(
+            lifecycle.exited(now + STABLE_AFTER, "x"),
+            Some(FIRST_BACKOFF)
+        );
+        assert_eq!(lifecycle.state().name(), "restarting");
+    }
+
+    #[test]
+    fn a_start_that_keeps_failing_shows_as_failed_and_is_retried_at_the_longest_back_off() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.exited(now, "signal: 9 (SIGKILL)");
+        // The executable is gone: no process can be created.
+        let error = "starting a worker: No such file or directory (os error 2)";
+        lifecycle.start_failed(error.into());
+        assert_eq!(lifecycle.state().name(), "restarting");
+        lifecycle.start_failed(error.into());
+        assert_eq!(lifecycle.state().name(), "restarting");
+        assert_eq!(lifecycle.start_failed(error.into()), MAX_BACKOFF);
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Failed {
+                reason: error.into()
+            }
+        );
+        assert!(
+            lifecycle.wants_restart(),
+            "a failed worker is still retried"
+        );
+        assert_eq!(lifecycle.start_failed(error.into()), MAX_BACKOFF);
+
+        // Processes that die before they report ready count the same way, with their status.
+        lifecycle.started(now);
+        assert_eq!(lifecycle.exited(now, "exit status: 1"), Some(MAX_BACKOFF));
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Failed {
+                reason: "exited before it was ready: exit status: 1".into()
+            }
+        );
+
+        // One start that gets as far as ready clears the record.
+        lifecycle.started(now);
+        lifecycle.ready();
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+        lifecycle.exited(now, "signal: 9 (SIGKILL)");
+        assert_eq!(lifecycle.state().name(), "restarting");
+    }
+
+    #[test]
+    fn workers_that_die_before_ready_fail_after_a_few_tries() {
+        let now = Instant::now();
+        let mut lifecycle = Lifecycle::new(now);
+        let mut delays = Vec::new();
+        for _ in 0..=FAILED_AFTER {
+            lifecycle.started(now);
+            delays.push(lifecycle.exited(now, "exit status: 1").expect("a restart"));
+        }
+        assert_eq!(
+            delays,
+            [FIRST_BACKOFF, FIRST_BACKOFF * 2, MAX_BACKOFF, MAX_BACKOFF]
+        );
+        assert_eq!(lifecycle.state().name(), "failed");
+    }
+
+    #[test]
+    fn an_expected_exit_is_not_restarted() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.stopping();
+        assert_eq!(lifecycle.exited(now, "exit status: 0"), None);
+        assert!(!lifecycle.wants_restart());
+        assert_eq!(lifecycle.state(), &WorkerState::Stopped);
+    }
+
+    #[test]
+    fn a_killed_worker_reports_why_it_was_killed() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.killing("stalled".into());
+        lifecycle.exited(now, "signal: 9 (SIGKILL)");
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Restarting {
+                reason: "stalled".into()
+            }
+        );
     }
 }

@@ -1,0 +1,202 @@
+//! The worker processes: what they run as and hold, and how the supervisor keeps them going
+//! through crashes and package upgrades.
+
+use std::{
+    net::Ipv4Addr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use mcr_tests::{
+    Expected, Lab, Launch, Mcr, RELAY_OUT0, Receiver, RulesFile, SINK, Stream, assert_delivered,
+    mcr_binary, send_udp, unique_name, wait_for,
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// Rules with `workers` workers and one rule relaying 239.1.1.1:5000 on in0 to 239.2.2.1:6000
+/// on out0, and, with `unicast`, also to 10.2.0.2:7000.
+fn camera_rules(workers: usize, unicast: bool) -> anyhow::Result<RulesFile> {
+    let mut text = format!(
+        "settings:\n  workers: {workers}\nrules:\n  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n      - {{interface: out0, destination: 239.2.2.1, port: 6000}}\n"
+    );
+    if unicast {
+        text.push_str("      - {destination: 10.2.0.2, port: 7000}\n");
+    }
+    RulesFile::new(&text)
+}
+
+/// Sends a stream to the camera rule and checks that the sink gets all of it.
+fn assert_camera_relayed(lab: &Lab) -> anyhow::Result<()> {
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 200, 300);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(
+        &receiver.finish()?,
+        &stream,
+        Expected {
+            destination: Ipv4Addr::new(239, 2, 2, 1),
+            source: RELAY_OUT0,
+            ttl: 16,
+        },
+    )
+}
+
+fn pid_of(worker: &serde_json::Value) -> Option<u32> {
+    worker["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+}
+
+/// The workers once every one of them is `running`.
+fn running_workers(mcr: &Mcr, timeout: Duration) -> anyhow::Result<Vec<serde_json::Value>> {
+    wait_for(timeout, || {
+        let workers = mcr.workers().ok()?;
+        workers
+            .iter()
+            .all(|worker| worker["state"] == "running" && pid_of(worker).is_some())
+            .then_some(workers)
+    })
+    .with_context(|| format!("the workers never all ran; log:\n{}", mcr.log_text()))
+}
+
+fn sigkill(pid: u32) -> anyhow::Result<()> {
+    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
+    Ok(())
+}
+
+/// Waits until worker 0 runs again as a process other than `old`.
+fn restarted_worker(mcr: &Mcr, old: u32, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    wait_for(timeout, || {
+        let workers = mcr.workers().ok()?;
+        let worker = workers.into_iter().next()?;
+        (worker["state"] == "running" && pid_of(&worker).is_some_and(|pid| pid != old))
+            .then_some(worker)
+    })
+    .with_context(|| {
+        format!(
+            "worker 0 not running again within {timeout:?}: {:?}\nlog:\n{}",
+            mcr.workers(),
+            mcr.log_text()
+        )
+    })
+}
+
+/// `(device, inode)` of the executable process `pid` runs.
+fn executable_of(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let metadata = std::fs::metadata(format!("/proc/{pid}/exe"))?;
+    Ok((metadata.dev(), metadata.ino()))
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(unique_name(label));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_forwards_again() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(1, false)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let first = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+    sigkill(first)?;
+    let killed = Instant::now();
+    let restarted = restarted_worker(&mcr, first, Duration::from_secs(1))?;
+    assert_eq!(restarted["restarts"], 1);
+    eprintln!("worker restarted {:?} after SIGKILL", killed.elapsed());
+    assert_camera_relayed(&lab)
+}
+
+#[test]
+fn workers_restart_after_the_binary_was_replaced_or_deleted() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(1, false)?;
+    let dir = TempDir::new("bin")?;
+    let binary = dir.path().join("mcr");
+    std::fs::copy(mcr_binary(), &binary).context("copying mcr")?;
+    let mcr = Mcr::start_with(
+        &lab.relay,
+        rules.path(),
+        Launch {
+            binary: Some(binary.clone()),
+            ..Launch::default()
+        },
+    )?;
+    let supervisor = mcr.pid().context("supervisor pid")?;
+    let running = executable_of(supervisor)?;
+    let first = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+
+    // A package upgrade: the new version is written beside the old and renamed over it.
+    let staged = dir.path().join(".mcr.new");
+    std::fs::copy(mcr_binary(), &staged)?;
+    std::fs::rename(&staged, &binary)?;
+    sigkill(first)?;
+    let second = restarted_worker(&mcr, first, Duration::from_secs(2))?;
+    let second = pid_of(&second).context("pid")?;
+    assert_eq!(
+        executable_of(second)?,
+        running,
+        "the restarted worker does not run the supervisor's binary"
+    );
+    assert_camera_relayed(&lab)?;
+
+    // An uninstall, or an upgrade that deletes before it writes.
+    std::fs::remove_file(&binary)?;
+    sigkill(second)?;
+    let third = restarted_worker(&mcr, second, Duration::from_secs(2))?;
+    assert_eq!(third["restarts"], 2, "{third}");
+    assert_camera_relayed(&lab)
+}
+
+#[test]
+fn workers_run_unprivileged() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(2, false)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    // A worker starts as root and reports "running" only once it has given everything up.
+    let workers = running_workers(&mcr, Duration::from_secs(5))?;
+    assert_eq!(workers.len(), 2);
+    for worker in &workers {
+        let pid = pid_of(worker).context("worker pid")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> anyhow::Result<String> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|value| value.trim().to_owned())
+                .with_context(|| format!("{name} missing from /proc/{pid}/status"))
+        };
+        for ids in [field("Uid:")?, field("Gid:")?] {
+            ensure!(
+                ids.split_whitespace().all(|id| id != "0"),
+                "worker {pid} has id 0: {ids}"
+            );
+        }
+        for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(set)?, "0000000000000000", "worker {pid} {set}");
+        }
+        assert_eq!(field("NoNewPrivs:")?, "1", "worker {pid}");
+        assert_eq!(field("Groups:")?, "", "worker {pid} supplementary groups");
+    }
+    Ok(())
+}
