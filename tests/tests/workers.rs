@@ -2,8 +2,9 @@
 //! through crashes and package upgrades.
 
 use std::{
+    io::Write as _,
     net::Ipv4Addr,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -198,5 +199,132 @@ fn workers_run_unprivileged() -> anyhow::Result<()> {
         assert_eq!(field("NoNewPrivs:")?, "1", "worker {pid}");
         assert_eq!(field("Groups:")?, "", "worker {pid} supplementary groups");
     }
+    Ok(())
+}
+
+/// The socket inodes of one kind listed in `/proc/<pid>/net/<table>` (the inode is the last
+/// column of `unix` and `packet`, the tenth of `udp`).
+fn socket_inodes(pid: u32, table: &str) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let inode = if table == "udp" {
+                columns.get(9)
+            } else {
+                columns.last()
+            };
+            inode.map(|inode| (*inode).to_owned())
+        })
+        .collect())
+}
+
+/// What each descriptor of process `pid` is, by number: a path, or `unix socket`, `packet
+/// socket`, `udp socket`, `pipe`, `anon_inode:[io_uring]`.
+fn descriptors(pid: u32) -> anyhow::Result<Vec<(i32, String)>> {
+    let unix = socket_inodes(pid, "unix")?;
+    let packet = socket_inodes(pid, "packet")?;
+    let udp = socket_inodes(pid, "udp")?;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let fd: i32 = entry.file_name().to_string_lossy().parse()?;
+        let target = std::fs::read_link(entry.path())?
+            .to_string_lossy()
+            .into_owned();
+        let kind = if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            let inode = inode.to_owned();
+            if unix.contains(&inode) {
+                "unix socket".to_owned()
+            } else if packet.contains(&inode) {
+                "packet socket".to_owned()
+            } else if udp.contains(&inode) {
+                "udp socket".to_owned()
+            } else {
+                target
+            }
+        } else if target.starts_with("pipe:") {
+            "pipe".to_owned()
+        } else {
+            target
+        };
+        found.push((fd, kind));
+    }
+    found.sort();
+    Ok(found)
+}
+
+#[test]
+fn workers_hold_only_the_descriptors_mcr_gave_them() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(1, true)?;
+    let dir = TempDir::new("secret")?;
+    let secret = dir.path().join("root-only");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret)?
+        .write_all(b"not for workers")?;
+    let file = std::fs::File::open(&secret)?;
+    // The launcher leaves a root-only file open: mcr runs with it as descriptor 9.
+    let mcr = Mcr::start_with(
+        &lab.relay,
+        rules.path(),
+        Launch {
+            inherit: vec![(9, file.into())],
+            ..Launch::default()
+        },
+    )?;
+    let supervisor = mcr.pid().context("supervisor pid")?;
+    let secret_name = secret.display().to_string();
+    ensure!(
+        descriptors(supervisor)?
+            .iter()
+            .any(|(fd, target)| *fd == 9 && *target == secret_name),
+        "the supervisor did not inherit the file; the test proves nothing"
+    );
+
+    let worker = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+    let held = descriptors(worker)?;
+    ensure!(
+        held.iter().all(|(_, target)| *target != secret_name),
+        "the worker holds the launcher's file: {held:?}"
+    );
+    let numbered: Vec<(i32, &str)> = held
+        .iter()
+        .take(4)
+        .map(|(fd, kind)| (*fd, kind.as_str()))
+        .collect();
+    assert_eq!(
+        numbered,
+        [
+            (0, "/dev/null"),
+            (1, "/dev/null"),
+            (2, "pipe"),
+            (3, "unix socket")
+        ],
+        "stdio and the control socket: {held:?}"
+    );
+    let mut rest: Vec<&str> = held.iter().skip(4).map(|(_, kind)| kind.as_str()).collect();
+    rest.sort_unstable();
+    assert_eq!(
+        rest,
+        [
+            // Its counter block, its ring, the input's packet socket, the multicast output's
+            // link-layer socket and the unicast output's UDP socket: nothing else.
+            "/memfd:mcr-worker-0 (deleted)",
+            "anon_inode:[io_uring]",
+            "packet socket",
+            "packet socket",
+            "udp socket",
+        ],
+        "{held:?}"
+    );
     Ok(())
 }

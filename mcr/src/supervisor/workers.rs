@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use command_fds::{CommandFdExt as _, FdMapping};
 use nix::{
     fcntl::{OFlag, open},
+    libc,
     sys::{
         signal::Signal,
         socket::{
@@ -259,6 +260,11 @@ impl Worker {
                 child_fd: CONTROL_FD,
             }])
             .context("handing the control socket to the worker")?;
+        // SAFETY: the closure runs in the child between fork and exec, after the control socket
+        // was mapped to its descriptor, and makes one async-signal-safe system call.
+        unsafe {
+            command.pre_exec(close_inherited_descriptors);
+        }
         let mut child = command.spawn().context("starting a worker")?;
         self.generation += 1;
         self.pid = child.id();
@@ -359,6 +365,21 @@ impl Worker {
         self.lifecycle.stopping();
         self.control = None;
     }
+}
+
+/// Runs in a new worker between fork and exec: marks every descriptor above the control
+/// socket close-on-exec, so that the worker starts with stdio and its control socket only,
+/// whatever the supervisor inherited from whoever started it. Marked rather than closed: the
+/// process-spawning code may still hold a descriptor it needs until the exec (the one that
+/// reports a failed exec, and the one of the executable).
+fn close_inherited_descriptors() -> io::Result<()> {
+    let first = libc::c_uint::try_from(CONTROL_FD + 1).map_err(io::Error::other)?;
+    let flags = libc::c_int::try_from(libc::CLOSE_RANGE_CLOEXEC).map_err(io::Error::other)?;
+    // SAFETY: close_range only sets the close-on-exec flag of this process's descriptors.
+    if unsafe { libc::close_range(first, libc::c_uint::MAX, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An exit status as the log and `mcr status` show it; SIGSYS gets its meaning spelt out.
