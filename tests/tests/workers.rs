@@ -202,6 +202,64 @@ fn workers_run_unprivileged() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `Seccomp:` mode of process `pid`: 2 is a filter.
+fn seccomp_mode(pid: u32) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Seccomp:"))
+        .map(|mode| mode.trim().to_owned())
+        .with_context(|| format!("no Seccomp: in /proc/{pid}/status"))
+}
+
+#[test]
+fn workers_forward_under_a_seccomp_filter_also_after_changes_and_restarts() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(2, false)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let workers = running_workers(&mcr, Duration::from_secs(5))?;
+    for worker in &workers {
+        let pid = pid_of(worker).context("pid")?;
+        assert_eq!(seccomp_mode(pid)?, "2", "worker {pid}");
+    }
+    assert_camera_relayed(&lab)?;
+
+    // Commands after the filter is in place: a new rule on a new input (new sockets), the
+    // old one removed (sockets closed), then traffic for the new rule.
+    rules.write(
+        "settings:\n  workers: 2\nrules:\n  - name: other\n    input: {interface: in0, group: 239.1.1.7, port: 5007}\n    outputs:\n      - {interface: out0, destination: 239.2.2.7, port: 6007}\n      - {destination: 10.2.0.2, port: 7007}\n",
+    )?;
+    mcr.cli(&["reload"])?;
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 7)), SINK, 6007)?;
+    let unicast = Receiver::start(&lab.sink, None, SINK, 7007)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 7), 5007, 100, 300);
+    send_udp(&lab.generator, &stream)?;
+    let expected = |destination| Expected {
+        destination,
+        source: RELAY_OUT0,
+        ttl: 16,
+    };
+    assert_delivered(
+        &receiver.finish()?,
+        &stream,
+        expected(Ipv4Addr::new(239, 2, 2, 7)),
+    )?;
+    assert_delivered(&unicast.finish()?, &stream, expected(SINK))?;
+
+    // Nothing was killed on the way, and a restarted worker is confined again.
+    let now = mcr.workers()?;
+    for (before, after) in workers.iter().zip(&now) {
+        assert_eq!(before["pid"], after["pid"], "a worker died: {now:?}");
+        assert_eq!(after["restarts"], 0, "{now:?}");
+    }
+    let first = pid_of(&now[0]).context("pid")?;
+    sigkill(first)?;
+    let restarted = restarted_worker(&mcr, first, Duration::from_secs(2))?;
+    let pid = pid_of(&restarted).context("pid")?;
+    assert_eq!(seccomp_mode(pid)?, "2", "restarted worker {pid}");
+    Ok(())
+}
+
 /// The socket inodes of one kind listed in `/proc/<pid>/net/<table>` (the inode is the last
 /// column of `unix` and `packet`, the tenth of `udp`).
 fn socket_inodes(pid: u32, table: &str) -> anyhow::Result<Vec<String>> {
