@@ -386,3 +386,63 @@ fn workers_hold_only_the_descriptors_mcr_gave_them() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_stopped_worker_is_shown_stalled_and_restarted() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    // The default stall timeout (3 s); the bulk rule carries the traffic that piles up while
+    // the worker is stopped, the camera rule the stream checked afterwards.
+    let rules = RulesFile::new(
+        "settings:\n  workers: 1\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n  - name: bulk\n    input: {interface: in0, group: 239.1.1.9, port: 5009}\n    outputs:\n      - {interface: out0, destination: 239.2.2.9, port: 6009}\n",
+    )?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let first = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+
+    // About ten seconds of a few thousand packets per second.
+    let bulk = Stream::new(Ipv4Addr::new(239, 1, 1, 9), 5009, 100, 30_000)
+        .paced(Duration::from_millis(10));
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let sender = scope.spawn(|| send_udp(&lab.generator, &bulk));
+        std::thread::sleep(Duration::from_millis(500));
+        kill(Pid::from_raw(i32::try_from(first)?), Signal::SIGSTOP)?;
+        let stopped = Instant::now();
+
+        let stalled = wait_for(Duration::from_secs(5), || {
+            let worker = mcr.workers().ok()?.into_iter().next()?;
+            (worker["state"] == "stalled").then_some(worker)
+        })
+        .with_context(|| {
+            format!(
+                "a stopped worker was not shown as stalled: {:?}\nlog:\n{}",
+                mcr.workers(),
+                mcr.log_text()
+            )
+        })?;
+        eprintln!("stalled after {:?}: {stalled}", stopped.elapsed());
+        assert_eq!(pid_of(&stalled), Some(first), "{stalled}");
+        ensure!(
+            stalled["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("no progress")),
+            "{stalled}"
+        );
+        let status = mcr.status()?;
+        assert_eq!(status["workers"][0]["state"], "stalled", "{status}");
+
+        let restarted = restarted_worker(&mcr, first, Duration::from_secs(3 + 4))?;
+        eprintln!("restarted after {:?}", stopped.elapsed());
+        assert_eq!(restarted["restarts"], 1, "{restarted}");
+        ensure!(
+            mcr.log_text().contains("worker stalled"),
+            "the stall is not in the log:\n{}",
+            mcr.log_text()
+        );
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sender panicked"))?
+    })?;
+
+    // The restarted worker has its rules: a fresh stream arrives whole.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_camera_relayed(&lab)
+}

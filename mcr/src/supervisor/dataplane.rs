@@ -8,13 +8,13 @@ use std::{
     collections::HashMap,
     os::fd::{AsFd, OwnedFd},
     sync::atomic::Ordering,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
-use super::workers::{Executable, Worker, WorkerEvent};
+use super::workers::{Executable, Progress, Worker, WorkerEvent};
 use crate::{
     bpf::Classifier,
     command::{Command, FrameHeader, RouteKey},
@@ -94,6 +94,8 @@ pub struct Dataplane {
     workers: Vec<Worker>,
     /// The binary every worker is started from.
     executable: Executable,
+    /// How long a worker may stall before it is killed.
+    stall_timeout: Duration,
     user: (u32, u32),
     events: mpsc::Sender<WorkerEvent>,
     /// By interface index: an interface deleted and created again is a new input.
@@ -126,6 +128,7 @@ impl Dataplane {
         Ok(Self {
             workers,
             executable,
+            stall_timeout: settings.stall_timeout,
             user,
             events,
             inputs: HashMap::new(),
@@ -384,12 +387,53 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Reads the kernel's per-socket drop counters (they reset on every read).
+    /// Reads the kernel's per-socket drop counters (they reset on every read) and checks that
+    /// every worker with packets waiting is making progress.
     pub fn sample(&mut self) {
         for input in self.inputs.values_mut() {
             for (worker, (_, drops)) in input.group.take_statistics().into_iter().enumerate() {
                 if let Some(total) = input.drops.get_mut(worker) {
                     *total += drops;
+                }
+            }
+        }
+        self.watch_progress(Instant::now());
+    }
+
+    /// Marks workers that make no progress while packets wait for them as stalled, and kills
+    /// those stalled for longer than the stall timeout; their exit restarts them.
+    fn watch_progress(&mut self, now: Instant) {
+        for worker in &mut self.workers {
+            let progress = worker
+                .counters
+                .block()
+                .totals
+                .progress
+                .load(Ordering::Relaxed);
+            let waiting = self
+                .inputs
+                .values()
+                .any(|input| input.group.has_waiting(worker.index));
+            let index = worker.index;
+            match worker
+                .lifecycle
+                .observe(now, progress, waiting, self.stall_timeout)
+            {
+                Progress::Fine | Progress::Stalled { newly: false } => {}
+                Progress::Stalled { newly: true } => {
+                    tracing::warn!(
+                        worker = index,
+                        pid = ?worker.pid,
+                        "worker stalled: no progress while packets wait; killed if it stays so for {:?}",
+                        self.stall_timeout
+                    );
+                }
+                Progress::Recovered => {
+                    tracing::info!(worker = index, "stalled worker is making progress again");
+                }
+                Progress::Kill(reason) => {
+                    tracing::error!(worker = index, pid = ?worker.pid, "{reason}");
+                    worker.kill(reason);
                 }
             }
         }

@@ -88,7 +88,20 @@ impl Executable {
     }
 }
 
-/// A worker slot's state and the rules that move it: back-off and repeated failures.
+/// What a supervisor's sampling of a worker's progress concluded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Moving, idle, or not running: nothing to do.
+    Fine,
+    /// It had stalled and has moved on by itself.
+    Recovered,
+    /// It makes no progress while packets wait for it (`newly`: first seen now).
+    Stalled { newly: bool },
+    /// Stalled for the whole stall timeout: kill it, with this reason.
+    Kill(String),
+}
+
+/// A worker slot's state and the rules that move it: back-off, repeated failures, stalls.
 /// Kept apart from the process handles so the rules can be tested without processes.
 #[derive(Debug)]
 pub struct Lifecycle {
@@ -100,6 +113,10 @@ pub struct Lifecycle {
     failed_starts: u32,
     /// Why the current process was killed, reported when its exit arrives.
     kill_reason: Option<String>,
+    /// The progress counter at the last sample.
+    last_progress: Option<u64>,
+    /// When the worker was first seen making no progress with packets waiting.
+    stuck_since: Option<Instant>,
 }
 
 impl Lifecycle {
@@ -111,6 +128,8 @@ impl Lifecycle {
             backoff: FIRST_BACKOFF,
             failed_starts: 0,
             kill_reason: None,
+            last_progress: None,
+            stuck_since: None,
         }
     }
 
@@ -127,6 +146,8 @@ impl Lifecycle {
         self.state = WorkerState::Starting;
         self.started = now;
         self.kill_reason = None;
+        self.last_progress = None;
+        self.stuck_since = None;
     }
 
     /// The process reported ready: it has given up its privileges and is forwarding.
@@ -143,7 +164,10 @@ impl Lifecycle {
         if self.state == WorkerState::Stopped {
             return None;
         }
-        let was_ready = matches!(self.state, WorkerState::Running);
+        let was_ready = matches!(
+            self.state,
+            WorkerState::Running | WorkerState::Stalled { .. }
+        );
         let reason = self.kill_reason.take().unwrap_or_else(|| {
             if was_ready {
                 format!("exited: {status}")
@@ -194,6 +218,60 @@ impl Lifecycle {
 
     pub fn stopping(&mut self) {
         self.state = WorkerState::Stopped;
+    }
+
+    /// Takes one sample: the worker's progress counter (bumped every turn of its loop) and
+    /// whether packets wait in its sockets. A running worker whose counter does not move while
+    /// packets wait is stalled; once it has been for `timeout`, it is to be killed.
+    ///
+    /// One sample is not enough to call a worker stalled: a packet may have arrived just now
+    /// at a worker that was idle. It is stalled from the second sample that finds the counter
+    /// unchanged and packets still waiting.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        progress: u64,
+        waiting: bool,
+        timeout: Duration,
+    ) -> Progress {
+        if !matches!(
+            self.state,
+            WorkerState::Running | WorkerState::Stalled { .. }
+        ) {
+            self.last_progress = None;
+            self.stuck_since = None;
+            return Progress::Fine;
+        }
+        let moved = self.last_progress != Some(progress);
+        self.last_progress = Some(progress);
+        if moved || !waiting {
+            self.stuck_since = None;
+            if matches!(self.state, WorkerState::Stalled { .. }) {
+                self.state = WorkerState::Running;
+                return Progress::Recovered;
+            }
+            return Progress::Fine;
+        }
+        let since = *self.stuck_since.get_or_insert(now);
+        let stuck = now.duration_since(since);
+        if stuck.is_zero() {
+            return Progress::Fine;
+        }
+        if stuck >= timeout {
+            return Progress::Kill(format!(
+                "stalled: no progress for {} s while packets waited; killed",
+                stuck.as_secs()
+            ));
+        }
+        let newly = !matches!(self.state, WorkerState::Stalled { .. });
+        self.state = WorkerState::Stalled {
+            reason: format!(
+                "no progress for {} s while packets wait; killed after {} s",
+                stuck.as_secs().max(1),
+                timeout.as_secs()
+            ),
+        };
+        Progress::Stalled { newly }
     }
 }
 
@@ -446,6 +524,9 @@ async fn relay_log(index: usize, stderr: tokio::process::ChildStderr) {
 mod tests {
     use super::*;
 
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    const SECOND: Duration = Duration::from_secs(1);
+
     fn running(now: Instant) -> Lifecycle {
         let mut lifecycle = Lifecycle::new(now);
         lifecycle.started(now);
@@ -562,5 +643,98 @@ mod tests {
                 reason: "stalled".into()
             }
         );
+    }
+
+    #[test]
+    fn an_idle_worker_is_never_stalled() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        for second in 0..10 {
+            let at = now + SECOND * second;
+            assert_eq!(lifecycle.observe(at, 5, false, TIMEOUT), Progress::Fine);
+        }
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+    }
+
+    #[test]
+    fn a_busy_worker_is_never_stalled() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        for second in 0..10 {
+            let at = now + SECOND * second;
+            assert_eq!(
+                lifecycle.observe(at, 100 * u64::from(second), true, TIMEOUT),
+                Progress::Fine
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_that_stops_moving_with_packets_waiting_is_stalled_then_killed() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        assert_eq!(lifecycle.observe(now, 7, false, TIMEOUT), Progress::Fine);
+        // Packets wait and the counter has not moved: maybe they just arrived.
+        assert_eq!(
+            lifecycle.observe(now + SECOND, 7, true, TIMEOUT),
+            Progress::Fine
+        );
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+        // A second later, still not: stalled.
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 2, 7, true, TIMEOUT),
+            Progress::Stalled { newly: true }
+        );
+        assert_eq!(lifecycle.state().name(), "stalled");
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 3, 7, true, TIMEOUT),
+            Progress::Stalled { newly: false }
+        );
+        let Progress::Kill(reason) = lifecycle.observe(now + SECOND * 4, 7, true, TIMEOUT) else {
+            panic!("not killed after the stall timeout");
+        };
+        assert!(
+            reason.starts_with("stalled: no progress for 3 s"),
+            "{reason}"
+        );
+        lifecycle.killing(reason.clone());
+        lifecycle.exited(now + SECOND * 4, "signal: 9 (SIGKILL)");
+        assert_eq!(lifecycle.state(), &WorkerState::Restarting { reason });
+    }
+
+    #[test]
+    fn a_stalled_worker_that_moves_on_is_running_again() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.observe(now, 7, true, TIMEOUT);
+        lifecycle.observe(now + SECOND, 7, true, TIMEOUT);
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 2, 7, true, TIMEOUT),
+            Progress::Stalled { newly: true }
+        );
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 3, 8, true, TIMEOUT),
+            Progress::Recovered
+        );
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+        // The stall clock starts over.
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 4, 8, true, TIMEOUT),
+            Progress::Fine
+        );
+    }
+
+    #[test]
+    fn a_starting_worker_is_not_watched() {
+        let now = Instant::now();
+        let mut lifecycle = Lifecycle::new(now);
+        lifecycle.started(now);
+        for second in 0..10 {
+            assert_eq!(
+                lifecycle.observe(now + SECOND * second, 0, true, TIMEOUT),
+                Progress::Fine
+            );
+        }
+        assert_eq!(lifecycle.state(), &WorkerState::Starting);
     }
 }

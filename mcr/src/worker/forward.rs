@@ -142,6 +142,7 @@ impl Forwarder {
                 Err(error) if error.raw_os_error() == Some(nix::libc::EBUSY) => {}
                 Err(error) => return Err(error.into()),
             }
+            bump(&self.counters.block().totals.progress, 1);
             cq.sync();
             for cqe in cq.by_ref() {
                 self.complete(&cqe, &submitter, &mut sq)?;
