@@ -5,7 +5,7 @@ use std::{fmt::Write as _, time::Instant};
 use mcr_common::SkipCounters;
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Output, counters::OutputTotals, state::RuleState};
+use crate::{config::Output, counters::OutputTotals, state::RuleState, status::WorkerStatus};
 
 /// One rule as `mcr stats` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,11 +79,9 @@ impl OutputStats {
 /// One worker process and the drops it counted before knowing the rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStats {
-    pub worker: usize,
-    pub pid: Option<u32>,
-    pub cpu: Option<usize>,
-    pub state: String,
-    pub restarts: u32,
+    /// Which worker, its process and its state: the same fields `mcr status` shows.
+    #[serde(flatten)]
+    pub process: WorkerStatus,
     /// Packets the worker received from its sockets.
     pub received: u64,
     /// Packets the kernel dropped because the worker's socket was full (`PACKET_STATISTICS`).
@@ -356,12 +354,13 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
     );
     for worker in workers {
         let optional = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+        let process = &worker.process;
         table.row(vec![
-            worker.worker.to_string(),
-            optional(worker.pid.map(|p| p.to_string())),
-            optional(worker.cpu.map(|c| c.to_string())),
-            worker.state.clone(),
-            worker.restarts.to_string(),
+            process.worker.to_string(),
+            optional(process.pid.map(|p| p.to_string())),
+            optional(process.cpu.map(|c| c.to_string())),
+            process.state.to_string(),
+            process.restarts.to_string(),
             worker.received.to_string(),
             worker.kernel_drops.to_string(),
             worker.malformed.to_string(),
@@ -380,6 +379,12 @@ pub fn render_table(report: &StatsReport) -> String {
     if !report.workers.is_empty() {
         out.push('\n');
         workers_table(&report.workers).render(&mut out);
+        for worker in &report.workers {
+            let process = &worker.process;
+            if let Some(reason) = process.state.reason() {
+                let _ = writeln!(out, "worker {} {}: {reason}", process.worker, process.state);
+            }
+        }
     }
     let reasons: Vec<String> = report
         .skipped
@@ -400,6 +405,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::status::WorkerState;
 
     #[test]
     fn rates_are_the_change_over_the_interval() {
@@ -452,11 +458,13 @@ mod tests {
                 outputs: vec![OutputStats::new(&output, totals)],
             }],
             workers: vec![WorkerStats {
-                worker: 0,
-                pid: Some(42),
-                cpu: Some(1),
-                state: "running".into(),
-                restarts: 3,
+                process: WorkerStatus {
+                    worker: 0,
+                    pid: Some(42),
+                    cpu: Some(1),
+                    state: WorkerState::Running,
+                    restarts: 3,
+                },
                 received: 7,
                 kernel_drops: 5,
                 malformed: 0,
@@ -561,5 +569,75 @@ mod tests {
             ["in", "ttl", "below", "2,", "not", "relayed", "9"]
         );
         assert_eq!(lines[3][0], "out");
+    }
+
+    fn worker(state: WorkerState) -> WorkerStats {
+        WorkerStats {
+            process: WorkerStatus {
+                worker: 1,
+                pid: None,
+                cpu: Some(0),
+                state,
+                restarts: 4,
+            },
+            received: 10,
+            kernel_drops: 0,
+            malformed: 0,
+            too_big: 0,
+            no_rule: 0,
+            no_buffer: 0,
+        }
+    }
+
+    #[test]
+    fn worker_json_keeps_its_field_names_and_adds_a_reason() {
+        let running = serde_json::to_value(worker(WorkerState::Running)).expect("json");
+        assert_eq!(running["state"], "running");
+        assert_eq!(running["worker"], 1);
+        assert_eq!(running["restarts"], 4);
+        assert_eq!(running["received"], 10);
+        assert!(running.get("reason").is_none(), "{running}");
+
+        let failed = worker(WorkerState::Failed {
+            reason: "starting a worker: No such file or directory".into(),
+        });
+        let json = serde_json::to_value(&failed).expect("json");
+        assert_eq!(json["state"], "failed");
+        assert_eq!(
+            json["reason"],
+            "starting a worker: No such file or directory"
+        );
+        let back: WorkerStats = serde_json::from_value(json).expect("parse back");
+        assert_eq!(back, failed);
+    }
+
+    #[test]
+    fn table_names_the_reason_of_a_worker_in_trouble() {
+        let report = StatsReport {
+            workers: vec![
+                worker(WorkerState::Stalled {
+                    reason: "no progress for 2 s while packets wait".into(),
+                }),
+                worker(WorkerState::Running),
+            ],
+            ..StatsReport::default()
+        };
+        let table = render_table(&report);
+        let row = table
+            .lines()
+            .find(|line| line.starts_with("1 "))
+            .expect("a worker row");
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0"]
+        );
+        let reasons: Vec<&str> = table
+            .lines()
+            .filter(|line| line.starts_with("worker "))
+            .collect();
+        assert_eq!(
+            reasons,
+            ["worker 1 stalled: no progress for 2 s while packets wait"]
+        );
     }
 }

@@ -55,12 +55,63 @@ pub struct RuleCounts {
     pub failed: usize,
 }
 
+/// What a worker process is doing. `mcr stats` and `mcr status` both render this one enum; in
+/// JSON it is a lowercase `state` and, where there is one, a `reason`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Started, still setting up as root.
+    Starting,
+    /// Unprivileged and forwarding.
+    Running,
+    /// Gone, to be started again after a back-off; `reason` says how it ended.
+    Restarting { reason: String },
+    /// Alive but making no progress while packets wait for it; it is killed and restarted
+    /// unless it moves on by itself within `settings.stall_timeout`.
+    Stalled { reason: String },
+    /// Starting it keeps failing; it is still retried at the longest back-off.
+    Failed { reason: String },
+    /// Told to stop (the relay is shutting down).
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Restarting { .. } => "restarting",
+            Self::Stalled { .. } => "stalled",
+            Self::Failed { .. } => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Restarting { reason } | Self::Stalled { reason } | Self::Failed { reason } => {
+                Some(reason)
+            }
+            Self::Starting | Self::Running | Self::Stopped => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// One worker process: the part of a worker's report that `mcr status` shows and `mcr stats`
+/// extends with its counters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub worker: usize,
     pub pid: Option<u32>,
     pub cpu: Option<usize>,
-    pub state: String,
+    #[serde(flatten)]
+    pub state: WorkerState,
     pub restarts: u32,
 }
 
@@ -122,17 +173,18 @@ pub fn render(status: &StatusReport) -> String {
             }
         }
     }
-    let _ = writeln!(out, "\nWORKER  PID      CPU  STATE       RESTARTS");
+    let _ = writeln!(out, "\nWORKER  PID      CPU  STATE       RESTARTS  REASON");
     for worker in &status.workers {
-        let _ = writeln!(
-            out,
-            "{:<6}  {:<7}  {:<3}  {:<10}  {:>8}",
+        let line = format!(
+            "{:<6}  {:<7}  {:<3}  {:<10}  {:>8}  {}",
             worker.worker,
             worker.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             worker.cpu.map_or_else(|| "-".to_owned(), |c| c.to_string()),
             worker.state,
-            worker.restarts
+            worker.restarts,
+            worker.state.reason().unwrap_or_default()
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     let _ = writeln!(out, "\nINTERFACE        IFINDEX  RULES  CLASSIFIER");
     for interface in &status.interfaces {
@@ -143,4 +195,70 @@ pub fn render(status: &StatusReport) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_show_their_state_and_why() {
+        let status = StatusReport {
+            config: "rules.yaml".into(),
+            pid: 1,
+            uptime_seconds: 5,
+            pin_dir: "/sys/fs/bpf/mcr".into(),
+            rules: RuleCounts {
+                total: 0,
+                active: 0,
+                waiting: 0,
+                failed: 0,
+            },
+            reloads: 0,
+            last_reload: None,
+            workers: vec![
+                WorkerStatus {
+                    worker: 0,
+                    pid: Some(42),
+                    cpu: Some(1),
+                    state: WorkerState::Running,
+                    restarts: 0,
+                },
+                WorkerStatus {
+                    worker: 1,
+                    pid: None,
+                    cpu: Some(0),
+                    state: WorkerState::Failed {
+                        reason: "exited before it was ready: exit status: 1".into(),
+                    },
+                    restarts: 7,
+                },
+            ],
+            interfaces: Vec::new(),
+        };
+        let text = render(&status);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|line| !line.starts_with("WORKER"))
+            .skip(1)
+            .take(2)
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0], ["0", "42", "1", "running", "0"]);
+        assert_eq!(
+            rows[1],
+            [
+                "1", "-", "0", "failed", "7", "exited", "before", "it", "was", "ready:", "exit",
+                "status:", "1"
+            ]
+        );
+
+        let json = serde_json::to_value(&status).expect("json");
+        assert_eq!(json["workers"][0]["state"], "running");
+        assert_eq!(json["workers"][1]["state"], "failed");
+        assert_eq!(
+            json["workers"][1]["reason"],
+            "exited before it was ready: exit status: 1"
+        );
+    }
 }

@@ -11,6 +11,7 @@ use std::{
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -40,6 +41,9 @@ pub struct Settings {
     pub cpus: Option<Vec<usize>>,
     /// The unprivileged user the workers run as.
     pub user: String,
+    /// How long a worker may make no progress while packets wait for it before it is killed
+    /// and restarted.
+    pub stall_timeout: Duration,
 }
 
 /// Most workers: the worker index has eight bits in a packet's steering mark.
@@ -47,6 +51,11 @@ pub const MAX_WORKERS: usize = mcr_common::MAX_WORKERS as usize;
 
 /// The user workers run as unless the file says otherwise.
 pub const DEFAULT_USER: &str = "nobody";
+/// `settings.stall_timeout` unless the file says otherwise: a worker is noticed within a
+/// second or two and restarted soon after, long enough that a busy moment is not a stall.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest `settings.stall_timeout`, in seconds.
+pub const MAX_STALL_TIMEOUT: u64 = 3600;
 /// Most outputs of one rule.
 pub const MAX_OUTPUTS_PER_RULE: usize = crate::command::MAX_FDS;
 
@@ -206,6 +215,7 @@ struct RawSettings {
     workers: Option<u64>,
     cpus: Option<Vec<u64>>,
     user: Option<String>,
+    stall_timeout: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +302,20 @@ impl Checker<'_> {
                 format!("workers cannot run as {user:?}: name an unprivileged user"),
             );
         }
+        let stall_timeout = raw
+            .settings
+            .stall_timeout
+            .map_or(DEFAULT_STALL_TIMEOUT, |seconds| {
+                if let Ok(whole @ 1..=MAX_STALL_TIMEOUT) = u64::try_from(seconds) {
+                    Duration::from_secs(whole)
+                } else {
+                    self.problem(
+                        "settings.stall_timeout".into(),
+                        format!("{seconds} seconds: use 1 to {MAX_STALL_TIMEOUT}"),
+                    );
+                    DEFAULT_STALL_TIMEOUT
+                }
+            });
         if raw.rules.is_empty() {
             self.problem(
                 "rules".into(),
@@ -328,6 +352,7 @@ impl Checker<'_> {
                 workers,
                 cpus,
                 user,
+                stall_timeout,
             },
             rules,
         }

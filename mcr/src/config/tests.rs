@@ -288,3 +288,29 @@ fn error_message_names_file_line_and_field() {
         "rules.yaml:14: rules[0].outputs[0].ttl: TTL 300: use 1 to 255"
     );
 }
+
+#[test]
+fn stall_timeout() {
+    assert_eq!(
+        parse(GOOD).expect("valid").settings.stall_timeout,
+        DEFAULT_STALL_TIMEOUT
+    );
+    let config = parse(&good_with("workers: 2", "workers: 2\n  stall_timeout: 10")).expect("valid");
+    assert_eq!(
+        config.settings.stall_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    for bad in ["0", "-1", "3601"] {
+        let error = ConfigError::Invalid {
+            path: "rules.yaml".into(),
+            problems: vec![only_problem(&good_with(
+                "workers: 2",
+                &format!("workers: 2\n  stall_timeout: {bad}"),
+            ))],
+        };
+        assert_eq!(
+            error.to_string(),
+            format!("rules.yaml:3: settings.stall_timeout: {bad} seconds: use 1 to 3600")
+        );
+    }
+}
