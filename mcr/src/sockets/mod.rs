@@ -1,10 +1,12 @@
 //! Every socket the supervisor creates for the data plane: the `AF_PACKET` fanout groups that
-//! feed the workers, the UDP sockets they send from, and the IGMP memberships.
+//! feed the workers, the UDP sockets they send from, and the IGMP memberships; and the link
+//! facts outputs need (`interfaces`).
 
 pub mod egress;
 pub mod igmp;
 pub mod ingress;
 pub mod interfaces;
+mod netlink;
 
 use std::{
     io,
