@@ -31,6 +31,9 @@ pub struct RuleStats {
     /// `rx_packets`.
     #[serde(default)]
     pub below_min_ttl: u64,
+    /// Packets of a kernel-path rule handed to its worker: longer than an output's MTU allows.
+    #[serde(default)]
+    pub to_worker: u64,
     /// Packets lost for this rule after classification, by reason.
     pub drops: RuleDrops,
     pub outputs: Vec<OutputStats>,
@@ -241,14 +244,14 @@ impl Table {
 /// One table row of rates: label cells, then packets, bytes, packets/s, bits/s and the
 /// optional error and drop counts.
 fn rate_row(
-    labels: [String; 3],
+    labels: [String; 4],
     packets: u64,
     bytes: u64,
     pps: f64,
     bps: f64,
     errors_and_drops: Option<(u64, u64)>,
 ) -> Vec<String> {
-    let [name, flow, state] = labels;
+    let [name, flow, state, path] = labels;
     let (errors, drops) = errors_and_drops.map_or((String::new(), String::new()), |(e, d)| {
         (e.to_string(), d.to_string())
     });
@@ -256,6 +259,7 @@ fn rate_row(
         name,
         flow,
         state,
+        path,
         packets.to_string(),
         bytes.to_string(),
         si(pps),
@@ -268,7 +272,7 @@ fn rate_row(
 fn output_row(label: String, outputs: &[&OutputStats]) -> Vec<String> {
     let sum = |f: fn(&OutputStats) -> u64| outputs.iter().map(|o| f(o)).sum::<u64>();
     rate_row(
-        [String::new(), label, String::new()],
+        [String::new(), label, String::new(), String::new()],
         sum(|o| o.tx_packets),
         sum(|o| o.tx_bytes),
         outputs.iter().map(|o| o.tx_pps).sum(),
@@ -281,9 +285,10 @@ fn output_row(label: String, outputs: &[&OutputStats]) -> Vec<String> {
 fn rules_table(rules: &[RuleStats]) -> Table {
     let mut table = Table::new(
         &[
-            "RULE", "FLOW", "STATE", "PACKETS", "BYTES", "PKT/S", "BIT/S", "ERRORS", "DROPS",
+            "RULE", "FLOW", "STATE", "PATH", "PACKETS", "BYTES", "PKT/S", "BIT/S", "ERRORS",
+            "DROPS",
         ],
-        3,
+        4,
     );
     for rule in rules {
         table.row(rate_row(
@@ -291,6 +296,9 @@ fn rules_table(rules: &[RuleStats]) -> Table {
                 rule.name.clone(),
                 format!("in  {}", rule.input),
                 rule.state.to_string(),
+                rule.state
+                    .path()
+                    .map_or_else(String::new, |path| path.to_string()),
             ],
             rule.rx_packets,
             rule.rx_bytes,
@@ -303,7 +311,17 @@ fn rules_table(rules: &[RuleStats]) -> Table {
                 String::new(),
                 format!("in  ttl below {min_ttl}, not relayed"),
                 String::new(),
+                String::new(),
                 rule.below_min_ttl.to_string(),
+            ]);
+        }
+        if rule.to_worker > 0 {
+            table.row(vec![
+                String::new(),
+                "in  over an output's MTU".into(),
+                String::new(),
+                "worker".into(),
+                rule.to_worker.to_string(),
             ]);
         }
         for output in &rule.outputs {
@@ -321,6 +339,7 @@ fn rules_table(rules: &[RuleStats]) -> Table {
             [
                 "total".into(),
                 format!("in  {} rules", rules.len()),
+                String::new(),
                 String::new(),
             ],
             rules.iter().map(|r| r.rx_packets).sum(),
@@ -376,6 +395,15 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
 pub fn render_table(report: &StatsReport) -> String {
     let mut out = String::new();
     rules_table(&report.rules).render(&mut out);
+    for rule in &report.rules {
+        if let RuleState::Active {
+            path,
+            reason: Some(reason),
+        } = &rule.state
+        {
+            let _ = writeln!(out, "{} runs on the {path}: {reason}", rule.name);
+        }
+    }
     if !report.workers.is_empty() {
         out.push('\n');
         workers_table(&report.workers).render(&mut out);
@@ -447,13 +475,17 @@ mod tests {
             rules: vec![RuleStats {
                 name: "cam".into(),
                 input: "eth0:239.1.1.1:5000".into(),
-                state: RuleState::Active,
+                state: RuleState::Active {
+                    path: crate::state::ForwardingPath::Worker,
+                    reason: None,
+                },
                 rx_packets: 7,
                 rx_bytes: 700,
                 rx_pps: 0.0,
                 rx_bps: 0.0,
                 min_ttl: None,
                 below_min_ttl: 0,
+                to_worker: 0,
                 drops: RuleDrops::default(),
                 outputs: vec![OutputStats::new(&output, totals)],
             }],
@@ -505,6 +537,7 @@ mod tests {
                 "in",
                 "eth0:239.1.1.1:5000",
                 "active",
+                "worker",
                 "7",
                 "700",
                 "0",
@@ -542,6 +575,33 @@ mod tests {
         let cells: Vec<&str> = total.split_whitespace().collect();
         assert_eq!(cells, ["total", "in", "2", "rules", "14", "1400", "0", "0"]);
         assert!(table.contains("out all outputs"));
+    }
+
+    #[test]
+    fn a_rule_shows_its_path_and_why_it_runs_on_the_worker() {
+        let mut report = sample_report();
+        report.rules[0].state = RuleState::Active {
+            path: crate::state::ForwardingPath::Kernel,
+            reason: None,
+        };
+        report.rules[0].to_worker = 3;
+        let table = render_table(&report);
+        let lines = cells(&table);
+        assert_eq!(lines[1][3..5], ["active", "kernel"]);
+        assert_eq!(
+            lines[2],
+            ["in", "over", "an", "output's", "MTU", "worker", "3"]
+        );
+
+        report.rules[0].state = RuleState::Active {
+            path: crate::state::ForwardingPath::Worker,
+            reason: Some("next hop 10.2.0.9 not resolved on out0".into()),
+        };
+        let table = render_table(&report);
+        assert!(
+            table.contains("\ncam runs on the worker: next hop 10.2.0.9 not resolved on out0\n"),
+            "{table}"
+        );
     }
 
     #[test]

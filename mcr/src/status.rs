@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::RuleState;
+
 /// What started a reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -53,6 +55,17 @@ pub struct RuleCounts {
     pub active: usize,
     pub waiting: usize,
     pub failed: usize,
+    /// Active rules on the kernel path (the others run on the workers).
+    #[serde(default)]
+    pub kernel: usize,
+}
+
+/// One rule's state, path, and why, for `mcr status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub name: String,
+    #[serde(flatten)]
+    pub state: RuleState,
 }
 
 /// What a worker process is doing. `mcr stats` and `mcr status` both render this one enum; in
@@ -137,6 +150,9 @@ pub struct StatusReport {
     pub last_reload: Option<ReloadRecord>,
     pub workers: Vec<WorkerStatus>,
     pub interfaces: Vec<InterfaceStatus>,
+    /// Every rule of the rules file, in its order.
+    #[serde(default)]
+    pub rule_states: Vec<RuleStatus>,
 }
 
 /// The human-readable view of `mcr status`.
@@ -153,8 +169,13 @@ pub fn render(status: &StatusReport) -> String {
     let rules = &status.rules;
     let _ = writeln!(
         out,
-        "rules       {} ({} active, {} waiting, {} failed)",
-        rules.total, rules.active, rules.waiting, rules.failed
+        "rules       {} ({} active: {} kernel path, {} worker path; {} waiting, {} failed)",
+        rules.total,
+        rules.active,
+        rules.kernel,
+        rules.active - rules.kernel.min(rules.active),
+        rules.waiting,
+        rules.failed
     );
     match &status.last_reload {
         None => {
@@ -171,6 +192,27 @@ pub fn render(status: &StatusReport) -> String {
                     let _ = writeln!(out, "            {line}");
                 }
             }
+        }
+    }
+    if !status.rule_states.is_empty() {
+        let width = status
+            .rule_states
+            .iter()
+            .map(|rule| rule.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let _ = writeln!(out, "\n{:<width$}  STATE", "RULE");
+        for rule in &status.rule_states {
+            let state = match &rule.state {
+                RuleState::Active { path, reason: None } => format!("active, {path} path"),
+                RuleState::Active {
+                    path,
+                    reason: Some(reason),
+                } => format!("active, {path} path: {reason}"),
+                state => state.to_string(),
+            };
+            let _ = writeln!(out, "{:<width$}  {state}", rule.name);
         }
     }
     let _ = writeln!(out, "\nWORKER  PID      CPU  STATE       RESTARTS  REASON");
@@ -201,18 +243,21 @@ pub fn render(status: &StatusReport) -> String {
 mod tests {
     use super::*;
 
+    use crate::state::ForwardingPath;
+
     #[test]
-    fn workers_show_their_state_and_why() {
+    fn rules_and_workers_show_their_state_and_why() {
         let status = StatusReport {
             config: "rules.yaml".into(),
             pid: 1,
             uptime_seconds: 5,
             pin_dir: "/sys/fs/bpf/mcr".into(),
             rules: RuleCounts {
-                total: 0,
-                active: 0,
-                waiting: 0,
+                total: 3,
+                active: 2,
+                waiting: 1,
                 failed: 0,
+                kernel: 1,
             },
             reloads: 0,
             last_reload: None,
@@ -235,8 +280,50 @@ mod tests {
                 },
             ],
             interfaces: Vec::new(),
+            rule_states: vec![
+                RuleStatus {
+                    name: "camera-1".into(),
+                    state: RuleState::Active {
+                        path: ForwardingPath::Kernel,
+                        reason: None,
+                    },
+                },
+                RuleStatus {
+                    name: "to-studio".into(),
+                    state: RuleState::Active {
+                        path: ForwardingPath::Worker,
+                        reason: Some("next hop 10.2.0.9 not resolved on out0".into()),
+                    },
+                },
+                RuleStatus {
+                    name: "late".into(),
+                    state: RuleState::Waiting {
+                        reason: "interface in7 does not exist".into(),
+                    },
+                },
+            ],
         };
         let text = render(&status);
+        assert!(
+            text.contains(
+                "rules       3 (2 active: 1 kernel path, 1 worker path; 1 waiting, 0 failed)"
+            ),
+            "{text}"
+        );
+        let rules: Vec<&str> = text
+            .lines()
+            .skip_while(|line| !line.starts_with("RULE"))
+            .skip(1)
+            .take(3)
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "camera-1   active, kernel path",
+                "to-studio  active, worker path: next hop 10.2.0.9 not resolved on out0",
+                "late       waiting: interface in7 does not exist",
+            ]
+        );
         let rows: Vec<Vec<&str>> = text
             .lines()
             .skip_while(|line| !line.starts_with("WORKER"))

@@ -14,7 +14,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{Netns, netns::unique_name, wait_for};
+use crate::{Netns, netns::unique_name, path::pinned_path, wait_for};
 
 /// The `mcr` binary: `$MCR_BIN`, else `target/debug/mcr` of this workspace.
 pub fn mcr_binary() -> PathBuf {
@@ -95,7 +95,35 @@ impl Mcr {
         if ready != Some(true) {
             bail!("mcr did not start; its log:\n{}", mcr.log_text());
         }
+        let text = std::fs::read_to_string(config).context("reading the rules file")?;
+        if let Some(path) = pinned_path(&text) {
+            mcr.wait_for_path(path)?;
+        }
         Ok(mcr)
+    }
+
+    /// Waits until every active rule runs on `path` (a unicast next hop may take a moment
+    /// to resolve), and fails with the rules' states if they do not within 5 s.
+    pub fn wait_for_path(&self, path: &str) -> anyhow::Result<()> {
+        let on_path = wait_for(Duration::from_secs(5), || {
+            let rules = self.stats().ok()?;
+            rules
+                .iter()
+                .filter(|rule| rule["state"] == "active")
+                .all(|rule| rule["path"] == path)
+                .then_some(())
+        });
+        if on_path.is_none() {
+            let elsewhere: Vec<String> = self
+                .stats()?
+                .iter()
+                .filter(|rule| rule["state"] == "active" && rule["path"] != path)
+                .take(5)
+                .map(|rule| format!("{} on {} ({})", rule["name"], rule["path"], rule["reason"]))
+                .collect();
+            bail!("active rules not on the {path} path, for example: {elsewhere:?}");
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -221,8 +221,9 @@ fn fifty_rules_with_concurrent_streams() -> anyhow::Result<()> {
 fn two_workers_keep_each_flow_whole_and_in_order() -> anyhow::Result<()> {
     const FLOWS: u8 = 8;
     let lab = Lab::new()?;
+    // Steering to workers is what this tests: the worker path, whatever MCR_TEST_PATH says.
     let rules = RulesFile::new(&format!(
-        "settings:\n  workers: 2\nrules:\n{}",
+        "settings:\n  workers: 2\n  path: worker\nrules:\n{}",
         many_rules("f", FLOWS, [1, 3], [6, 3])
     ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
@@ -280,14 +281,23 @@ fn non_matching_traffic_never_reaches_a_worker() -> anyhow::Result<()> {
         expected(Ipv4Addr::new(239, 2, 2, 1), RELAY_OUT0, 16),
     )
     .context("only the matching stream must arrive, all of it")?;
+    let stats = mcr.rule_stats("only")?;
+    assert_eq!(stats["rx_packets"], matching.count, "{stats}");
+    assert_eq!(stats["outputs"][0]["tx_packets"], matching.count, "{stats}");
+    // On the kernel path no packet needs a worker at all.
+    let at_workers = if stats["path"] == "kernel" {
+        0
+    } else {
+        matching.count
+    };
     let workers = mcr.workers()?;
     let worker_packets: u64 = workers
         .iter()
         .map(|worker| worker["received"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(
-        worker_packets, matching.count,
-        "workers must receive the matching stream and nothing else: {workers:?}"
+        worker_packets, at_workers,
+        "workers must receive the matching stream on the worker path and nothing else: {workers:?}"
     );
     for worker in &workers {
         assert_eq!(worker["kernel_drops"], 0, "{worker}");

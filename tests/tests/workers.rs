@@ -1,5 +1,6 @@
 //! The worker processes: what they run as and hold, and how the supervisor keeps them going
-//! through crashes and package upgrades.
+//! through crashes and package upgrades. The rules here pin `path: worker`, so the streams
+//! that prove a worker forwards again really go through it.
 
 use std::{
     io::Write as _,
@@ -19,11 +20,11 @@ use nix::{
     unistd::Pid,
 };
 
-/// Rules with `workers` workers and one rule relaying 239.1.1.1:5000 on in0 to 239.2.2.1:6000
-/// on out0, and, with `unicast`, also to 10.2.0.2:7000.
+/// Rules with `workers` workers (on the worker path) and one rule relaying 239.1.1.1:5000 on in0
+/// to 239.2.2.1:6000 on out0, and, with `unicast`, also to 10.2.0.2:7000.
 fn camera_rules(workers: usize, unicast: bool) -> anyhow::Result<RulesFile> {
     let mut text = format!(
-        "settings:\n  workers: {workers}\nrules:\n  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n      - {{interface: out0, destination: 239.2.2.1, port: 6000}}\n"
+        "settings:\n  workers: {workers}\n  path: worker\nrules:\n  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n      - {{interface: out0, destination: 239.2.2.1, port: 6000}}\n"
     );
     if unicast {
         text.push_str("      - {destination: 10.2.0.2, port: 7000}\n");
@@ -227,7 +228,7 @@ fn workers_forward_under_a_seccomp_filter_also_after_changes_and_restarts() -> a
     // Commands after the filter is in place: a new rule on a new input (new sockets), the
     // old one removed (sockets closed), then traffic for the new rule.
     rules.write(
-        "settings:\n  workers: 2\nrules:\n  - name: other\n    input: {interface: in0, group: 239.1.1.7, port: 5007}\n    outputs:\n      - {interface: out0, destination: 239.2.2.7, port: 6007}\n      - {destination: 10.2.0.2, port: 7007}\n",
+        "settings:\n  workers: 2\n  path: worker\nrules:\n  - name: other\n    input: {interface: in0, group: 239.1.1.7, port: 5007}\n    outputs:\n      - {interface: out0, destination: 239.2.2.7, port: 6007}\n      - {destination: 10.2.0.2, port: 7007}\n",
     )?;
     mcr.cli(&["reload"])?;
     let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 7)), SINK, 6007)?;
@@ -393,7 +394,7 @@ fn a_stopped_worker_is_shown_stalled_and_restarted() -> anyhow::Result<()> {
     // The default stall timeout (3 s); the bulk rule carries the traffic that piles up while
     // the worker is stopped, the camera rule the stream checked afterwards.
     let rules = RulesFile::new(
-        "settings:\n  workers: 1\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n  - name: bulk\n    input: {interface: in0, group: 239.1.1.9, port: 5009}\n    outputs:\n      - {interface: out0, destination: 239.2.2.9, port: 6009}\n",
+        "settings:\n  workers: 1\n  path: worker\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n  - name: bulk\n    input: {interface: in0, group: 239.1.1.9, port: 5009}\n    outputs:\n      - {interface: out0, destination: 239.2.2.9, port: 6009}\n",
     )?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     let first = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use self::lines::LineIndex;
 
@@ -44,6 +44,21 @@ pub struct Settings {
     /// How long a worker may make no progress while packets wait for it before it is killed
     /// and restarted.
     pub stall_timeout: Duration,
+    /// The path of rules that do not choose one.
+    pub path: PathChoice,
+}
+
+/// Who writes a rule's outputs: the classifier in the kernel, or a worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathChoice {
+    /// The kernel path when every output can be written there, the workers otherwise.
+    #[default]
+    Auto,
+    /// The kernel path; the workers (saying why) when an output cannot be written there.
+    Kernel,
+    /// Always the workers.
+    Worker,
 }
 
 /// Most workers: the worker index has eight bits in a packet's steering mark.
@@ -67,6 +82,11 @@ pub struct Rule {
     /// `None` relays any TTL.
     pub min_ttl: Option<u8>,
     pub outputs: Vec<Output>,
+    /// The rule's own `path`, else `settings.path`.
+    pub path: PathChoice,
+    /// Whether the host's own stack also gets the input packets (applications on the relay
+    /// host that subscribe to the input group). Off by default: a relayed packet is consumed.
+    pub local_delivery: bool,
 }
 
 /// Where a rule's stream arrives.
@@ -216,6 +236,7 @@ struct RawSettings {
     cpus: Option<Vec<u64>>,
     user: Option<String>,
     stall_timeout: Option<i64>,
+    path: Option<PathChoice>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +245,9 @@ struct RawRule {
     name: String,
     input: RawInput,
     outputs: Vec<RawOutput>,
+    path: Option<PathChoice>,
+    #[serde(default)]
+    local_delivery: bool,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +320,7 @@ impl Checker<'_> {
                 .collect()
         });
         let user = raw.settings.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
+        let path = raw.settings.path.unwrap_or_default();
         if user.is_empty() || user == "root" {
             self.problem(
                 "settings.user".into(),
@@ -326,7 +351,7 @@ impl Checker<'_> {
         let mut inputs: HashMap<Input, usize> = HashMap::new();
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, raw_rule) in raw.rules.into_iter().enumerate() {
-            let rule = self.check_rule(i, raw_rule);
+            let rule = self.check_rule(i, raw_rule, path);
             if let Some(first) = names.insert(rule.name.clone(), i) {
                 self.problem(
                     format!("rules[{i}].name"),
@@ -353,12 +378,13 @@ impl Checker<'_> {
                 cpus,
                 user,
                 stall_timeout,
+                path,
             },
             rules,
         }
     }
 
-    fn check_rule(&mut self, i: usize, raw: RawRule) -> Rule {
+    fn check_rule(&mut self, i: usize, raw: RawRule, default_path: PathChoice) -> Rule {
         let at = format!("rules[{i}]");
         if raw.name.is_empty()
             || raw.name.len() > MAX_NAME_LEN
@@ -438,6 +464,8 @@ impl Checker<'_> {
             input,
             min_ttl,
             outputs,
+            path: raw.path.unwrap_or(default_path),
+            local_delivery: raw.local_delivery,
         }
     }
 
