@@ -5,6 +5,7 @@
 //! rule can be applied, or a [`ConfigError`] listing each problem with file, line and field.
 
 mod lines;
+mod read;
 
 use std::{
     collections::HashMap,
@@ -24,6 +25,9 @@ pub const DEFAULT_TTL: u8 = 16;
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest Linux interface name (`IFNAMSIZ` less the terminating NUL).
 const MAX_IFNAME_LEN: usize = 15;
+/// Largest rules file read: far beyond any real one (4,096 rules with 64 outputs each in block
+/// style take about 12 MiB), small enough that a mistaken path costs little memory.
+pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
 
 /// A validated rules file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +120,13 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{}: is {kind}, not a regular file: give the path of the rules file itself", path.display())]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "{}: {size} bytes or more: a rules file has at most {MAX_FILE_SIZE} bytes (16 MiB)",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("{}", render_problems(path, problems))]
     Invalid {
         path: PathBuf,
@@ -142,11 +153,12 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 }
 
 /// Reads and validates the rules file at `path`.
+///
+/// Whatever `path` names, this ends in bounded time and memory: anything but a regular file is
+/// refused without waiting, the size is capped, and the document's nesting and size are
+/// bounded before the full parse.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read::read_text(path)?;
     parse(&text).map_err(|problems| ConfigError::Invalid {
         path: path.to_owned(),
         problems,

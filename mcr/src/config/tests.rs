@@ -262,3 +262,143 @@ fn error_message_names_file_line_and_field() {
         "rules.yaml:14: rules[0].outputs[0].ttl: TTL 300: use 1 to 255"
     );
 }
+
+/// A directory of its own under the system's temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "mcr-config-test-{}-{unique}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&path).expect("creating a temporary directory");
+        Self(path)
+    }
+
+    fn file(&self, name: &str, contents: &[u8]) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("writing a test file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `load(path)` on a thread of its own, so that a read that blocks fails the test instead of
+/// hanging it.
+fn load_within(path: &Path, limit: std::time::Duration) -> Result<Config, ConfigError> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let owned = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = sender.send(load(&owned));
+    });
+    receiver
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("loading {} took more than {limit:?}", path.display()))
+}
+
+#[test]
+fn loads_a_regular_file_and_through_a_symlink() {
+    let dir = TempDir::new("symlink");
+    let file = dir.file("rules.yaml", GOOD.as_bytes());
+    let link = dir.0.join("link.yaml");
+    std::os::unix::fs::symlink(&file, &link).expect("symlink");
+    assert_eq!(load(&file).expect("valid").rules.len(), 2);
+    assert_eq!(load(&link).expect("valid through a symlink").rules.len(), 2);
+}
+
+#[test]
+fn a_fifo_is_refused_without_waiting_for_a_writer() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.0.join("rules.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let error = load_within(&fifo, std::time::Duration::from_secs(2)).expect_err("a FIFO");
+    assert!(
+        matches!(error, ConfigError::NotRegularFile { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&fifo.display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("is a FIFO"), "{message}");
+}
+
+#[test]
+fn a_device_is_refused_without_reading_it() {
+    let error = load_within(Path::new("/dev/zero"), std::time::Duration::from_secs(2))
+        .expect_err("a device");
+    assert_eq!(
+        error.to_string(),
+        "/dev/zero: is a character device, not a regular file: give the path of the rules file itself"
+    );
+}
+
+#[test]
+fn a_directory_is_refused() {
+    let dir = TempDir::new("directory");
+    let error = load(&dir.0).expect_err("a directory");
+    assert!(
+        matches!(
+            error,
+            ConfigError::NotRegularFile {
+                kind: "a directory",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused() {
+    let dir = TempDir::new("large");
+    let path = dir.file("rules.yaml", GOOD.as_bytes());
+    // Sparse: the size counts, not the blocks.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|file| file.set_len(MAX_FILE_SIZE + 1))
+        .expect("growing the file");
+    let error = load(&path).expect_err("too large");
+    assert!(
+        matches!(error, ConfigError::TooLarge { size, .. } if size == MAX_FILE_SIZE + 1),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("at most 16777216 bytes"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_utf8_names_the_line_and_offset() {
+    let dir = TempDir::new("latin1");
+    // "camera-1" with a Latin-1 'é' (0xe9), as an editor set to Latin-1 would save it.
+    let text = GOOD.replacen("name: camera-1", "name: cam\u{e9}ra-1", 1);
+    let mut bytes = text.into_bytes();
+    let at = bytes
+        .windows(2)
+        .position(|pair| pair == [0xc3, 0xa9])
+        .expect("é in the text");
+    bytes.splice(at..at + 2, [0xe9]);
+    let path = dir.file("rules.yaml", &bytes);
+    let error = load(&path).expect_err("not UTF-8");
+    let message = error.to_string();
+    assert_eq!(at, 43);
+    assert!(
+        message.starts_with(&format!(
+            "{}:4: not UTF-8: byte 0xe9 at byte offset 43 (byte 14 of the line)",
+            path.display()
+        )),
+        "{message}"
+    );
+}
