@@ -402,3 +402,121 @@ fn a_file_that_is_not_utf8_names_the_line_and_offset() {
         "{message}"
     );
 }
+
+#[test]
+fn deep_nesting_is_refused_before_the_parse() {
+    // Unclosed, as in a truncated file; closed, inside a field; block sequences in one line.
+    let cases = [
+        ("[".repeat(240_000), 1),
+        (
+            format!("rules: {}{}\n", "[".repeat(240_000), "]".repeat(240_000)),
+            1,
+        ),
+        (format!("rules:\n{}x\n", "- ".repeat(100_000)), 2),
+    ];
+    for (text, line) in cases {
+        let problem = only_problem(&text);
+        assert_eq!(problem.line, Some(line), "{problem:?}");
+        assert!(
+            problem.message.contains("nest deeper than 32 levels"),
+            "{problem:?}"
+        );
+    }
+}
+
+#[test]
+fn nesting_up_to_the_limit_is_parsed() {
+    // 31 sequences inside the document's mapping: the schema refuses it, the depth bound does not.
+    let text = format!(
+        "rules: {}{}\n",
+        "[".repeat(MAX_DEPTH - 1),
+        "]".repeat(MAX_DEPTH - 1)
+    );
+    let problem = only_problem(&text);
+    assert!(problem.message.contains("invalid type"), "{problem:?}");
+}
+
+#[test]
+fn alias_expansion_is_bounded() {
+    // 400 outputs written once and reused by 400 rules: 160,000 outputs, 800,000 values.
+    let outputs = (0..400)
+        .map(|k| {
+            format!(
+                "      - {{destination: 10.0.1.{}, port: {}}}\n",
+                k % 250 + 1,
+                k + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    let rules = (1..400)
+        .map(|k| format!("  - {{name: r{k}, input: *input, outputs: *outputs}}\n"))
+        .collect::<Vec<_>>()
+        .concat();
+    let text = format!(
+        "rules:\n  - name: r0\n    input: &input {{interface: eth0, group: 239.1.1.1, port: 1}}\n    outputs: &outputs\n{outputs}{rules}"
+    );
+    let problem = only_problem(&text);
+    assert!(
+        problem
+            .message
+            .contains("more than 500000 values once its aliases are expanded"),
+        "{problem:?}"
+    );
+    // A billion laughs: lists of nine lists of nine lists ... of nine strings.
+    let levels = (1..10)
+        .map(|level| {
+            let aliases = vec![format!("*a{}", level - 1); 9].join(", ");
+            format!("a{level}: &a{level} [{aliases}]\n")
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    let text = format!("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n{levels}");
+    let problem = only_problem(&text);
+    // a5 would stand for 9^5 lists of lol: 600,000 values.
+    assert_eq!(problem.line, Some(6), "{problem:?}");
+    assert!(
+        problem.message.contains("aliases are expanded"),
+        "{problem:?}"
+    );
+}
+
+#[test]
+fn a_recursive_alias_is_refused() {
+    let problem = only_problem("rules: &r [*r]\n");
+    assert_eq!(problem.line, Some(1));
+    assert!(
+        problem
+            .message
+            .contains("alias *r refers to no complete node"),
+        "{problem:?}"
+    );
+}
+
+#[test]
+fn a_long_line_ends_in_an_error_that_stays_short() {
+    let long = "a".repeat(4 * 1024 * 1024);
+    let problem = only_problem(&good_with("name: camera-2", &format!("name: {long}")));
+    assert_eq!(problem.field, "rules[1].name");
+    assert!(problem.message.len() < 300, "{}", problem.message.len());
+    assert!(
+        problem.message.contains("(4194304 bytes)"),
+        "{}",
+        problem.message
+    );
+    // Refused by serde_yaml, which quotes the value in full.
+    let problem = only_problem(&format!("rules: {long}\n"));
+    assert_eq!(problem.line, Some(1));
+    assert_eq!(problem.field, "rules");
+    assert!(problem.message.len() < 300, "{}", problem.message.len());
+    assert!(
+        problem.message.starts_with("invalid type: string \"aaa"),
+        "{}",
+        problem.message
+    );
+    assert!(
+        problem.message.ends_with("expected a sequence"),
+        "{}",
+        problem.message
+    );
+}
