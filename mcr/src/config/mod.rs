@@ -56,6 +56,10 @@ pub const MAX_WORKERS: usize = mcr_common::MAX_WORKERS as usize;
 pub const DEFAULT_USER: &str = "nobody";
 /// Most outputs of one rule.
 pub const MAX_OUTPUTS_PER_RULE: usize = crate::command::MAX_FDS;
+/// Most rules: the classifier's maps have this many entries.
+pub const MAX_RULES: usize = mcr_common::MAX_RULES as usize;
+/// Most outputs over all rules: each has a counter slot in the workers' counter blocks.
+pub const MAX_OUTPUTS: usize = crate::counters::MAX_OUTPUTS;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -353,6 +357,7 @@ impl Checker<'_> {
             }
             rules.push(rule);
         }
+        self.check_capacity(&rules);
         Config {
             settings: Settings {
                 workers,
@@ -360,6 +365,35 @@ impl Checker<'_> {
                 user,
             },
             rules,
+        }
+    }
+
+    /// What `mcr run` can hold: a rule over the limits would fail to start there.
+    fn check_capacity(&mut self, rules: &[Rule]) {
+        if rules.len() > MAX_RULES {
+            self.problem(
+                format!("rules[{MAX_RULES}]"),
+                format!(
+                    "{} rules: the classifier holds at most {MAX_RULES}, and this is the first \
+                     one over",
+                    rules.len()
+                ),
+            );
+        }
+        let total: usize = rules.iter().map(|rule| rule.outputs.len()).sum();
+        let mut running = 0;
+        for (i, rule) in rules.iter().enumerate() {
+            running += rule.outputs.len();
+            if running > MAX_OUTPUTS {
+                self.problem(
+                    format!("rules[{i}].outputs"),
+                    format!(
+                        "{total} outputs over all rules: the workers count at most {MAX_OUTPUTS}, \
+                         and this rule's outputs go over"
+                    ),
+                );
+                break;
+            }
         }
     }
 

@@ -520,3 +520,63 @@ fn a_long_line_ends_in_an_error_that_stays_short() {
         problem.message
     );
 }
+
+/// A file of `count` rules on distinct inputs, each with `outputs` outputs, in flow style.
+fn many_rules(count: usize, outputs: usize) -> String {
+    let output = "{destination: 10.9.9.9, port: 7000}";
+    let outputs = vec![output; outputs].join(", ");
+    let rules = (0..count)
+        .map(|k| {
+            format!(
+                "  - {{name: r{k}, input: {{interface: eth0, group: 239.1.{}.{}, port: 5000}}, outputs: [{outputs}]}}\n",
+                k / 250,
+                k % 250 + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    format!("rules:\n{rules}")
+}
+
+#[test]
+fn more_rules_than_the_classifier_holds() {
+    assert_eq!(
+        parse(&many_rules(MAX_RULES, 1)).expect("valid").rules.len(),
+        4096
+    );
+    let problem = only_problem(&many_rules(MAX_RULES + 1, 1));
+    assert_eq!(problem.field, "rules[4096]");
+    // Line 1 is `rules:`, rule i is on line i + 2.
+    assert_eq!(problem.line, Some(4098));
+    assert_eq!(
+        problem.message,
+        "4097 rules: the classifier holds at most 4096, and this is the first one over"
+    );
+}
+
+#[test]
+fn more_outputs_than_the_workers_count() {
+    // 256 rules of 64 outputs fill the counters exactly; one more output is one too many.
+    let full = many_rules(256, 64);
+    assert_eq!(
+        parse(&full)
+            .expect("valid")
+            .rules
+            .iter()
+            .map(|r| r.outputs.len())
+            .sum::<usize>(),
+        MAX_OUTPUTS
+    );
+    let text = format!(
+        "{full}  - {{name: extra, input: {{interface: eth1, group: 239.9.9.9, port: 1}}, outputs: [{{destination: 10.9.9.9, port: 7000}}]}}\n"
+    );
+    let problem = only_problem(&text);
+    assert_eq!(problem.field, "rules[256].outputs");
+    assert_eq!(problem.line, Some(258));
+    assert!(
+        problem
+            .message
+            .starts_with("16385 outputs over all rules: the workers count at most 16384"),
+        "{problem:?}"
+    );
+}
