@@ -320,12 +320,7 @@ impl Checker<'_> {
                 .collect()
         });
         let user = raw.settings.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
-        if user.is_empty() || user == "root" {
-            self.problem(
-                "settings.user".into(),
-                format!("workers cannot run as {user:?}: name an unprivileged user"),
-            );
-        }
+        self.check_user(&user);
         if raw.rules.is_empty() {
             self.problem(
                 "rules".into(),
@@ -365,6 +360,34 @@ impl Checker<'_> {
                 user,
             },
             rules,
+        }
+    }
+
+    /// Looks `user` up as `mcr run` does before it starts a worker: a user that does not exist
+    /// stops `mcr run` at start, and a worker that would be root refuses to run.
+    fn check_user(&mut self, user: &str) {
+        let field = "settings.user".to_owned();
+        match nix::unistd::User::from_name(user) {
+            Ok(Some(found)) if found.uid.is_root() => self.problem(
+                field,
+                format!(
+                    "user {} is root (uid 0): workers run as an unprivileged user; name one",
+                    Quoted(user)
+                ),
+            ),
+            Ok(Some(_)) => {}
+            Ok(None) => self.problem(
+                field,
+                format!(
+                    "user {} does not exist on this system: create it or name another \
+                     unprivileged user",
+                    Quoted(user)
+                ),
+            ),
+            Err(error) => self.problem(
+                field,
+                format!("cannot look up user {}: {error}", Quoted(user)),
+            ),
         }
     }
 

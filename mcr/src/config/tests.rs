@@ -226,6 +226,25 @@ fn cpus_and_user() {
     assert_eq!(problem.line, Some(3));
     let problem = only_problem(&good_with("workers: 2", "workers: 2\n  user: root"));
     assert_eq!(problem.field, "settings.user");
+    assert_eq!(problem.line, Some(3));
+    assert!(problem.message.contains("is root (uid 0)"), "{problem:?}");
+}
+
+#[test]
+fn the_worker_user_must_exist() {
+    let problem = only_problem(&good_with(
+        "workers: 2",
+        "workers: 2\n  user: mcr-no-such-user",
+    ));
+    assert_eq!(problem.field, "settings.user");
+    assert_eq!(problem.line, Some(3));
+    assert_eq!(
+        problem.message,
+        "user \"mcr-no-such-user\" does not exist on this system: create it or name another \
+         unprivileged user"
+    );
+    let problem = only_problem(&good_with("workers: 2", "workers: 2\n  user: ''"));
+    assert!(problem.message.contains("does not exist"), "{problem:?}");
 }
 
 #[test]
