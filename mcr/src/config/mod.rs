@@ -446,6 +446,15 @@ impl Checker<'_> {
                     raw.input.group
                 ),
             );
+        } else if is_link_local_group(raw.input.group) {
+            self.problem(
+                format!("{at}.input.group"),
+                format!(
+                    "{} is a link-local group (224.0.0.0/24): these belong to routing and \
+                     discovery protocols such as OSPF, PIM and IGMP and never leave their link",
+                    raw.input.group
+                ),
+            );
         }
         if raw.input.port == 0 {
             self.problem(format!("{at}.input.port"), "port 0: use 1 to 65535");
@@ -557,6 +566,11 @@ impl Checker<'_> {
             );
         }
     }
+}
+
+/// 224.0.0.0/24, the Local Network Control Block (RFC 5771): routers never forward it.
+fn is_link_local_group(group: Ipv4Addr) -> bool {
+    matches!(group.octets(), [224, 0, 0, _])
 }
 
 /// A value from the file as an error message quotes it: whole when short, cut when long, so that

@@ -599,3 +599,21 @@ fn more_outputs_than_the_workers_count() {
         "{problem:?}"
     );
 }
+
+#[test]
+fn link_local_input_groups_are_refused() {
+    // OSPF's all-routers group, and both ends of the block.
+    for group in ["224.0.0.5", "224.0.0.0", "224.0.0.255"] {
+        let problem = only_problem(&good_with("group: 239.1.1.1", &format!("group: {group}")));
+        assert_eq!(problem.field, "rules[0].input.group");
+        assert_eq!(problem.line, Some(7));
+        assert!(
+            problem
+                .message
+                .starts_with(&format!("{group} is a link-local group (224.0.0.0/24)")),
+            "{problem:?}"
+        );
+    }
+    // Just past the block: an ordinary group.
+    assert!(parse(&good_with("group: 239.1.1.1", "group: 224.0.1.1")).is_ok());
+}
