@@ -305,10 +305,24 @@ impl Checker<'_> {
             // The machine's online CPUs, not the ones this process may use: `mcr check` may
             // run confined to fewer.
             let online = aya::util::online_cpus().unwrap_or_default();
+            let usable = usable_cpus(&cpus);
             cpus.into_iter()
                 .enumerate()
                 .filter_map(|(i, cpu)| match u32::try_from(cpu) {
-                    Ok(id) if online.contains(&id) => usize::try_from(id).ok(),
+                    Ok(id) if online.contains(&id) && usable.contains(&cpu) => {
+                        usize::try_from(id).ok()
+                    }
+                    Ok(id) if online.contains(&id) => {
+                        self.problem(
+                            format!("settings.cpus[{i}]"),
+                            format!(
+                                "CPU {cpu} is online but this process may not run on it (a \
+                                 cgroup's cpuset, such as systemd's AllowedCPUs=, leaves it \
+                                 out): a worker pinned to it could not start"
+                            ),
+                        );
+                        None
+                    }
                     _ => {
                         self.problem(
                             format!("settings.cpus[{i}]"),
@@ -551,21 +565,52 @@ impl Checker<'_> {
         }
     }
 
+    /// The kernel's own rules for a device name (`dev_valid_name`): a rule that names an
+    /// interface that cannot exist would wait for it forever.
     fn check_interface(&mut self, field: &str, name: &str) {
         if name.is_empty()
             || name.len() > MAX_IFNAME_LEN
+            || name == "."
+            || name == ".."
             || name.contains(['/', ':'])
-            || name.chars().any(char::is_whitespace)
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
         {
             self.problem(
                 field.to_owned(),
                 format!(
-                    "invalid interface name {}: 1 to {MAX_IFNAME_LEN} characters, no '/', ':' or spaces",
+                    "invalid interface name {}: 1 to {MAX_IFNAME_LEN} bytes, not '.' or '..', \
+                     no '/', ':', spaces or control characters",
                     Quoted(name)
                 ),
             );
         }
     }
+}
+
+/// Those of `cpus` a thread of this process can be pinned to, found by pinning a scratch thread
+/// to each as a worker pins itself. A CPU outside the cgroup's cpuset is online but refused;
+/// the process's own affinity mask does not matter, since a thread may widen its own.
+fn usable_cpus(requested: &[u64]) -> Vec<u64> {
+    let cpus = requested.to_vec();
+    let tried = std::thread::Builder::new()
+        .name("mcr-cpu-check".into())
+        .spawn(move || {
+            cpus.into_iter()
+                .filter(|&cpu| {
+                    let mut set = nix::sched::CpuSet::new();
+                    usize::try_from(cpu).is_ok_and(|cpu| set.set(cpu).is_ok())
+                        && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                            .is_ok()
+                })
+                .collect()
+        })
+        .and_then(|thread| {
+            thread
+                .join()
+                .map_err(|_| std::io::Error::other("the CPU check panicked"))
+        });
+    // Without a thread to try them on, no CPU is refused here: `mcr run` reports the failure.
+    tried.unwrap_or_else(|_| requested.to_vec())
 }
 
 /// 224.0.0.0/24, the Local Network Control Block (RFC 5771): routers never forward it.

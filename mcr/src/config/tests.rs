@@ -617,3 +617,43 @@ fn link_local_input_groups_are_refused() {
     // Just past the block: an ordinary group.
     assert!(parse(&good_with("group: 239.1.1.1", "group: 224.0.1.1")).is_ok());
 }
+
+#[test]
+fn cpus_are_tried_as_a_worker_pins_itself() {
+    let online: Vec<u64> = aya::util::online_cpus()
+        .expect("online CPUs")
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(usable_cpus(&online), online);
+    // Beyond what a CPU set can name, and far beyond any machine here.
+    assert_eq!(usable_cpus(&[1 << 20, u64::MAX]), Vec::<u64>::new());
+}
+
+#[test]
+fn interface_names_the_kernel_cannot_have() {
+    for bad in [
+        "''",
+        "eth0/1",
+        "eth0:1",
+        "'eth 0'",
+        "abcdefghijklmnop",
+        "'.'",
+        "'..'",
+        "\"eth\\0\"",
+        "\"eth\\t0\"",
+    ] {
+        let problem = only_problem(&good_with("interface: eth1", &format!("interface: {bad}")));
+        assert_eq!(problem.field, "rules[0].outputs[0].interface", "{bad}");
+        assert_eq!(problem.line, Some(11), "{bad}");
+        assert!(
+            problem.message.starts_with("invalid interface name"),
+            "{bad}: {problem:?}"
+        );
+    }
+    // Dots, dashes and 15 bytes are fine: VLAN and bridge names look like this.
+    for good in ["br-lan.42", "abcdefghijklmno", "..."] {
+        let text = good_with("interface: eth1", &format!("interface: {good}"));
+        assert!(parse(&text).is_ok(), "{good}");
+    }
+}
