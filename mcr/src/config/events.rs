@@ -4,9 +4,9 @@
 //! `serde_yaml` collects every event of a document before it looks at any of them, so it offers
 //! no way to stop early. The checks that must run before it (`shape.rs`) and the line index
 //! (`lines.rs`) read events here instead: one at a time, in the memory of one event, and from
-//! the very parser whose cost they bound. libyaml reads at most about 1 KiB past the event it
-//! returns (a possible mapping key is given up after 1,024 characters), so stopping at an event
-//! stops the work.
+//! the very parser whose cost they bound. libyaml scans at most about 1 KiB of tokens past the
+//! event it returns (it gives up on a possible mapping key after 1,024 characters), so stopping
+//! at an event stops the work.
 //!
 //! This is the one place outside the kernel boundary where MCR calls unsafe code: the parser is
 //! a C library translated to Rust and takes raw pointers. Every call is below, each with why it

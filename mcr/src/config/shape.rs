@@ -19,7 +19,7 @@
 //!
 //! The events come from libyaml itself, the parser `serde_yaml` runs (`events.rs`), so the
 //! depth measured here is the depth that parser sees, and this pass holds one event at a time.
-//! It stops at the first event past a bound, having read at most about 1 KiB further, so it
+//! It stops at the first event past a bound, having scanned at most about 1 KiB further, so it
 //! takes time linear in the length of the text. (yaml-rust2, which the line index used before,
 //! reads ahead to the end of a `[...]` or `{...}` before it returns its first event: 1.7 GB for
 //! the 16 MiB file above.)
