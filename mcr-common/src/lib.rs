@@ -213,9 +213,13 @@ pub struct KernelOutput {
     pub destination: [u8; 4],
     pub port: u16,
     pub ttl: u8,
-    /// Explicit padding, always zero.
-    pub pad: u8,
+    /// DSCP (0-63) of the copies, or [`KEEP_DSCP`] to carry the input's. The ECN bits are
+    /// always the input's.
+    pub dscp: u8,
 }
+
+/// [`KernelOutput::dscp`]: the copies carry the input packet's DSCP.
+pub const KEEP_DSCP: u8 = 0xff;
 
 /// The outputs of one rule on the kernel path. Replaced as one hash map element, so the
 /// classifier sees either the old set or the new one, never a mix.

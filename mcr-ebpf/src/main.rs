@@ -91,6 +91,7 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
                 payload: matched.payload_len,
                 fields: Fields {
                     macs,
+                    version_tos: [matched.ip.version_ihl, matched.ip.tos],
                     ttl_protocol: [matched.ip.ttl, matched.ip.protocol],
                     source: matched.ip.source,
                     destination: matched.ip.destination,

@@ -2,8 +2,9 @@
 //! straight to the output interface's egress, with no socket, no copy to user space and no
 //! route lookup.
 //!
-//! Per output the packet is rewritten in place (Ethernet addresses, IPv4 source, destination
-//! and TTL, UDP destination port, with incremental checksum updates) and cloned to the output
+//! Per output the packet is rewritten in place (Ethernet addresses, IPv4 source, destination,
+//! TTL and, when the output sets one, DSCP; UDP destination port; with incremental checksum
+//! updates) and cloned to the output
 //! interface; the last output takes the packet itself (`bpf_redirect`), which spares a copy.
 //! With local delivery the last output is cloned too and the original headers are put back, so
 //! the host's own stack sees the packet as it arrived.
@@ -16,7 +17,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mcr_common::{
-    KernelOutput, KernelOutputs, MAX_OUTPUTS, MAX_RULE_OUTPUTS, MAX_RULES, OutputCounters,
+    KEEP_DSCP, KernelOutput, KernelOutputs, MAX_OUTPUTS, MAX_RULE_OUTPUTS, MAX_RULES,
+    OutputCounters,
 };
 
 /// `BPF_F_NO_PREALLOC`: elements are freed after an RCU grace period, so a classifier that
@@ -46,6 +48,8 @@ pub struct Packet {
 pub struct Fields {
     /// Ethernet destination then source.
     pub macs: [u8; 12],
+    /// IPv4 version/IHL and DSCP/ECN: the 16-bit word the header checksum sees.
+    pub version_tos: [u8; 2],
     /// IPv4 TTL and protocol: the 16-bit word the header checksum sees.
     pub ttl_protocol: [u8; 2],
     pub source: [u8; 4],
@@ -54,13 +58,21 @@ pub struct Fields {
 }
 
 impl Fields {
-    fn of(output: &KernelOutput, protocol: u8) -> Self {
+    /// The fields of `output`, for a packet that arrived with `input`.
+    fn of(output: &KernelOutput, input: &Self) -> Self {
         let mut macs = [0; 12];
         macs[..6].copy_from_slice(&output.destination_mac);
         macs[6..].copy_from_slice(&output.source_mac);
+        let [version_ihl, tos] = input.version_tos;
+        let tos = if output.dscp == KEEP_DSCP {
+            tos
+        } else {
+            (output.dscp << 2) | (tos & ECN_BITS)
+        };
         Self {
             macs,
-            ttl_protocol: [output.ttl, protocol],
+            version_tos: [version_ihl, tos],
+            ttl_protocol: [output.ttl, input.ttl_protocol[1]],
             source: output.source,
             destination: output.destination,
             port: output.port.to_be_bytes(),
@@ -68,6 +80,9 @@ impl Fields {
     }
 }
 
+/// The ECN bits of the DSCP/ECN byte: always the input's.
+const ECN_BITS: u8 = 0b11;
+const IP_VERSION_TOS: usize = 0;
 const IP_CHECKSUM: usize = 10;
 const IP_TTL: usize = 8;
 const IP_SOURCE: usize = 12;
@@ -104,14 +119,13 @@ pub fn relay(
     local_delivery: bool,
 ) -> i32 {
     let count = outputs.count as usize;
-    let protocol = packet.fields.ttl_protocol[1];
     let mut current = packet.fields;
     for index in 0..MAX_RULE_OUTPUTS {
         if index >= count {
             break;
         }
         let output = &outputs.outputs[index];
-        let wanted = Fields::of(output, protocol);
+        let wanted = Fields::of(output, &packet.fields);
         if rewrite(ctx, packet, &mut current, &wanted).is_err() {
             count_output(output.counter, |c| c.errors += 1);
             continue;
@@ -160,6 +174,11 @@ fn rewrite(
     let (l3, l4) = (packet.l3, packet.l4);
     if current.macs != wanted.macs {
         ctx.store(0, &wanted.macs, 0)?;
+    }
+    if current.version_tos != wanted.version_tos {
+        let (from, to) = (word(current.version_tos), word(wanted.version_tos));
+        ctx.l3_csum_replace(l3 + IP_CHECKSUM, from, to, 2)?;
+        ctx.store(l3 + IP_VERSION_TOS, &wanted.version_tos, 0)?;
     }
     if current.ttl_protocol != wanted.ttl_protocol {
         let (from, to) = (word(current.ttl_protocol), word(wanted.ttl_protocol));

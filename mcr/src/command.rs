@@ -35,6 +35,8 @@ pub struct OutputSpec {
     pub counter: u32,
     /// Set for outputs the worker frames itself; `None` for a UDP socket output.
     pub frame: Option<FrameHeader>,
+    /// DSCP to set on the output's packets; `None` carries the input packet's.
+    pub dscp: Option<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,8 @@ pub struct Datagram {
     pub source: Ipv4Addr,
     pub destination: Ipv4Addr,
     pub destination_port: u16,
+    /// The DSCP/ECN byte (IPv4 TOS).
+    pub tos: u8,
     /// Where the UDP payload lies in the buffer.
     pub payload: Range<usize>,
 }
@@ -63,6 +65,7 @@ pub fn parse(packet: &[u8], capacity: usize) -> Result<Datagram, ParseError> {
         source: Ipv4Addr::new(header[12], header[13], header[14], header[15]),
         destination: Ipv4Addr::new(header[16], header[17], header[18], header[19]),
         destination_port: u16::from_be_bytes([udp[2], udp[3]]),
+        tos: header[1],
         payload: header_len + UDP_HEADER..header_len + udp_len,
     })
 }

@@ -54,6 +54,9 @@ pub struct OutputStats {
     /// `address:port`.
     pub destination: String,
     pub ttl: u8,
+    /// The DSCP the output sets; `None`: it carries the input's.
+    #[serde(default)]
+    pub dscp: Option<u8>,
     pub tx_packets: u64,
     /// UDP payload bytes.
     pub tx_bytes: u64,
@@ -69,6 +72,7 @@ impl OutputStats {
             interface: output.interface.clone(),
             destination: format!("{}:{}", output.destination, output.port),
             ttl: output.ttl,
+            dscp: output.dscp,
             tx_packets: totals.packets,
             tx_bytes: totals.bytes,
             tx_errors: totals.errors,
@@ -325,12 +329,15 @@ fn rules_table(rules: &[RuleStats]) -> Table {
             ]);
         }
         for output in &rule.outputs {
-            let to = match &output.interface {
+            let mut to = match &output.interface {
                 Some(interface) => {
                     format!("out {interface}:{} ttl {}", output.destination, output.ttl)
                 }
                 None => format!("out {} ttl {}", output.destination, output.ttl),
             };
+            if let Some(dscp) = output.dscp {
+                let _ = write!(to, " dscp {dscp}");
+            }
             table.row(output_row(to, &[output]));
         }
     }
@@ -464,6 +471,7 @@ mod tests {
             destination: "239.2.2.2".parse().expect("address"),
             port: 6000,
             ttl: 4,
+            dscp: None,
         };
         let totals = OutputTotals {
             packets: 6,

@@ -30,6 +30,8 @@ pub struct Datagram {
     /// The destination address in the IP header (the group for multicast).
     pub destination: Ipv4Addr,
     pub ttl: u8,
+    /// The DSCP/ECN byte (IPv4 TOS) it arrived with.
+    pub tos: u8,
     pub payload: Vec<u8>,
 }
 
@@ -76,6 +78,7 @@ impl Receiver {
                         .with_context(|| format!("joining {group}"))?;
                 }
                 setsockopt(&socket, sockopt::Ipv4RecvTtl, &true)?;
+                setsockopt(&socket, sockopt::IpRecvTos, &true)?;
                 setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
                 setsockopt(&socket, sockopt::RcvBuf, &(8 << 20))?;
                 socket.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -114,7 +117,7 @@ fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Resul
     let mut buffer = vec![0_u8; 65_536];
     let mut last = Instant::now();
     loop {
-        let mut space = nix::cmsg_space!(i32, nix::libc::in_pktinfo);
+        let mut space = nix::cmsg_space!(i32, u8, nix::libc::in_pktinfo);
         let mut iov = [IoSliceMut::new(&mut buffer)];
         match recvmsg::<SockaddrIn>(
             socket.as_raw_fd(),
@@ -124,12 +127,14 @@ fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Resul
         ) {
             Ok(message) => {
                 let mut ttl = 0;
+                let mut tos = 0;
                 let mut destination = Ipv4Addr::UNSPECIFIED;
                 for cmsg in message.cmsgs()? {
                     match cmsg {
                         ControlMessageOwned::Ipv4Ttl(value) => {
                             ttl = u8::try_from(value).unwrap_or(0);
                         }
+                        ControlMessageOwned::Ipv4Tos(value) => tos = value,
                         ControlMessageOwned::Ipv4PacketInfo(info) => {
                             destination = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
                         }
@@ -145,6 +150,7 @@ fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Resul
                     source,
                     destination,
                     ttl,
+                    tos,
                     payload: buffer[..len].to_vec(),
                 });
                 last = Instant::now();

@@ -3,6 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
 use anyhow::Context as _;
+use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::{Netns, in_netns};
 
@@ -17,6 +18,8 @@ pub struct Stream {
     pub count: u64,
     /// Pause after every 32 datagrams.
     pub gap: std::time::Duration,
+    /// The DSCP/ECN byte (IPv4 TOS) the datagrams are sent with.
+    pub tos: u8,
 }
 
 impl Stream {
@@ -28,6 +31,7 @@ impl Stream {
             payload_len,
             count,
             gap: std::time::Duration::from_millis(1),
+            tos: 0,
         }
     }
 
@@ -35,6 +39,13 @@ impl Stream {
     #[must_use]
     pub fn paced(mut self, gap: std::time::Duration) -> Self {
         self.gap = gap;
+        self
+    }
+
+    /// Sends with DSCP/ECN byte `tos`.
+    #[must_use]
+    pub fn tos(mut self, tos: u8) -> Self {
+        self.tos = tos;
         self
     }
 
@@ -62,6 +73,9 @@ pub fn send_udp(netns: &Netns, stream: &Stream) -> anyhow::Result<()> {
         let bind = SocketAddrV4::new(stream.source.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
         let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
         socket.set_multicast_ttl_v4(8)?;
+        if stream.tos != 0 {
+            setsockopt(&socket, sockopt::Ipv4Tos, &i32::from(stream.tos))?;
+        }
         let destination = SocketAddrV4::new(stream.destination, stream.port);
         for sequence in 0..stream.count {
             socket

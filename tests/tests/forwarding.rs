@@ -304,3 +304,58 @@ fn non_matching_traffic_never_reaches_a_worker() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_dscp_and_ecn_byte_is_carried_or_set_per_output() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        rule(
+            "qos",
+            "239.1.1.1",
+            5000,
+            &[
+                "{interface: out0, destination: 239.2.2.1, port: 6000}",
+                "{interface: out0, destination: 239.2.2.2, port: 6000, dscp: 34}",
+                "{destination: 10.2.0.2, port: 7000}",
+                "{destination: 10.2.0.2, port: 7001, dscp: 10}",
+            ]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let receivers = [
+        Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?,
+        Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 2)), SINK, 6000)?,
+        Receiver::start(&lab.sink, None, SINK, 7000)?,
+        Receiver::start(&lab.sink, None, SINK, 7001)?,
+    ];
+    // EF (DSCP 46) with ECT(1): 0xb9.
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 100, 200).tos(0xb9);
+    send_udp(&lab.generator, &stream)?;
+    // Carried whole; or the output's DSCP with the input's ECN bits.
+    let wanted = [0xb9, (34 << 2) | 1, 0xb9, (10 << 2) | 1];
+    for (output, (receiver, tos)) in receivers.into_iter().zip(wanted).enumerate() {
+        let arrived = receiver.finish()?;
+        ensure!(
+            arrived.len() as u64 == stream.count,
+            "output {output}: {} of {} arrived",
+            arrived.len(),
+            stream.count
+        );
+        for datagram in &arrived {
+            ensure!(
+                datagram.tos == tos,
+                "output {output}: TOS {:#04x} instead of {tos:#04x}",
+                datagram.tos
+            );
+        }
+    }
+    let stats = mcr.rule_stats("qos")?;
+    assert_eq!(stats["outputs"][1]["dscp"], 34, "{stats}");
+    assert_eq!(
+        stats["outputs"][0]["dscp"],
+        serde_json::Value::Null,
+        "{stats}"
+    );
+    Ok(())
+}

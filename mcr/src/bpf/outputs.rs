@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use mcr_common::{
-    KernelOutput, KernelOutputs, MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, OutputCounters,
+    KEEP_DSCP, KernelOutput, KernelOutputs, MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, OutputCounters,
 };
 
 use super::{BpfError, map_error};
@@ -159,7 +159,7 @@ impl Planner {
             destination: output.destination.octets(),
             port: output.port,
             ttl: output.ttl,
-            pad: 0,
+            dscp: output.dscp.unwrap_or(KEEP_DSCP),
         };
         Ok((written, link.mtu))
     }
@@ -205,7 +205,7 @@ impl Planner {
             destination: output.destination.octets(),
             port: output.port,
             ttl: output.ttl,
-            pad: 0,
+            dscp: output.dscp.unwrap_or(KEEP_DSCP),
         };
         Ok((written, next_hop.mtu()))
     }

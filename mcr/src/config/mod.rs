@@ -25,6 +25,8 @@ pub use self::shape::{MAX_DEPTH, MAX_NODES};
 /// TTL of relayed packets when an output does not set one: enough to cross a campus or a
 /// data-centre fabric, small enough that a misrouted stream dies out.
 pub const DEFAULT_TTL: u8 = 16;
+/// Highest DSCP: six bits.
+pub const MAX_DSCP: u8 = 63;
 /// Longest rule name.
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest Linux interface name (`IFNAMSIZ` less the terminating NUL).
@@ -118,6 +120,9 @@ pub struct Output {
     pub destination: Ipv4Addr,
     pub port: u16,
     pub ttl: u8,
+    /// DSCP (0-63) of the relayed packets; `None` carries the input packet's. The ECN bits
+    /// are always the input's.
+    pub dscp: Option<u8>,
 }
 
 impl fmt::Display for Input {
@@ -305,6 +310,7 @@ struct RawOutput {
     destination: Ipv4Addr,
     port: u16,
     ttl: Option<i64>,
+    dscp: Option<i64>,
 }
 
 struct Checker<'a> {
@@ -623,11 +629,22 @@ impl Checker<'_> {
                     DEFAULT_TTL
                 }),
         };
+        let dscp = raw.dscp.and_then(|dscp| {
+            let valid = u8::try_from(dscp).ok().filter(|dscp| *dscp <= MAX_DSCP);
+            if valid.is_none() {
+                self.problem(
+                    format!("{at}.dscp"),
+                    format!("DSCP {dscp}: use 0 to {MAX_DSCP} (46 is EF, 34 AF41)"),
+                );
+            }
+            valid
+        });
         Output {
             interface: raw.interface,
             destination,
             port: raw.port,
             ttl,
+            dscp,
         }
     }
 

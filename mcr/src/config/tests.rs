@@ -741,3 +741,24 @@ fn a_rule_takes_its_own_path_or_the_settings_default() {
         "{problem:?}"
     );
 }
+
+#[test]
+fn an_output_may_set_its_dscp() {
+    let config = parse(&good_with(
+        "        ttl: 8\n",
+        "        ttl: 8\n        dscp: 46\n",
+    ))
+    .expect("valid");
+    assert_eq!(config.rules[0].outputs[0].dscp, Some(46));
+    assert_eq!(config.rules[1].outputs[0].dscp, None, "default: carried");
+    let problem = only_problem(&good_with(
+        "        ttl: 8\n",
+        "        ttl: 8\n        dscp: 64\n",
+    ));
+    assert_eq!(problem.field, "rules[0].outputs[0].dscp");
+    assert!(
+        problem.message.starts_with("DSCP 64: use 0 to 63"),
+        "{problem:?}"
+    );
+    assert!(problem.line.is_some());
+}

@@ -55,11 +55,9 @@ fn enlarge_send_buffer(socket: &Socket, bytes: usize) {
 
 /// The fixed header fields of a multicast output the worker frames itself.
 pub fn frame_header(output: &Output, origin: &Origin) -> FrameHeader {
-    let [_, b, c, d] = output.destination.octets();
     FrameHeader {
         ifindex: origin.ifindex,
-        // RFC 1112: 01:00:5e and the group's low 23 bits.
-        mac: [0x01, 0x00, 0x5e, b & 0x7f, c, d],
+        mac: super::routes::multicast_mac(output.destination),
         source: origin.address.octets(),
         destination: output.destination.octets(),
         port: output.port,

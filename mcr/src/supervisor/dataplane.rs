@@ -176,6 +176,7 @@ impl Dataplane {
                     spec: OutputSpec {
                         counter,
                         frame: Some(egress::frame_header(output, origin)),
+                        dscp: output.dscp,
                     },
                     socket: None,
                 },
@@ -183,6 +184,7 @@ impl Dataplane {
                     spec: OutputSpec {
                         counter,
                         frame: None,
+                        dscp: output.dscp,
                     },
                     socket: Some(egress::open(output, origin.as_ref()).map_err(|source| {
                         StartError::OutputSocket {

@@ -694,6 +694,7 @@ mod tests {
             destination: "239.2.2.1".parse().expect("address"),
             port,
             ttl,
+            dscp: None,
         };
         assert!(same_output(&output(6000, 8), &output(6000, 16)));
         assert!(!same_output(&output(6000, 8), &output(6001, 8)));

@@ -16,13 +16,16 @@ use mcr_common::RuleKey;
 
 use super::{
     buffers::{BUFFER_SIZE, BufferRing, GROUP},
-    frames::{Frame, FrameSlab, HEADER_LEN},
+    frames::{Frame, FrameSlab},
 };
 use crate::{
     command::{self, Command, MAX_MESSAGE},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
     packet::{self, ParseError},
 };
+
+/// The two ECN bits of the IPv4 DSCP/ECN byte: always the input packet's.
+const ECN_BITS: u8 = 0b11;
 
 /// Most sends in flight at once: keeps completions within the completion queue, so the kernel
 /// never has to buffer overflowing completions in memory.
@@ -79,6 +82,8 @@ enum Egress {
 struct Output {
     egress: Egress,
     counter: u32,
+    /// DSCP to set; `None` carries the input packet's.
+    dscp: Option<u8>,
 }
 
 struct Route {
@@ -293,35 +298,26 @@ impl Forwarder {
             return Ok(());
         }
         let payload = &bytes[datagram.payload];
-        let payload_len = u32::try_from(payload.len()).expect("payload fits a 2 KiB buffer");
         let mut queued = 0;
         for output in &route.outputs {
-            // A full socket buffer fails a send at once instead of parking it, which would let
-            // later packets of the flow overtake it.
-            let send = match &output.egress {
-                Egress::Socket(socket) => {
-                    opcode::Send::new(Fd(socket.as_raw_fd()), payload.as_ptr(), payload_len)
-                        .flags(nix::libc::MSG_DONTWAIT)
-                        .build()
-                        .user_data(send_data(buffer, NO_SLOT, output.counter))
-                }
-                Egress::Framed(frame) => {
-                    let prepared = self.frame_socket.as_ref().and_then(|socket| {
-                        let (slot, message) = self.frames.prepare(frame, payload)?;
-                        Some((Fd(socket.as_raw_fd()), slot, message))
-                    });
-                    let Some((fd, slot, message)) = prepared else {
-                        bump(
-                            &self.counters.block().outputs[output.counter as usize].queue_full,
-                            1,
-                        );
-                        continue;
-                    };
-                    opcode::SendMsg::new(fd, message)
-                        .flags(nix::libc::MSG_DONTWAIT as u32)
-                        .build()
-                        .user_data(send_data(buffer, slot, output.counter))
-                }
+            // The input's DSCP/ECN byte, or the output's DSCP with the input's ECN bits.
+            let tos = output
+                .dscp
+                .map_or(datagram.tos, |dscp| (dscp << 2) | (datagram.tos & ECN_BITS));
+            let prepared = send_entry(
+                &mut self.frames,
+                self.frame_socket.as_ref(),
+                output,
+                buffer,
+                payload,
+                tos,
+            );
+            let Some(send) = prepared else {
+                bump(
+                    &self.counters.block().outputs[output.counter as usize].queue_full,
+                    1,
+                );
+                continue;
             };
             // SAFETY: the payload lies in buffer `buffer`, which is not recycled before the
             // last of these sends completes (`pending`); a frame's header and message live in
@@ -349,8 +345,7 @@ impl Forwarder {
         let headers = if slot == NO_SLOT {
             0
         } else {
-            self.frames.release(slot);
-            HEADER_LEN as u64
+            self.frames.release(slot) as u64
         };
         if let Some(output) = self.counters.block().outputs.get(counter) {
             match u64::try_from(cqe.result()) {
@@ -493,6 +488,7 @@ impl Forwarder {
                         Some(Output {
                             egress,
                             counter: spec.counter,
+                            dscp: spec.dscp,
                         })
                     })
                     .collect();
@@ -510,6 +506,46 @@ impl Forwarder {
         }
         Ok(())
     }
+}
+
+/// The send of `payload` (in receive buffer `buffer`) to `output` with DSCP/ECN byte `tos`,
+/// or `None` when no send slot is free. A full socket buffer fails a send at once
+/// (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow
+/// overtake it.
+fn send_entry(
+    frames: &mut FrameSlab,
+    frame_socket: Option<&OwnedFd>,
+    output: &Output,
+    buffer: u16,
+    payload: &[u8],
+    tos: u8,
+) -> Option<squeue::Entry> {
+    let entry = match &output.egress {
+        // The socket's own DSCP/ECN byte is 0: a plain send needs no control message.
+        Egress::Socket(socket) if tos == 0 => {
+            let len = u32::try_from(payload.len()).expect("a payload fits a receive buffer");
+            opcode::Send::new(Fd(socket.as_raw_fd()), payload.as_ptr(), len)
+                .flags(nix::libc::MSG_DONTWAIT)
+                .build()
+                .user_data(send_data(buffer, NO_SLOT, output.counter))
+        }
+        Egress::Socket(socket) => {
+            let (slot, message) = frames.prepare_datagram(payload, tos)?;
+            opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
+                .flags(nix::libc::MSG_DONTWAIT as u32)
+                .build()
+                .user_data(send_data(buffer, slot, output.counter))
+        }
+        Egress::Framed(frame) => {
+            let socket = frame_socket?;
+            let (slot, message) = frames.prepare(frame, payload, tos)?;
+            opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
+                .flags(nix::libc::MSG_DONTWAIT as u32)
+                .build()
+                .user_data(send_data(buffer, slot, output.counter))
+        }
+    };
+    Some(entry)
 }
 
 /// Pushes one entry, submitting first if the queue is full.

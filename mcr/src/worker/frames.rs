@@ -50,10 +50,11 @@ impl Frame {
         }
     }
 
-    /// The headers for a packet carrying `payload_len` bytes. The UDP checksum is left at
-    /// zero ("none"), which IPv4 allows.
-    pub fn header(&self, payload_len: usize) -> [u8; HEADER_LEN] {
+    /// The headers for a packet carrying `payload_len` bytes with DSCP/ECN byte `tos`. The
+    /// UDP checksum is left at zero ("none"), which IPv4 allows.
+    pub fn header(&self, payload_len: usize, tos: u8) -> [u8; HEADER_LEN] {
         let mut header = self.template;
+        header[1] = tos;
         let total = u16::try_from(HEADER_LEN + payload_len).unwrap_or(u16::MAX);
         header[2..4].copy_from_slice(&total.to_be_bytes());
         let id = self.next_id.get();
@@ -79,12 +80,19 @@ pub fn ipv4_checksum(header: &[u8]) -> u16 {
     !u16::try_from(sum).expect("folded into sixteen bits above")
 }
 
-/// One send in flight.
+/// Room for one `IP_TOS` control message (an `int`).
+const TOS_CONTROL_LEN: usize = 32;
+
+/// One send in flight: a framed packet (header and payload to a link-layer address), or a
+/// datagram on a connected UDP socket that carries its DSCP/ECN byte as a control message.
 struct FrameSend {
     header: [u8; HEADER_LEN],
     iov: [libc::iovec; 2],
     address: libc::sockaddr_ll,
+    control: [u8; TOS_CONTROL_LEN],
     message: libc::msghdr,
+    /// Bytes the send reports beyond the payload: the header of a framed send.
+    overhead: usize,
 }
 
 /// Storage for the sends in flight, allocated once.
@@ -102,7 +110,9 @@ impl FrameSlab {
                     header: [0; HEADER_LEN],
                     iov: std::mem::zeroed(),
                     address: std::mem::zeroed(),
+                    control: [0; TOS_CONTROL_LEN],
                     message: std::mem::zeroed(),
+                    overhead: 0,
                 }
             }
         };
@@ -113,13 +123,20 @@ impl FrameSlab {
         Self { sends, free }
     }
 
-    /// Fills a free slot for `payload` sent through `frame`; returns the slot and its message,
-    /// or `None` when every slot is in use.
-    pub fn prepare(&mut self, frame: &Frame, payload: &[u8]) -> Option<(u32, *const libc::msghdr)> {
+    /// Fills a free slot for `payload` sent through `frame` with DSCP/ECN byte `tos`; returns
+    /// the slot and its message, or `None` when every slot is in use.
+    pub fn prepare(
+        &mut self,
+        frame: &Frame,
+        payload: &[u8],
+        tos: u8,
+    ) -> Option<(u32, *const libc::msghdr)> {
         let slot = self.free.pop()?;
         let send = &mut self.sends[slot as usize];
-        send.header = frame.header(payload.len());
+        send.header = frame.header(payload.len(), tos);
         send.address = frame.address;
+        send.overhead = HEADER_LEN;
+        send.message = empty_message();
         send.iov = [
             libc::iovec {
                 iov_base: send.header.as_mut_ptr().cast(),
@@ -138,9 +155,52 @@ impl FrameSlab {
         Some((slot, &raw const send.message))
     }
 
-    pub fn release(&mut self, slot: u32) {
-        self.free.push(slot);
+    /// Fills a free slot for `payload` sent on a connected UDP socket with DSCP/ECN byte
+    /// `tos` (an `IP_TOS` control message); returns the slot and its message, or `None` when
+    /// every slot is in use.
+    pub fn prepare_datagram(
+        &mut self,
+        payload: &[u8],
+        tos: u8,
+    ) -> Option<(u32, *const libc::msghdr)> {
+        let slot = self.free.pop()?;
+        let send = &mut self.sends[slot as usize];
+        send.overhead = 0;
+        send.iov[0] = libc::iovec {
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        };
+        send.message = empty_message();
+        send.message.msg_iov = send.iov.as_mut_ptr();
+        send.message.msg_iovlen = 1;
+        send.message.msg_control = send.control.as_mut_ptr().cast();
+        let value = libc::c_int::from(tos);
+        let int_len = u32::try_from(size_of::<libc::c_int>()).expect("an int is 4 bytes");
+        // SAFETY: CMSG_SPACE of an int is 24 bytes on this ABI, within `control` (checked by
+        // the test `control_room_holds_one_int`); the header and data are written inside it.
+        unsafe {
+            send.message.msg_controllen = libc::CMSG_SPACE(int_len) as usize;
+            let header = libc::CMSG_FIRSTHDR(&raw const send.message);
+            (*header).cmsg_level = libc::IPPROTO_IP;
+            (*header).cmsg_type = libc::IP_TOS;
+            (*header).cmsg_len = libc::CMSG_LEN(int_len) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>(), value);
+        }
+        Some((slot, &raw const send.message))
     }
+
+    /// Frees `slot`; returns the bytes its send reported beyond the payload.
+    pub fn release(&mut self, slot: u32) -> usize {
+        self.free.push(slot);
+        self.sends
+            .get(slot as usize)
+            .map_or(0, |send| send.overhead)
+    }
+}
+
+fn empty_message() -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is an empty message.
+    unsafe { std::mem::zeroed() }
 }
 
 #[cfg(test)]
@@ -162,12 +222,14 @@ mod tests {
     #[test]
     fn header_checksum_verifies_and_fields_are_set() {
         let frame = camera_frame();
-        let first = frame.header(100);
-        let second = frame.header(100);
+        let first = frame.header(100, 0xb8);
+        let second = frame.header(100, 0);
         // A header including its checksum sums to 0xffff, so its checksum is 0.
         assert_eq!(ipv4_checksum(&first[..20]), 0);
         assert_eq!(u16::from_be_bytes([first[2], first[3]]), 128);
         assert_eq!(first[8], 7);
+        assert_eq!(first[1], 0xb8, "the DSCP/ECN byte");
+        assert_eq!(ipv4_checksum(&second[..20]), 0);
         assert_eq!(&first[12..20], &[10, 2, 0, 1, 239, 2, 2, 1]);
         assert_eq!(u16::from_be_bytes([first[22], first[23]]), 6000);
         assert_eq!(u16::from_be_bytes([first[24], first[25]]), 108);
@@ -193,11 +255,39 @@ mod tests {
         let frame = camera_frame();
         let mut slab = FrameSlab::new(2);
         let payload = [0_u8; 4];
-        let (a, _) = slab.prepare(&frame, &payload).expect("slot");
-        let (b, _) = slab.prepare(&frame, &payload).expect("slot");
+        let (a, _) = slab.prepare(&frame, &payload, 0).expect("slot");
+        let (b, _) = slab.prepare_datagram(&payload, 0xb8).expect("slot");
         assert_ne!(a, b);
-        assert!(slab.prepare(&frame, &payload).is_none());
-        slab.release(a);
-        assert!(slab.prepare(&frame, &payload).is_some());
+        assert!(slab.prepare(&frame, &payload, 0).is_none());
+        assert_eq!(
+            slab.release(a),
+            HEADER_LEN,
+            "a framed send reports its header"
+        );
+        assert_eq!(slab.release(b), 0, "a datagram reports its payload only");
+        assert!(slab.prepare(&frame, &payload, 0).is_some());
+    }
+
+    #[test]
+    fn a_datagram_carries_its_tos_as_a_control_message() {
+        let mut slab = FrameSlab::new(1);
+        let payload = [1_u8, 2, 3];
+        let (_, message) = slab.prepare_datagram(&payload, 0xb8).expect("slot");
+        // SAFETY: the message and its control buffer live in the slab, borrowed above.
+        unsafe {
+            let message = &*message;
+            assert!(message.msg_name.is_null(), "the socket is connected");
+            assert_eq!(message.msg_iovlen, 1);
+            assert_eq!((*message.msg_iov).iov_len, 3);
+            assert!(
+                message.msg_controllen <= TOS_CONTROL_LEN,
+                "control_room_holds_one_int"
+            );
+            let header = libc::CMSG_FIRSTHDR(message);
+            assert_eq!((*header).cmsg_level, libc::IPPROTO_IP);
+            assert_eq!((*header).cmsg_type, libc::IP_TOS);
+            let value = std::ptr::read_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>());
+            assert_eq!(value, 0xb8);
+        }
     }
 }
