@@ -52,6 +52,8 @@ pub enum Command {
     AddInput {
         input: u32,
         ifindex: u32,
+        /// The interface's MTU: which receive buffers its packets need.
+        mtu: u32,
     },
     /// Stop receiving from `input` and close it.
     RemoveInput {
@@ -191,6 +193,7 @@ mod tests {
         let command = Command::AddInput {
             input: 7,
             ifindex: 3,
+            mtu: 1500,
         };
         send(a.as_fd(), &command, &[passed.as_fd()]).expect("send");
         let mut buffer = vec![0; MAX_MESSAGE];

@@ -359,3 +359,50 @@ fn the_dscp_and_ecn_byte_is_carried_or_set_per_output() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn jumbo_datagrams_are_relayed_whole() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    for (netns, interface) in [
+        (&lab.generator, "gen0"),
+        (&lab.relay, "in0"),
+        (&lab.relay, "out0"),
+        (&lab.sink, "sink0"),
+    ] {
+        netns.ip(&["link", "set", interface, "mtu", "9000"])?;
+    }
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        rule(
+            "jumbo",
+            "239.1.1.1",
+            5000,
+            &[
+                "{interface: out0, destination: 239.2.2.1, port: 6000}",
+                "{destination: 10.2.0.2, port: 7000}",
+            ]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let multicast = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let unicast = Receiver::start(&lab.sink, None, SINK, 7000)?;
+    // 8,000 bytes of payload: one 8,028-byte IPv4 packet, far past a 2 KiB buffer.
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 8000, 300);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(
+        &multicast.finish()?,
+        &stream,
+        expected(Ipv4Addr::new(239, 2, 2, 1), RELAY_OUT0, 16),
+    )?;
+    assert_delivered(&unicast.finish()?, &stream, expected(SINK, RELAY_OUT0, 16))?;
+    let workers = mcr.workers()?;
+    for worker in &workers {
+        assert_eq!(worker["too_big"], 0, "{worker}");
+    }
+    let stats = mcr.rule_stats("jumbo")?;
+    assert_eq!(
+        stats["to_worker"], 0,
+        "an MTU of 9000 carries them: {stats}"
+    );
+    Ok(())
+}

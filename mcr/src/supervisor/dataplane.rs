@@ -69,6 +69,8 @@ struct InputState {
     id: u32,
     ifindex: u32,
     interface: String,
+    /// The interface's MTU when its sockets opened: which receive buffers the workers use.
+    mtu: u32,
     group: FanoutGroup,
     rules: usize,
     /// Kernel drops per worker socket, accumulated (the kernel resets them on each read).
@@ -280,10 +282,16 @@ impl Dataplane {
             })?;
         let id = self.next_input;
         self.next_input += 1;
+        // Packets longer than the standard receive buffers (jumbo frames) need the workers'
+        // big ones; when the MTU cannot be read, the usual one is assumed.
+        let mtu = interfaces::link_by_index(ifindex).map_or(1500, |link| link.mtu);
         for (worker, socket) in self.workers.iter().zip(&group.sockets) {
-            if let Err(error) =
-                worker.send(&Command::AddInput { input: id, ifindex }, &[socket.as_fd()])
-            {
+            let command = Command::AddInput {
+                input: id,
+                ifindex,
+                mtu,
+            };
+            if let Err(error) = worker.send(&command, &[socket.as_fd()]) {
                 tracing::warn!("{error:#}");
             }
         }
@@ -298,6 +306,7 @@ impl Dataplane {
                 id,
                 ifindex,
                 interface: interface.to_owned(),
+                mtu,
                 drops: vec![0; group.sockets.len()],
                 group,
                 rules: 1,
@@ -385,6 +394,7 @@ impl Dataplane {
                 &Command::AddInput {
                     input: input.id,
                     ifindex: input.ifindex,
+                    mtu: input.mtu,
                 },
                 &[socket.as_fd()],
             )?;

@@ -15,7 +15,7 @@ use io_uring::{IoUring, Submitter, cqueue, opcode, squeue, types::Fd};
 use mcr_common::RuleKey;
 
 use super::{
-    buffers::{BUFFER_SIZE, BufferRing, GROUP},
+    buffers::{Buffer, Buffers, Ring},
     frames::{Frame, FrameSlab},
 };
 use crate::{
@@ -44,9 +44,9 @@ fn recv_data(input: u32) -> u64 {
 }
 
 /// A send's user data: its buffer, its frame slot (or [`NO_SLOT`]) and its output counter.
-fn send_data(buffer: u16, slot: u32, counter: u32) -> u64 {
+fn send_data(buffer: Buffer, slot: u32, counter: u32) -> u64 {
     (KIND_SEND << KIND_SHIFT)
-        | (u64::from(buffer) << 40)
+        | (u64::from(buffer.raw()) << 40)
         | (u64::from(slot & FIELD_MASK) << 20)
         | u64::from(counter & FIELD_MASK)
 }
@@ -60,6 +60,8 @@ struct Input {
     id: u32,
     ifindex: u32,
     socket: OwnedFd,
+    /// The buffers its packets arrive in, by its interface's MTU.
+    ring: Ring,
     /// A multishot receive is outstanding.
     armed: bool,
     /// Removed by the supervisor; closed once its receive has ended.
@@ -96,14 +98,12 @@ pub struct Forwarder {
     control: OwnedFd,
     control_buffer: Vec<u8>,
     counters: SharedCounters,
-    buffers: BufferRing,
+    buffers: Buffers,
     frames: FrameSlab,
     /// The link-layer socket framed outputs send on, once the supervisor has sent it.
     frame_socket: Option<OwnedFd>,
     inputs: Vec<Input>,
     routes: HashMap<RuleKey, Route>,
-    /// Sends outstanding per buffer; the buffer is recycled when it drops to zero.
-    pending: Vec<u16>,
     in_flight: usize,
     running: bool,
 }
@@ -128,7 +128,7 @@ pub fn new_ring() -> std::io::Result<IoUring> {
 }
 
 impl Forwarder {
-    pub fn new(control: OwnedFd, counters: SharedCounters, buffers: BufferRing) -> Self {
+    pub fn new(control: OwnedFd, counters: SharedCounters, buffers: Buffers) -> Self {
         Self {
             control,
             control_buffer: vec![0; MAX_MESSAGE],
@@ -138,7 +138,6 @@ impl Forwarder {
             frame_socket: None,
             inputs: Vec::new(),
             routes: HashMap::new(),
-            pending: vec![0; usize::from(super::buffers::ENTRIES)],
             in_flight: 0,
             running: true,
         }
@@ -205,8 +204,10 @@ impl Forwarder {
         let Some(index) = self.inputs.iter().position(|input| input.id == input_id) else {
             return Ok(());
         };
-        if let Some(buffer) = cqueue::buffer_select(cqe.flags()) {
-            self.buffers.taken();
+        let ring = self.inputs[index].ring;
+        if let Some(id) = cqueue::buffer_select(cqe.flags()) {
+            let buffer = Buffer::new(ring, id);
+            self.buffers.taken(ring);
             self.inputs[index].failures = 0;
             match usize::try_from(cqe.result()) {
                 Ok(len) => self.forward(index, buffer, len, submitter, sq)?,
@@ -241,7 +242,7 @@ impl Forwarder {
     fn forward(
         &mut self,
         input: usize,
-        buffer: u16,
+        buffer: Buffer,
         len: usize,
         submitter: &Submitter<'_>,
         sq: &mut squeue::SubmissionQueue<'_>,
@@ -249,7 +250,7 @@ impl Forwarder {
         let totals = &self.counters.block().totals;
         bump(&totals.received, 1);
         let bytes = self.buffers.buffer(buffer, len);
-        let datagram = match packet::parse(bytes, BUFFER_SIZE) {
+        let datagram = match packet::parse(bytes, buffer.ring().buffer_size()) {
             Ok(datagram) => datagram,
             Err(reason) => {
                 bump(
@@ -320,7 +321,7 @@ impl Forwarder {
                 continue;
             };
             // SAFETY: the payload lies in buffer `buffer`, which is not recycled before the
-            // last of these sends completes (`pending`); a frame's header and message live in
+            // last of these sends completes (`Buffers::hold`); a frame's header and message live in
             // their slab slot until the send completes; the socket stays open because sends
             // are submitted before any command can close it.
             unsafe { sq.push(&send) }.expect("room was checked above");
@@ -331,14 +332,15 @@ impl Forwarder {
             return Ok(());
         }
         let outputs = queued;
-        self.pending[usize::from(buffer)] = u16::try_from(outputs).unwrap_or(u16::MAX);
+        self.buffers
+            .hold(buffer, u16::try_from(outputs).unwrap_or(u16::MAX));
         self.in_flight += outputs;
         Ok(())
     }
 
     fn sent(&mut self, cqe: &cqueue::Entry) {
         let data = cqe.user_data();
-        let buffer = ((data >> 40) & 0xffff) as u16;
+        let buffer = Buffer::from_raw(((data >> 40) & 0xffff) as u16);
         let slot = u32::try_from((data >> 20) & u64::from(FIELD_MASK)).unwrap_or(NO_SLOT);
         let counter = usize::try_from(data & u64::from(FIELD_MASK)).unwrap_or(usize::MAX);
         // A framed send reports the headers it wrote too; counters count payload bytes.
@@ -358,11 +360,7 @@ impl Forwarder {
             }
         }
         self.in_flight = self.in_flight.saturating_sub(1);
-        let pending = &mut self.pending[usize::from(buffer)];
-        *pending = pending.saturating_sub(1);
-        if *pending == 0 {
-            self.buffers.recycle(buffer);
-        }
+        self.buffers.sent(buffer);
     }
 
     /// Starts (again) the multishot receive of every input whose receive ended, once there
@@ -372,14 +370,14 @@ impl Forwarder {
         submitter: &Submitter<'_>,
         sq: &mut squeue::SubmissionQueue<'_>,
     ) -> anyhow::Result<()> {
-        if self.buffers.available() == 0 {
-            return Ok(());
-        }
         for input in &mut self.inputs {
+            if self.buffers.available(input.ring) == 0 {
+                continue;
+            }
             if input.armed || input.closing || input.failures >= MAX_RECEIVE_FAILURES {
                 continue;
             }
-            let recv = opcode::RecvMulti::new(Fd(input.socket.as_raw_fd()), GROUP)
+            let recv = opcode::RecvMulti::new(Fd(input.socket.as_raw_fd()), input.ring.group())
                 .build()
                 .user_data(recv_data(input.id));
             push(submitter, sq, &recv)?;
@@ -441,13 +439,18 @@ impl Forwarder {
     ) -> anyhow::Result<()> {
         match command {
             Command::Init { .. } => tracing::warn!("ignoring a second init"),
-            Command::AddInput { input, ifindex } => {
+            Command::AddInput {
+                input,
+                ifindex,
+                mtu,
+            } => {
                 let socket = fds.into_iter().next().expect("fd count checked");
-                tracing::debug!(input, ifindex, "input added");
+                tracing::debug!(input, ifindex, mtu, "input added");
                 self.inputs.push(Input {
                     id: input,
                     ifindex,
                     socket,
+                    ring: Ring::for_mtu(mtu),
                     armed: false,
                     closing: false,
                     failures: 0,
@@ -516,7 +519,7 @@ fn send_entry(
     frames: &mut FrameSlab,
     frame_socket: Option<&OwnedFd>,
     output: &Output,
-    buffer: u16,
+    buffer: Buffer,
     payload: &[u8],
     tos: u8,
 ) -> Option<squeue::Entry> {

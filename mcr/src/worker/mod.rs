@@ -76,7 +76,7 @@ pub fn run() -> anyhow::Result<()> {
     // The ring and its buffers are set up while the process may still lock memory freely;
     // then the ring is restricted to what the loop submits, before it takes any submission.
     let mut ring = forward::new_ring().context("creating the io_uring")?;
-    let buffers = buffers::BufferRing::register(&ring.submitter())
+    let buffers = buffers::Buffers::register(&ring.submitter())
         .context("registering the receive buffer ring")?;
     sandbox::restrict_ring(&ring.submitter())?;
 

@@ -169,7 +169,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::worker::{buffers::BufferRing, forward::new_ring};
+    use crate::worker::{buffers::Buffers, forward::new_ring};
 
     /// Runs `call` in a forked child that has installed the worker's filter; returns how the
     /// child ended. The child exits with status 0 if `call` returns.
@@ -265,7 +265,7 @@ mod tests {
         const PATH: &CStr = c"/etc/hostname";
         // As the worker builds it: disabled, buffers registered, restricted.
         let mut ring = new_ring().expect("ring");
-        let _buffers = BufferRing::register(&ring.submitter()).expect("buffer ring");
+        let _buffers = Buffers::register(&ring.submitter()).expect("buffer rings");
         restrict_ring(&ring.submitter()).expect("restrictions");
 
         let open = opcode::OpenAt::new(Fd(libc::AT_FDCWD), PATH.as_ptr()).build();
