@@ -106,8 +106,17 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
         counters.to_worker += 1;
     }
     ctx.set_mark(steering_mark(rule.worker, rule.slot));
+    // The worker's packet socket takes the packet before the host's IPv4 input does. Without
+    // local delivery the host has nothing to do with it: marked as another host's, it is
+    // dropped at the first check of IPv4 input instead of being routed, looked up and dropped.
+    if rule.flags & RULE_LOCAL_DELIVERY == 0 {
+        let _ = ctx.change_type(PACKET_OTHERHOST);
+    }
     TC_ACT_UNSPEC
 }
+
+/// `PACKET_OTHERHOST`: a frame for another host, which IPv4 input drops first thing.
+const PACKET_OTHERHOST: u32 = 3;
 
 /// `PACKET_OUTGOING`: a frame this host sends, seen by a packet socket on its way out.
 const PACKET_OUTGOING: u32 = 4;

@@ -1,7 +1,7 @@
 //! The kernel path: rules whose outputs the classifier writes itself. What only this path
 //! has: 64 outputs in one rule, per-rule paths and the reasons a rule runs on its worker,
 //! next hops followed as they resolve and change, switching paths while a stream runs,
-//! packets too long for an output handed to the worker, and local delivery. (The forwarding
+//! packets too long for an output handed to the worker, and local delivery (on both paths). (The forwarding
 //! and reload suites run on this path too, with `MCR_TEST_PATH=kernel`.)
 
 use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, time::Duration};
@@ -357,13 +357,18 @@ fn a_packet_too_long_for_an_output_is_relayed_by_the_worker() -> anyhow::Result<
 fn local_delivery_gives_the_host_the_input_as_it_arrived() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     let output = ["{interface: out0, destination: 239.2.2.1, port: 6000}".to_owned()];
-    for local in [false, true] {
+    for (path, local) in [
+        ("kernel", false),
+        ("kernel", true),
+        ("worker", false),
+        ("worker", true),
+    ] {
         let file = RulesFile::new(&format!(
-            "settings:\n  path: kernel\nrules:\n{}",
+            "settings:\n  path: {path}\nrules:\n{}",
             rule("cam", &format!("    local_delivery: {local}\n"), &output)
         ))?;
         let mcr = Mcr::start(&lab.relay, file.path())?;
-        wait_for_rule_path(&mcr, "cam", "kernel")?;
+        wait_for_rule_path(&mcr, "cam", path)?;
         // An application on the relay host that listens to the input group.
         let local_app = Receiver::start(&lab.relay, Some(INPUT), RELAY_IN0, 5000)?;
         let sink = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
@@ -375,7 +380,7 @@ fn local_delivery_gives_the_host_the_input_as_it_arrived() -> anyhow::Result<()>
             ttl: 16,
         };
         assert_delivered(&sink.finish()?, &stream, relayed)
-            .with_context(|| format!("sink, local_delivery {local}"))?;
+            .with_context(|| format!("sink, {path} path, local_delivery {local}"))?;
         let at_host = local_app.finish()?;
         if local {
             // The sender's headers, as they arrived: group, source and TTL 8 (the test
@@ -385,11 +390,12 @@ fn local_delivery_gives_the_host_the_input_as_it_arrived() -> anyhow::Result<()>
                 source: GENERATOR,
                 ttl: 8,
             };
-            assert_delivered(&at_host, &stream, original).context("the local application")?;
+            assert_delivered(&at_host, &stream, original)
+                .with_context(|| format!("the local application, {path} path"))?;
         } else {
             ensure!(
                 at_host.is_empty(),
-                "without local delivery the relay consumes the input, but {} arrived",
+                "without local delivery the relay consumes the input, but {} arrived ({path} path)",
                 at_host.len()
             );
         }
