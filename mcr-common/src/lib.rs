@@ -130,6 +130,9 @@ pub struct RuleCounters {
     /// Packets of a kernel-path rule handed to its worker instead: longer than an output's
     /// MTU allows, or a segmentation offload aggregate.
     pub to_worker: u64,
+    /// Packets of a worker-path rule dropped in the classifier because the rule's worker was
+    /// behind by a full window ([`WorkerLoad`]): overload, shed before it cost more.
+    pub shed: u64,
 }
 
 impl core::ops::Add for RuleCounters {
@@ -141,6 +144,7 @@ impl core::ops::Add for RuleCounters {
             bytes: self.bytes + other.bytes,
             below_min_ttl: self.below_min_ttl + other.below_min_ttl,
             to_worker: self.to_worker + other.to_worker,
+            shed: self.shed + other.shed,
         }
     }
 }
@@ -180,6 +184,64 @@ impl core::ops::Add for SkipCounters {
             ttl_zero: self.ttl_zero + other.ttl_zero,
             bad_source: self.bad_source + other.bad_source,
         }
+    }
+}
+
+/// Name of the array of [`WorkerLoad`] pages, one per worker.
+pub const MAP_WORKER_LOAD: &str = "MCR_WORKER_LOAD";
+
+/// Packets a worker may be behind before the classifier sheds its packets: four times what its
+/// receive buffer ring holds, room for a burst (some 20 ms at full rate). The workers' packet
+/// sockets are sized to hold this many, so shedding starts before a socket overflows.
+pub const SHED_WINDOW: u64 = 8192;
+
+/// Bytes of one [`WorkerLoad`]: a page, so that each worker maps its own and nothing else.
+pub const WORKER_LOAD_SIZE: usize = 4096;
+
+/// How far behind one worker is: the classifier counts what it steers to the worker, the
+/// worker counts what it has taken from its sockets (in its own page of the map, mapped into
+/// its memory). When the difference reaches `window` the worker cannot keep up, and the
+/// classifier drops the worker's packets at once (`shed`) instead of letting each cost a
+/// socket enqueue only to overflow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerLoad {
+    /// Packets steered to the worker (the classifier adds, atomically).
+    pub steered: u64,
+    /// Packets the worker has taken from its sockets (the worker writes).
+    pub taken: u64,
+    /// Steered packets the worker will never take (lost before it could, such as those queued
+    /// in a socket that closed): the worker sets it when it finds itself idle, so the backlog
+    /// counts from zero again.
+    pub forgiven: u64,
+    /// Backlog at which the classifier sheds; 0 sheds nothing (the worker has not started).
+    pub window: u64,
+    /// Packets shed because this worker was behind (the classifier adds, atomically).
+    pub shed: u64,
+    /// Explicit padding to a page, always zero.
+    pub pad: [u64; WORKER_LOAD_SIZE / 8 - 5],
+}
+
+impl Default for WorkerLoad {
+    fn default() -> Self {
+        Self {
+            steered: 0,
+            taken: 0,
+            forgiven: 0,
+            window: 0,
+            shed: 0,
+            pad: [0; WORKER_LOAD_SIZE / 8 - 5],
+        }
+    }
+}
+
+impl WorkerLoad {
+    /// Packets steered and neither taken nor forgiven: queued for the worker.
+    #[must_use]
+    pub const fn backlog(&self) -> u64 {
+        self.steered
+            .wrapping_sub(self.taken)
+            .wrapping_sub(self.forgiven)
     }
 }
 
@@ -274,6 +336,7 @@ mod tests {
         assert_eq!(size_of::<KernelOutput>(), 32);
         assert_eq!(size_of::<KernelOutputs>(), 8 + 32 * MAX_RULE_OUTPUTS);
         assert_eq!(size_of::<OutputCounters>(), 24);
+        assert_eq!(size_of::<WorkerLoad>(), WORKER_LOAD_SIZE);
     }
 
     #[test]
@@ -302,6 +365,7 @@ mod tests {
             bytes: 10,
             below_min_ttl: 2,
             to_worker: 3,
+            shed: 4,
         };
         assert_eq!(
             r + r,
@@ -310,6 +374,7 @@ mod tests {
                 bytes: 20,
                 below_min_ttl: 4,
                 to_worker: 6,
+                shed: 8,
             }
         );
     }
@@ -332,4 +397,6 @@ mod user {
     unsafe impl aya::Pod for super::KernelOutputs {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OutputCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WorkerLoad {}
 }

@@ -13,12 +13,21 @@
 //! filter on each of those sockets and admits only marked, incoming packets.
 #![no_std]
 #![no_main]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        unstable_features,
+        reason = "BPF's atomic add is written in assembly (load.rs)"
+    ),
+    feature(asm_experimental_arch)
+)]
 
 mod classify;
+mod load;
 mod output;
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     btf_maps::{HashMap, PerCpuArray},
     macros::{btf_map, classifier, socket_filter},
     programs::{SkBuffContext, TcContext},
@@ -73,8 +82,6 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
         counters.below_min_ttl += 1;
         return TC_ACT_UNSPEC;
     }
-    counters.packets += 1;
-    counters.bytes += matched.payload_len;
     if rule.path == PATH_KERNEL
         && let Some(outputs) = output::outputs_of(rule.slot)
         && outputs.count > 0
@@ -98,6 +105,8 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
                     port: matched.udp.destination_port,
                 },
             };
+            counters.packets += 1;
+            counters.bytes += matched.payload_len;
             let local_delivery = rule.flags & RULE_LOCAL_DELIVERY != 0;
             return output::relay(ctx, &packet, outputs, local_delivery);
         }
@@ -105,11 +114,24 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
         // count why; the kernel path would drop it unseen.
         counters.to_worker += 1;
     }
+    let local_delivery = rule.flags & RULE_LOCAL_DELIVERY != 0;
+    if !load::admit(rule.worker) {
+        // The worker is a full window behind: drop now, the cheapest place, rather than after
+        // a socket enqueue that would overflow anyway.
+        counters.shed += 1;
+        return if local_delivery {
+            TC_ACT_UNSPEC
+        } else {
+            TC_ACT_SHOT
+        };
+    }
+    counters.packets += 1;
+    counters.bytes += matched.payload_len;
     ctx.set_mark(steering_mark(rule.worker, rule.slot));
     // The worker's packet socket takes the packet before the host's IPv4 input does. Without
     // local delivery the host has nothing to do with it: marked as another host's, it is
     // dropped at the first check of IPv4 input instead of being routed, looked up and dropped.
-    if rule.flags & RULE_LOCAL_DELIVERY == 0 {
+    if !local_delivery {
         let _ = ctx.change_type(PACKET_OTHERHOST);
     }
     TC_ACT_UNSPEC

@@ -41,7 +41,7 @@ pub struct OutputSpec {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// First message. Attached: the counter block memfd.
+    /// First message. Attached: the counter block memfd and the classifier's load map.
     Init {
         worker: u32,
         cpu: Option<usize>,
@@ -153,7 +153,8 @@ impl Command {
     /// How many descriptors this command must carry.
     pub fn expected_fds(&self) -> usize {
         match self {
-            Self::Init { .. } | Self::AddInput { .. } | Self::SetEgress => 1,
+            Self::Init { .. } => 2,
+            Self::AddInput { .. } | Self::SetEgress => 1,
             Self::AddRule { outputs, .. } => outputs.iter().filter(|o| o.frame.is_none()).count(),
             Self::RemoveInput { .. } | Self::RemoveRule { .. } | Self::Shutdown => 0,
         }

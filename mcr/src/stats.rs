@@ -34,6 +34,10 @@ pub struct RuleStats {
     /// Packets of a kernel-path rule handed to its worker: longer than an output's MTU allows.
     #[serde(default)]
     pub to_worker: u64,
+    /// Packets of a worker-path rule shed in the classifier: its worker was a full window
+    /// behind (overload).
+    #[serde(default)]
+    pub shed: u64,
     /// Packets lost for this rule after classification, by reason.
     pub drops: RuleDrops,
     pub outputs: Vec<OutputStats>,
@@ -91,6 +95,10 @@ pub struct WorkerStats {
     pub process: WorkerStatus,
     /// Packets the worker received from its sockets.
     pub received: u64,
+    /// Packets for this worker the classifier dropped because it was a full window behind
+    /// (overload, shed before it cost a socket enqueue).
+    #[serde(default)]
+    pub shed: u64,
     /// Packets the kernel dropped because the worker's socket was full (`PACKET_STATISTICS`).
     pub kernel_drops: u64,
     pub malformed: u64,
@@ -319,6 +327,15 @@ fn rules_table(rules: &[RuleStats]) -> Table {
                 rule.below_min_ttl.to_string(),
             ]);
         }
+        if rule.shed > 0 {
+            table.row(vec![
+                String::new(),
+                "in  shed, worker behind".into(),
+                String::new(),
+                String::new(),
+                rule.shed.to_string(),
+            ]);
+        }
         if rule.to_worker > 0 {
             table.row(vec![
                 String::new(),
@@ -370,6 +387,7 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
             "STATE",
             "RESTARTS",
             "RECEIVED",
+            "SHED",
             "KERNEL-DROPS",
             "MALFORMED",
             "TOO-BIG",
@@ -388,6 +406,7 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
             process.state.to_string(),
             process.restarts.to_string(),
             worker.received.to_string(),
+            worker.shed.to_string(),
             worker.kernel_drops.to_string(),
             worker.malformed.to_string(),
             worker.too_big.to_string(),
@@ -494,6 +513,7 @@ mod tests {
                 min_ttl: None,
                 below_min_ttl: 0,
                 to_worker: 0,
+                shed: 0,
                 drops: RuleDrops::default(),
                 outputs: vec![OutputStats::new(&output, totals)],
             }],
@@ -506,6 +526,7 @@ mod tests {
                     restarts: 3,
                 },
                 received: 7,
+                shed: 0,
                 kernel_drops: 5,
                 malformed: 0,
                 too_big: 0,
@@ -569,7 +590,9 @@ mod tests {
         );
         assert_eq!(
             lines[5],
-            ["0", "42", "1", "running", "3", "7", "5", "0", "0", "0", "0"]
+            [
+                "0", "42", "1", "running", "3", "7", "0", "5", "0", "0", "0", "0"
+            ]
         );
 
         // With two rules a total follows them.
@@ -649,6 +672,7 @@ mod tests {
                 restarts: 4,
             },
             received: 10,
+            shed: 0,
             kernel_drops: 0,
             malformed: 0,
             too_big: 0,
@@ -697,7 +721,9 @@ mod tests {
             .expect("a worker row");
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
-            ["1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0"]
+            [
+                "1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0", "0"
+            ]
         );
         let reasons: Vec<&str> = table
             .lines()

@@ -447,3 +447,83 @@ fn a_stopped_worker_is_shown_stalled_and_restarted() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     assert_camera_relayed(&lab)
 }
+
+#[test]
+fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    // A stall timeout well past the overload below: the worker is behind, not wedged.
+    let rules = RulesFile::new(
+        "settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
+    )?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
+    let pid = Pid::from_raw(i32::try_from(pid)?);
+    let group = Ipv4Addr::new(239, 1, 1, 1);
+    let output = Ipv4Addr::new(239, 2, 2, 1);
+
+    // The worker stops taking packets while 16,000 arrive: it can be at most a window (8,192)
+    // behind, and the classifier drops the rest.
+    let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
+    kill(pid, Signal::SIGSTOP)?;
+    let burst = Stream::new(group, 5000, 100, 16_000);
+    let sent = send_udp(&lab.generator, &burst);
+    kill(pid, Signal::SIGCONT)?;
+    sent?;
+    let arrived = receiver.finish()?;
+    let sequences: Vec<u64> = arrived
+        .iter()
+        .map(|datagram| datagram.sequence().context("no sequence"))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        sequences.windows(2).all(|pair| pair[0] < pair[1]),
+        "duplicated or reordered"
+    );
+    let rule = mcr.rule_stats("cam")?;
+    let worker = &mcr.workers()?[0];
+    let shed = rule["shed"].as_u64().context("shed")?;
+    eprintln!("{} of 16000 relayed, {shed} shed", sequences.len());
+    ensure!(shed > 0, "nothing was shed: {rule}");
+    assert_eq!(
+        worker["shed"], shed,
+        "the worker's shed is the rule's: {worker}"
+    );
+    assert_eq!(
+        sequences.len() as u64 + shed,
+        burst.count,
+        "each packet is relayed or shed: {rule} {worker}"
+    );
+    ensure!(
+        sequences.len() >= 8192,
+        "the worker kept less than its window: {}",
+        sequences.len()
+    );
+    assert_eq!(
+        worker["kernel_drops"], 0,
+        "shed before its socket overflowed: {worker}"
+    );
+    assert_eq!(
+        rule["outputs"][0]["tx_packets"],
+        sequences.len() as u64,
+        "{rule}"
+    );
+
+    // The overload is over: the worker relays everything again.
+    let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
+    let after = Stream::new(group, 5000, 100, 1000);
+    send_udp(&lab.generator, &after)?;
+    assert_delivered(
+        &receiver.finish()?,
+        &after,
+        Expected {
+            destination: output,
+            source: RELAY_OUT0,
+            ttl: 16,
+        },
+    )?;
+    assert_eq!(
+        mcr.rule_stats("cam")?["shed"],
+        shed,
+        "nothing more was shed"
+    );
+    Ok(())
+}

@@ -14,15 +14,16 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, SocketFilter, TcAttachType,
         tc::{self, TcAttachOptions},
     },
 };
 use mcr_common::{
-    MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAX_RULES,
-    PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey, RuleSlot, SkipCounters,
+    MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAP_WORKER_LOAD,
+    MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey, RuleSlot,
+    SkipCounters, WorkerLoad,
 };
 
 use self::outputs::KernelPathMaps;
@@ -36,12 +37,13 @@ static CLASSIFIER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcr-ebpf"));
 
 /// Every map the classifier pins, in the order the README lists them.
-pub const PINNED_MAPS: [&str; 5] = [
+pub const PINNED_MAPS: [&str; 6] = [
     MAP_RULES,
     MAP_RULE_STATS,
     MAP_SKIPS,
     MAP_KERNEL_OUTPUTS,
     MAP_OUTPUT_STATS,
+    MAP_WORKER_LOAD,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,7 @@ pub struct Classifier {
     skips: PerCpuArray<MapData, SkipCounters>,
     /// The kernel path's output sets and per-output counters.
     pub kernel: KernelPathMaps,
+    worker_load: Array<MapData, WorkerLoad>,
     attached: HashMap<String, Attachment>,
     cpus: usize,
 }
@@ -159,6 +162,7 @@ impl Classifier {
         let rules = take_map(&mut ebpf, MAP_RULES)?;
         let rule_stats = take_map(&mut ebpf, MAP_RULE_STATS)?;
         let skips = take_map(&mut ebpf, MAP_SKIPS)?;
+        let worker_load = take_map(&mut ebpf, MAP_WORKER_LOAD)?;
         let kernel = KernelPathMaps {
             outputs: take_map(&mut ebpf, MAP_KERNEL_OUTPUTS)?,
             stats: take_map(&mut ebpf, MAP_OUTPUT_STATS)?,
@@ -174,6 +178,7 @@ impl Classifier {
             rule_stats,
             skips,
             kernel,
+            worker_load,
             attached: HashMap::new(),
             cpus,
         })
@@ -321,6 +326,19 @@ impl Classifier {
     }
 
     /// Multicast UDP the classifier did not relay, by reason, summed over all CPUs.
+    /// A descriptor of the map of worker loads, for a worker to map its own page of.
+    pub fn worker_load_map(&self) -> io::Result<std::os::fd::OwnedFd> {
+        aya::maps::IterableMap::map(&self.worker_load)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+    }
+
+    /// How far behind worker `index` is, and what was shed because of it.
+    pub fn worker_load(&self, index: u32) -> Option<WorkerLoad> {
+        self.worker_load.get(&index, 0).ok()
+    }
+
     pub fn skip_counters(&self) -> Result<SkipCounters, BpfError> {
         let per_cpu = self.skips.get(&0, 0).map_err(map_error(MAP_SKIPS))?;
         Ok(per_cpu

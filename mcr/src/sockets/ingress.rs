@@ -7,13 +7,26 @@ use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
 };
 
+use mcr_common::SHED_WINDOW;
 use nix::libc;
 
 use super::{get_option, set_option};
 use crate::bpf::Classifier;
 
-/// Receive buffer of each socket: room for bursts while a worker is busy or restarting.
-const RECEIVE_BUFFER: i32 = 8 * 1024 * 1024;
+/// Receive buffer of each socket, at least: room for bursts while a worker is busy or
+/// restarting.
+const MIN_RECEIVE_BUFFER: usize = 32 * 1024 * 1024;
+/// And at most.
+const MAX_RECEIVE_BUFFER: usize = 160 * 1024 * 1024;
+
+/// The receive buffer a socket of an interface with `mtu` needs to hold a worker's shedding
+/// window of packets (each costs the socket about twice its length, and more for small
+/// ones), so that the classifier sheds before a socket overflows.
+pub fn receive_buffer(mtu: u32) -> usize {
+    let per_packet = 2 * mtu as usize + 1024;
+    (usize::try_from(SHED_WINDOW).unwrap_or(usize::MAX) * per_packet)
+        .clamp(MIN_RECEIVE_BUFFER, MAX_RECEIVE_BUFFER)
+}
 
 /// `struct tpacket_stats`.
 #[repr(C)]
@@ -31,11 +44,17 @@ pub struct FanoutGroup {
 impl FanoutGroup {
     /// Opens `workers` sockets on `ifindex` and joins them into a new fanout group. Sockets
     /// join in worker order, so a socket's place in the group is its worker's index.
-    pub fn open(ifindex: u32, workers: usize, classifier: &Classifier) -> io::Result<Self> {
+    pub fn open(
+        ifindex: u32,
+        mtu: u32,
+        workers: usize,
+        classifier: &Classifier,
+    ) -> io::Result<Self> {
         let mut sockets = Vec::with_capacity(workers);
         let mut group_id = None;
+        let receive_buffer = i32::try_from(receive_buffer(mtu)).map_err(io::Error::other)?;
         for _ in 0..workers {
-            let socket = packet_socket(ifindex)?;
+            let socket = packet_socket(ifindex, receive_buffer)?;
             let id = join_fanout(&socket, group_id)?;
             group_id = Some(id);
             sockets.push(socket);
@@ -90,7 +109,7 @@ impl FanoutGroup {
 }
 
 /// A cooked (`SOCK_DGRAM`) IPv4 packet socket on `ifindex` that receives nothing yet.
-fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+fn packet_socket(ifindex: u32, receive_buffer: i32) -> io::Result<OwnedFd> {
     let protocol = u16::try_from(libc::ETH_P_IP)
         .map_err(io::Error::other)?
         .to_be();
@@ -137,7 +156,7 @@ fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
         socket.as_fd(),
         libc::SOL_SOCKET,
         libc::SO_RCVBUFFORCE,
-        &RECEIVE_BUFFER,
+        &receive_buffer,
     )
     .is_err()
     {
@@ -145,7 +164,7 @@ fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
             socket.as_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
-            &RECEIVE_BUFFER,
+            &receive_buffer,
         )?;
     }
 
@@ -184,4 +203,17 @@ fn join_fanout(socket: &OwnedFd, id: Option<u16>) -> io::Result<u16> {
     )?;
     let joined: u32 = get_option(socket.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT)?;
     Ok((joined & 0xffff) as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_hold_a_shedding_window() {
+        assert!(receive_buffer(1500) >= 8192 * 3000);
+        let jumbo = receive_buffer(9000);
+        assert!(jumbo >= 8192 * 9000, "{jumbo}");
+        assert!(jumbo <= MAX_RECEIVE_BUFFER);
+    }
 }

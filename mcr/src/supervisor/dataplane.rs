@@ -96,6 +96,8 @@ pub struct Dataplane {
     frame_sockets: Vec<OwnedFd>,
     /// The binary every worker is started from.
     executable: Executable,
+    /// The classifier's map of worker loads, handed to each worker at start.
+    load_map: OwnedFd,
     /// How long a worker may stall before it is killed.
     stall_timeout: Duration,
     user: (u32, u32),
@@ -108,8 +110,12 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Starts the workers `settings` asks for.
-    pub fn start(settings: &Settings, events: mpsc::Sender<WorkerEvent>) -> anyhow::Result<Self> {
+    /// Starts the workers `settings` asks for; each gets `load_map` (see [`Worker::spawn`]).
+    pub fn start(
+        settings: &Settings,
+        load_map: OwnedFd,
+        events: mpsc::Sender<WorkerEvent>,
+    ) -> anyhow::Result<Self> {
         let cpus: Vec<usize> = settings.cpus.clone().unwrap_or_else(allowed_cpus);
         let count = settings
             .workers
@@ -126,7 +132,7 @@ impl Dataplane {
             let mut worker = Worker::new(index, cpus.get(index % cpus.len().max(1)).copied())?;
             let frame_socket =
                 egress::open_frame_socket().context("opening a link-layer output socket")?;
-            worker.spawn(&executable, user, &events)?;
+            worker.spawn(&executable, user, load_map.as_fd(), &events)?;
             worker.send(&Command::SetEgress, &[frame_socket.as_fd()])?;
             workers.push(worker);
             frame_sockets.push(frame_socket);
@@ -135,6 +141,7 @@ impl Dataplane {
             workers,
             frame_sockets,
             executable,
+            load_map,
             stall_timeout: settings.stall_timeout,
             user,
             events,
@@ -273,8 +280,12 @@ impl Dataplane {
             input.rules += 1;
             return Ok(());
         }
+        // Packets longer than the standard receive buffers (jumbo frames) need the workers'
+        // big ones, and bigger socket buffers; when the MTU cannot be read, the usual one is
+        // assumed.
+        let mtu = interfaces::link_by_index(ifindex).map_or(1500, |link| link.mtu);
         let group =
-            FanoutGroup::open(ifindex, self.workers.len(), classifier).map_err(|source| {
+            FanoutGroup::open(ifindex, mtu, self.workers.len(), classifier).map_err(|source| {
                 StartError::InputSockets {
                     interface: interface.to_owned(),
                     source,
@@ -282,9 +293,6 @@ impl Dataplane {
             })?;
         let id = self.next_input;
         self.next_input += 1;
-        // Packets longer than the standard receive buffers (jumbo frames) need the workers'
-        // big ones; when the MTU cannot be read, the usual one is assumed.
-        let mtu = interfaces::link_by_index(ifindex).map_or(1500, |link| link.mtu);
         for (worker, socket) in self.workers.iter().zip(&group.sockets) {
             let command = Command::AddInput {
                 input: id,
@@ -365,7 +373,12 @@ impl Dataplane {
         if !worker.lifecycle.wants_restart() {
             return None;
         }
-        if let Err(error) = worker.spawn(&self.executable, self.user, &self.events) {
+        if let Err(error) = worker.spawn(
+            &self.executable,
+            self.user,
+            self.load_map.as_fd(),
+            &self.events,
+        ) {
             let delay = worker.lifecycle.start_failed(format!("{error:#}"));
             let state = worker.lifecycle.state();
             tracing::error!(
@@ -470,7 +483,8 @@ impl Dataplane {
             .unwrap_or_default()
     }
 
-    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+    /// The workers' figures; `shed` says what the classifier shed for worker `index`.
+    pub fn worker_stats(&self, shed: impl Fn(usize) -> u64) -> Vec<WorkerStats> {
         self.workers
             .iter()
             .map(|worker| {
@@ -483,6 +497,7 @@ impl Dataplane {
                 WorkerStats {
                     process: worker_status(worker),
                     received: totals.received.load(Ordering::Relaxed),
+                    shed: shed(worker.index),
                     kernel_drops,
                     malformed: totals.malformed.load(Ordering::Relaxed),
                     too_big: totals.too_big.load(Ordering::Relaxed),

@@ -140,7 +140,11 @@ async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
     tracing::info!(pin_dir = %options.pin_dir.display(), "classifier loaded, maps pinned");
 
     let (events, mut worker_events) = mpsc::channel(64);
-    let dataplane = match Dataplane::start(&config.settings, events.clone()) {
+    let dataplane = match classifier
+        .worker_load_map()
+        .context("sharing the worker load map")
+        .and_then(|load_map| Dataplane::start(&config.settings, load_map, events.clone()))
+    {
         Ok(dataplane) => dataplane,
         Err(error) => {
             let _ = classifier.shutdown();

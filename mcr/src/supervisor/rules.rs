@@ -398,6 +398,7 @@ impl RuleTable {
                     min_ttl: entry.rule.min_ttl,
                     below_min_ttl: counters.below_min_ttl,
                     to_worker: counters.to_worker,
+                    shed: counters.shed,
                     drops,
                     outputs,
                 }
@@ -415,13 +416,19 @@ impl RuleTable {
                 min_ttl: rule.min_ttl,
                 below_min_ttl: 0,
                 to_worker: 0,
+                shed: 0,
                 drops: RuleDrops::default(),
                 outputs: Vec::new(),
             }))
             .collect();
         StatsReport {
             rules,
-            workers: dataplane.worker_stats(),
+            workers: dataplane.worker_stats(|index| {
+                u32::try_from(index)
+                    .ok()
+                    .and_then(|index| classifier.worker_load(index))
+                    .map_or(0, |load| load.shed)
+            }),
             skipped: classifier.skip_counters().unwrap_or_default().into(),
         }
     }

@@ -303,7 +303,9 @@ impl Worker {
         })
     }
 
-    /// Starts the process and sends it `init`. The caller then replays inputs and rules.
+    /// Starts the process and sends it `init`, with its counter block and `load_map` (the
+    /// classifier's map of worker loads, of which it maps its own page). The caller then
+    /// replays inputs and rules.
     ///
     /// An error means that no process was started. Once one is, a failure to hand it `init`
     /// kills it, and its exit goes the usual way.
@@ -311,6 +313,7 @@ impl Worker {
         &mut self,
         executable: &Executable,
         user: (u32, u32),
+        load_map: BorrowedFd<'_>,
         events: &mpsc::Sender<WorkerEvent>,
     ) -> anyhow::Result<()> {
         let (ours, theirs) = socketpair(
@@ -390,7 +393,7 @@ impl Worker {
             uid: user.0,
             gid: user.1,
         };
-        if let Err(error) = self.send(&init, &[self.counters.fd()]) {
+        if let Err(error) = self.send(&init, &[self.counters.fd(), load_map]) {
             tracing::error!(worker = index, "{error:#}");
             self.kill(format!("{error:#}"));
         }

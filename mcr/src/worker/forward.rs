@@ -9,20 +9,30 @@
 use std::{
     collections::HashMap,
     os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::atomic::Ordering,
+    time::Duration,
 };
 
-use io_uring::{IoUring, Submitter, cqueue, opcode, squeue, types::Fd};
+use io_uring::{
+    IoUring, Submitter, cqueue, opcode, squeue,
+    types::{self, Fd},
+};
 use mcr_common::RuleKey;
 
 use super::{
     buffers::{Buffer, Buffers, Ring},
     frames::{Frame, FrameSlab},
+    load::LoadPage,
 };
 use crate::{
     command::{self, Command, MAX_MESSAGE},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
     packet::{self, ParseError},
 };
+
+/// A worker that has had nothing to do for this long has nothing queued: it tells the
+/// classifier so (`LoadPage::forgive_backlog`).
+const IDLE: Duration = Duration::from_millis(100);
 
 /// The two ECN bits of the IPv4 DSCP/ECN byte: always the input packet's.
 const ECN_BITS: u8 = 0b11;
@@ -102,6 +112,8 @@ pub struct Forwarder {
     frames: FrameSlab,
     /// The link-layer socket framed outputs send on, once the supervisor has sent it.
     frame_socket: Option<OwnedFd>,
+    /// This worker's page of the classifier's load map.
+    load: LoadPage,
     inputs: Vec<Input>,
     routes: HashMap<RuleKey, Route>,
     in_flight: usize,
@@ -128,7 +140,12 @@ pub fn new_ring() -> std::io::Result<IoUring> {
 }
 
 impl Forwarder {
-    pub fn new(control: OwnedFd, counters: SharedCounters, buffers: Buffers) -> Self {
+    pub fn new(
+        control: OwnedFd,
+        counters: SharedCounters,
+        buffers: Buffers,
+        load: LoadPage,
+    ) -> Self {
         Self {
             control,
             control_buffer: vec![0; MAX_MESSAGE],
@@ -136,6 +153,7 @@ impl Forwarder {
             buffers,
             frames: FrameSlab::new(MAX_IN_FLIGHT),
             frame_socket: None,
+            load,
             inputs: Vec::new(),
             routes: HashMap::new(),
             in_flight: 0,
@@ -147,10 +165,16 @@ impl Forwarder {
     pub fn run(&mut self, ring: &mut IoUring) -> anyhow::Result<()> {
         let (submitter, mut sq, mut cq) = ring.split();
         self.arm_control(&submitter, &mut sq)?;
+        let idle = types::Timespec::from(IDLE);
+        let wait = types::SubmitArgs::new().timespec(&idle);
         while self.running {
             sq.sync();
-            match submitter.submit_and_wait(1) {
+            match submitter.submit_with_args(1, &wait) {
                 Ok(_) => {}
+                // Nothing happened for a while: nothing is queued for this worker.
+                Err(error) if error.raw_os_error() == Some(nix::libc::ETIME) => {
+                    self.load.forgive_backlog();
+                }
                 Err(error) if error.raw_os_error() == Some(nix::libc::EINTR) => {}
                 // EBUSY: completions must be reaped before more can be submitted.
                 Err(error) if error.raw_os_error() == Some(nix::libc::EBUSY) => {}
@@ -161,6 +185,13 @@ impl Forwarder {
             for cqe in cq.by_ref() {
                 self.complete(&cqe, &submitter, &mut sq)?;
             }
+            self.load.taken(
+                self.counters
+                    .block()
+                    .totals
+                    .received
+                    .load(Ordering::Relaxed),
+            );
             self.rearm_inputs(&submitter, &mut sq)?;
             self.buffers.publish();
         }

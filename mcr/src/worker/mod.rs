@@ -6,11 +6,13 @@
 mod buffers;
 mod forward;
 mod frames;
+mod load;
 mod privileges;
 mod sandbox;
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -61,8 +63,16 @@ pub fn run() -> anyhow::Result<()> {
     else {
         bail!("the first command was {}, not init", init.name());
     };
-    let counters = SharedCounters::map(fds.into_iter().next().context("init carries no counters")?)
+    let mut fds = fds.into_iter();
+    let counters = SharedCounters::map(fds.next().context("init carries no counters")?)
         .context("mapping the counter block")?;
+    let taken = counters.block().totals.received.load(Ordering::Relaxed);
+    let load = load::LoadPage::map(
+        fds.next().context("init carries no load map")?,
+        worker,
+        taken,
+    )
+    .context("mapping this worker's page of the load map")?;
     if let Ok(name) = std::ffi::CString::new(format!("mcr-worker-{worker}")) {
         let _ = nix::sys::prctl::set_name(&name);
     }
@@ -101,7 +111,7 @@ pub fn run() -> anyhow::Result<()> {
     )
     .context("telling the supervisor this worker is ready")?;
 
-    let mut forwarder = forward::Forwarder::new(control, counters, buffers);
+    let mut forwarder = forward::Forwarder::new(control, counters, buffers, load);
     let result = forwarder.run(&mut ring);
     // The ring unregisters the buffers when it closes; it must go before they are unmapped.
     drop(ring);
