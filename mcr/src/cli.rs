@@ -2,6 +2,7 @@
 
 use std::{
     io::{IsTerminal as _, Write as _},
+    net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
 };
@@ -15,10 +16,13 @@ use crate::{
     stats,
     status::{self, ReloadResult},
     supervisor::{self, RunOptions},
+    systemd,
 };
 
 /// Default pin directory of the classifier's maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mcr";
+/// The rules file `mcr run` and `mcr check` read unless told otherwise.
+pub const DEFAULT_CONFIG: &str = "/etc/mcr/rules.yaml";
 
 #[derive(Parser)]
 #[command(name = "mcr", version, about = "MCR: a multicast relay for Linux")]
@@ -33,10 +37,14 @@ enum Command {
     /// and `CAP_SETUID`, `CAP_SETGID`, `CAP_SETPCAP` to start the workers unprivileged).
     Run {
         /// The rules file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[command(flatten)]
         instance: Instance,
+        /// Serve Prometheus metrics at `http://ADDRESS/metrics` (for example 127.0.0.1:9433);
+        /// overrides `settings.metrics.listen` of the rules file.
+        #[arg(long, value_name = "ADDRESS")]
+        metrics_listen: Option<SocketAddr>,
         /// Log level when `RUST_LOG` is not set: error, warn, info, debug or trace.
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -45,7 +53,8 @@ enum Command {
     },
     /// Validate a rules file without running it.
     Check {
-        #[arg(long, short)]
+        /// The rules file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Show what a running instance is doing: rules file, last reload, workers, interfaces.
@@ -114,6 +123,7 @@ impl Cli {
             Command::Run {
                 config,
                 instance,
+                metrics_listen,
                 log_level,
                 log_format,
             } => {
@@ -122,6 +132,7 @@ impl Cli {
                     config,
                     control_socket: instance.control_socket(),
                     pin_dir: instance.pin_dir,
+                    metrics_listen,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }
@@ -217,10 +228,70 @@ fn init_logging(level: &str, format: LogFormat) {
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    // Under systemd each line starts with its journal priority (`journalctl -p warning` then
+    // shows warnings and errors only); the journal adds its own timestamps.
+    let journal = systemd::stderr_is_journal();
+    match (format, journal) {
+        (LogFormat::Text, false) => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        (LogFormat::Json, false) => builder.json().init(),
+        (LogFormat::Text, true) => builder
+            .with_ansi(false)
+            .event_format(systemd::JournalPriority(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+            .init(),
+        (LogFormat::Json, true) => builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(systemd::JournalPriority(
+                tracing_subscriber::fmt::format().json().without_time(),
+            ))
+            .init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn run_and_check_read_the_system_rules_file_without_flags() {
+        let Ok(Cli {
+            command:
+                Command::Run {
+                    config,
+                    metrics_listen,
+                    ..
+                },
+        }) = Cli::try_parse_from(["mcr", "run"])
+        else {
+            panic!("`mcr run` without flags is refused");
+        };
+        assert_eq!(config, PathBuf::from("/etc/mcr/rules.yaml"));
+        assert_eq!(metrics_listen, None);
+        let Ok(Cli {
+            command: Command::Check { config },
+        }) = Cli::try_parse_from(["mcr", "check"])
+        else {
+            panic!("`mcr check` without flags is refused");
+        };
+        assert_eq!(config, PathBuf::from("/etc/mcr/rules.yaml"));
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_address_and_port() {
+        let Ok(Cli {
+            command: Command::Run { metrics_listen, .. },
+        }) = Cli::try_parse_from(["mcr", "run", "--metrics-listen", "[::1]:9433"])
+        else {
+            panic!("an IPv6 address is refused");
+        };
+        assert_eq!(
+            metrics_listen,
+            Some("[::1]:9433".parse().expect("an address"))
+        );
+        assert!(Cli::try_parse_from(["mcr", "run", "--metrics-listen", "localhost:9433"]).is_err());
     }
 }
