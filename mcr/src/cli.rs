@@ -25,7 +25,26 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mcr";
 pub const DEFAULT_CONFIG: &str = "/etc/mcr/rules.yaml";
 
 #[derive(Parser)]
-#[command(name = "mcr", version, about = "MCR: a multicast relay for Linux")]
+#[command(
+    name = "mcr",
+    version,
+    about = "MCR: a multicast relay for Linux",
+    long_about = "MCR receives UDP multicast streams on an input interface and re-publishes each \
+packet to one or more outputs (a group and port on another interface, or a unicast address), \
+sent from the relay's own address, so that downstream routers accept the stream despite their \
+reverse-path check. An eBPF classifier on the input interfaces matches packets against the \
+rules of the rules file (mcr-rules(5)) and either writes the outputs itself (the kernel path) \
+or hands the packets to unprivileged worker processes (the worker path).\n\n`mcr run` is the \
+relay; the other commands validate a rules file or talk to a running relay over its control \
+socket.",
+    after_long_help = "FILES:\n  /etc/mcr/rules.yaml      the rules file, see mcr-rules(5)\n  \
+/run/mcr/mcr.sock        the control socket of the instance pinned at /sys/fs/bpf/mcr\n  \
+/sys/fs/bpf/mcr          the classifier's pinned maps (bpftool map dump pinned ...)\n\n\
+The Debian package runs `mcr run` as the systemd service mcr.service (Type=notify): \
+`systemctl reload mcr` runs `mcr reload`, and the log is in `journalctl -u mcr`.\n\n\
+SEE ALSO: mcr-rules(5), mcr-run(8), mcr-check(8), mcr-stats(8), mcr-status(8), \
+mcr-reload(8), systemd.service(5)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,6 +54,11 @@ pub struct Cli {
 enum Command {
     /// Run the relay (needs root, or `CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN`, `CAP_NET_RAW`,
     /// and `CAP_SETUID`, `CAP_SETGID`, `CAP_SETPCAP` to start the workers unprivileged).
+    ///
+    /// Runs until SIGINT or SIGTERM, re-reads the rules file when it changes, on SIGHUP and on
+    /// `mcr reload`. Under systemd it reports readiness, reloads and shutdown (`Type=notify`),
+    /// pings the watchdog when `WatchdogSec=` is set, and puts each log line's journal priority
+    /// before it.
     Run {
         /// The rules file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -51,7 +75,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
-    /// Validate a rules file without running it.
+    /// Validate a rules file without running it: prints `OK: N rules`, or every problem with
+    /// its file, line and field and exits with status 1.
     Check {
         /// The rules file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -64,7 +89,8 @@ enum Command {
         #[command(flatten)]
         instance: Instance,
     },
-    /// Ask a running instance to re-read its rules file now; prints the outcome.
+    /// Ask a running instance to re-read its rules file now; prints the outcome, and exits
+    /// with status 1 when the file is rejected (the running rules stay).
     Reload {
         #[command(flatten)]
         instance: Instance,
