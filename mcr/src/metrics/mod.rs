@@ -2,8 +2,10 @@
 //! `--metrics-listen`).
 //!
 //! The supervisor's event loop only takes snapshots: the same [`StatsReport`] `mcr stats`
-//! reads, and how the last reload went. Everything else happens in tasks of this module, off
-//! the loop: accepting, reading requests, rendering (on a blocking thread) and writing. A
+//! reads, and how the last reload went. Everything else happens off the loop: accepting,
+//! reading requests and writing responses in tasks of this module (they share the runtime's
+//! thread with the loop, but only between non-blocking reads and writes), and rendering, which
+//! takes about 100 ms for the largest rules file, on a blocking thread of its own. A
 //! client cannot hold up the loop or forwarding: connections are limited in number, a request
 //! must arrive whole within [`REQUEST_TIMEOUT`] and fit in [`http::MAX_REQUEST_HEAD`] bytes, a
 //! response must be taken within [`RESPONSE_TIMEOUT`], and scrapes within
