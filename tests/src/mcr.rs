@@ -31,6 +31,13 @@ pub struct Launch {
     pub binary: Option<PathBuf>,
     /// Descriptors `mcr run` inherits from its launcher: `(number in mcr, descriptor)`.
     pub inherit: Vec<(i32, OwnedFd)>,
+    /// More arguments for `mcr run`.
+    pub args: Vec<String>,
+    /// Environment variables `mcr run` gets, as systemd would set them.
+    pub env: Vec<(String, String)>,
+    /// Sets `JOURNAL_STREAM` to the log file `mcr run` writes to, as systemd does for a
+    /// service whose standard error is the journal.
+    pub journal_stream: bool,
 }
 
 /// A running `mcr run` with its own pin directory and control socket. Dropping it stops the
@@ -55,6 +62,13 @@ impl Mcr {
         let control_socket = PathBuf::from(format!("/run/mcr/{name}.sock"));
         let log = std::env::temp_dir().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).context("creating the mcr log")?;
+        let journal_stream = if launch.journal_stream {
+            use std::os::unix::fs::MetadataExt as _;
+            let metadata = log_file.metadata()?;
+            Some(format!("{}:{}", metadata.dev(), metadata.ino()))
+        } else {
+            None
+        };
         // nsenter enters the namespace and execs mcr in the same process, descriptors and all.
         let mut command = Command::new("nsenter");
         command
@@ -64,6 +78,9 @@ impl Mcr {
             .arg(config)
             .arg("--pin-dir")
             .arg(&pin_dir)
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(key, value)| (key, value)))
+            .envs(journal_stream.map(|value| ("JOURNAL_STREAM", value)))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod package;
 mod setup;
 mod test;
 
@@ -39,6 +40,12 @@ enum Task {
     },
     /// Benchmark MCR against the kernel's multicast forwarding and socat (release build).
     Bench(bench::BenchArgs),
+    /// Build the Debian package (release build) into target/package/.
+    Package {
+        /// Then install it on this machine with dpkg, check it and purge it again.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +76,10 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => {
             setup::ensure_all()?;
             bench::run(&args)
+        }
+        Task::Package { check } => {
+            setup::ensure_all()?;
+            package::run_package(check)
         }
     }
 }

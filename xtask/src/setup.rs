@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use crate::{output, run};
 
 /// Debian packages the tests, the demonstration and the benchmark use.
-const DEBIAN_PACKAGES: [&str; 8] = [
+const DEBIAN_PACKAGES: [&str; 9] = [
     "bpftool",     // map inspection in the tests
     "iproute2",    // namespaces and veth pairs
     "util-linux",  // nsenter
@@ -23,6 +23,8 @@ const DEBIAN_PACKAGES: [&str; 8] = [
     "socat",       // the user-space reference relay
     "netsniff-ng", // trafgen, the benchmark's generator
     "tcpdump",     // debugging captures
+    // Prometheus's own parser of the exposition formats, for the metrics endpoint's tests.
+    "python3-prometheus-client",
 ];
 
 /// bpf-linker version known to build against rustc's LLVM here.
@@ -31,7 +33,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn ensure_all() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    debian_packages()?;
+    debian_packages(&DEBIAN_PACKAGES)?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -159,9 +161,11 @@ fn set_executable(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("making {} executable", path.display()))
 }
 
-fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .into_iter()
+/// Installs those of `packages` that are not installed.
+pub fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|package| {
             !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
                 .is_some_and(|status| status.contains("install ok installed"))

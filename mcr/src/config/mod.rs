@@ -12,7 +12,7 @@ mod shape;
 use std::{
     collections::HashMap,
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -55,6 +55,9 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// The path of rules that do not choose one.
     pub path: PathChoice,
+    /// Where the Prometheus/OpenMetrics endpoint listens (`settings.metrics.listen`); no
+    /// endpoint without one.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Who writes a rule's outputs: the classifier in the kernel, or a worker.
@@ -280,6 +283,13 @@ struct RawSettings {
     user: Option<String>,
     stall_timeout: Option<i64>,
     path: Option<PathChoice>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -427,12 +437,43 @@ impl Checker<'_> {
                 DEFAULT_STALL_TIMEOUT
             }
         });
+        let metrics_listen = raw
+            .metrics
+            .and_then(|metrics| metrics.listen)
+            .and_then(|listen| self.check_metrics_listen(&listen));
         Settings {
             workers,
             cpus,
             user,
             stall_timeout,
             path: raw.path.unwrap_or_default(),
+            metrics_listen,
+        }
+    }
+
+    /// An IP address and a port: the endpoint is scraped at a fixed address, so neither a
+    /// host name (resolved once, to whatever it meant then) nor port 0 (a port chosen anew at
+    /// each start) would do.
+    fn check_metrics_listen(&mut self, listen: &str) -> Option<SocketAddr> {
+        match listen.parse::<SocketAddr>() {
+            Ok(address) if address.port() != 0 => Some(address),
+            Ok(_) => {
+                self.problem(
+                    "settings.metrics.listen".into(),
+                    format!("{listen}: port 0; give the port scrapers connect to, such as 127.0.0.1:9433"),
+                );
+                None
+            }
+            Err(_) => {
+                self.problem(
+                    "settings.metrics.listen".into(),
+                    format!(
+                        "{}: not an IP address and port, such as 127.0.0.1:9433 or [::1]:9433",
+                        Quoted(listen)
+                    ),
+                );
+                None
+            }
         }
     }
 

@@ -762,3 +762,66 @@ fn an_output_may_set_its_dscp() {
     );
     assert!(problem.line.is_some());
 }
+
+#[test]
+fn metrics_listen_is_optional_and_takes_an_address_and_port() {
+    assert_eq!(parse(GOOD).expect("valid").settings.metrics_listen, None);
+    for (written, expected) in [
+        ("127.0.0.1:9433", "127.0.0.1:9433"),
+        ("'[::1]:9433'", "[::1]:9433"),
+        ("0.0.0.0:9433", "0.0.0.0:9433"),
+    ] {
+        let text = good_with(
+            "workers: 2",
+            &format!("workers: 2\n  metrics:\n    listen: {written}"),
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            config.settings.metrics_listen,
+            Some(expected.parse().expect("an address")),
+            "{written}"
+        );
+    }
+}
+
+#[test]
+fn metrics_listen_refuses_host_names_port_zero_and_unknown_keys() {
+    for (bad, message) in [
+        (
+            "localhost:9433",
+            "settings.metrics.listen: \"localhost:9433\": not an IP address and port, such as \
+             127.0.0.1:9433 or [::1]:9433",
+        ),
+        (
+            "127.0.0.1",
+            "settings.metrics.listen: \"127.0.0.1\": not an IP address and port, such as \
+             127.0.0.1:9433 or [::1]:9433",
+        ),
+        (
+            "127.0.0.1:0",
+            "settings.metrics.listen: 127.0.0.1:0: port 0; give the port scrapers connect to, \
+             such as 127.0.0.1:9433",
+        ),
+    ] {
+        let error = ConfigError::Invalid {
+            path: "rules.yaml".into(),
+            problems: vec![only_problem(&good_with(
+                "workers: 2",
+                &format!("workers: 2\n  metrics:\n    listen: {bad}"),
+            ))],
+        };
+        assert_eq!(
+            error.to_string(),
+            format!("rules.yaml:4: {message}"),
+            "{bad}"
+        );
+    }
+    let problem = only_problem(&good_with(
+        "workers: 2",
+        "workers: 2\n  metrics:\n    address: 127.0.0.1:9433",
+    ));
+    assert!(
+        problem.message.contains("unknown field `address`"),
+        "{problem:?}"
+    );
+}

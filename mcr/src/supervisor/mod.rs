@@ -9,6 +9,7 @@ mod workers;
 
 use std::{
     fs,
+    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,7 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
+    net::{TcpListener, UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
     time::Instant as TokioInstant,
@@ -34,7 +35,11 @@ use crate::{
     bpf::Classifier,
     config::{self, Config},
     control::{Request, Response},
-    status::{InterfaceStatus, ReloadRecord, ReloadResult, RuleCounts, StatusReport, Trigger},
+    metrics::{self, ConfigHealth, Snapshot},
+    status::{
+        InterfaceStatus, ReloadRecord, ReloadResult, RuleCounts, StatusReport, Trigger, WorkerState,
+    },
+    systemd,
 };
 
 /// How often counters are read for the rates `mcr stats` shows.
@@ -47,6 +52,8 @@ pub struct RunOptions {
     pub config: PathBuf,
     pub pin_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// Where to serve metrics; overrides `settings.metrics.listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 type Call = (Request, oneshot::Sender<Response>);
@@ -132,10 +139,18 @@ struct Supervisor<'a> {
     started: Instant,
     reloads: u64,
     last_reload: Option<ReloadRecord>,
+    /// When the rules file was last applied (at start or on a reload), for the metrics.
+    last_applied: SystemTime,
+    /// Whether systemd has been told that the relay runs (`READY=1`).
+    ready_sent: bool,
 }
 
 async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
     refuse_if_running(&options.control_socket)?;
+    let metrics_listener = match options.metrics_listen.or(config.settings.metrics_listen) {
+        Some(address) => Some(metrics::bind(address).await?),
+        None => None,
+    };
     let classifier = Classifier::load(&options.pin_dir)?;
     tracing::info!(pin_dir = %options.pin_dir.display(), "classifier loaded, maps pinned");
 
@@ -163,6 +178,8 @@ async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
         started: Instant::now(),
         reloads: 0,
         last_reload: None,
+        last_applied: SystemTime::now(),
+        ready_sent: false,
     };
     // Watching starts before the rules are applied: a neighbour that resolves, or an
     // interface that appears, while thousands of rules start is handled right after.
@@ -184,7 +201,7 @@ async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
     let result = match bind_control_socket(&options.control_socket) {
         Ok(listener) => {
             supervisor
-                .event_loop(&listener, &mut worker_events, &changes)
+                .event_loop(&listener, &mut worker_events, &changes, metrics_listener)
                 .await
         }
         Err(error) => Err(error),
@@ -214,6 +231,7 @@ impl Supervisor<'_> {
         listener: &UnixListener,
         worker_events: &mut mpsc::Receiver<WorkerEvent>,
         changes: &Changes,
+        metrics_listener: Option<TcpListener>,
     ) -> anyhow::Result<()> {
         let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
@@ -223,8 +241,11 @@ impl Supervisor<'_> {
         let mut reloading: Option<Reloading> = None;
         let mut next_reload = NextReload::default();
         let mut settling = Settling::default();
+        let mut metrics_server = metrics::Server::spawn(metrics_listener);
+        let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
 
         tracing::info!(control_socket = %self.options.control_socket.display(), "running");
+        self.notify_ready_once_workers_run();
         loop {
             let settled = settling.next();
             let at = settled.map_or_else(|| TokioInstant::now() + Duration::from_hours(1), |s| s.0);
@@ -261,7 +282,15 @@ impl Supervisor<'_> {
                     self.dataplane.sample();
                     self.table.sample(&self.classifier, &self.dataplane);
                 }
-                Some(event) = worker_events.recv() => self.worker_event(event),
+                Some(event) = worker_events.recv() => {
+                    self.worker_event(event);
+                    self.notify_ready_once_workers_run();
+                }
+                Some(reply) = metrics_server.requests.recv() => {
+                    let _ = reply.send(Arc::new(self.metrics_snapshot()));
+                }
+                _ = async { watchdog.as_mut().expect("polled only with a watchdog").tick().await },
+                    if watchdog.is_some() => systemd::watchdog_ping(),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         tokio::spawn(serve_client(stream, calls.clone()));
@@ -287,6 +316,7 @@ impl Supervisor<'_> {
                 && let Some(trigger) = next_reload.trigger.take()
             {
                 let path = self.options.config.clone();
+                self.notify_reloading();
                 reloading = Some(Reloading {
                     trigger,
                     parse: tokio::task::spawn_blocking(move || config::load(&path)),
@@ -295,7 +325,47 @@ impl Supervisor<'_> {
             }
         }
         tracing::info!("shutting down");
+        systemd::stopping();
         Ok(())
+    }
+
+    /// Tells systemd that the relay runs, once: the rules are applied, and no worker is still
+    /// starting (each runs, or has failed and is being retried, which the status line says).
+    fn notify_ready_once_workers_run(&mut self) {
+        if self.ready_sent
+            || self
+                .dataplane
+                .worker_summaries()
+                .iter()
+                .any(|worker| worker.state == WorkerState::Starting)
+        {
+            return;
+        }
+        self.ready_sent = true;
+        let status = systemd::status_line(&self.status());
+        tracing::info!(%status, "ready");
+        systemd::ready(&status);
+    }
+
+    /// Tells systemd that a reload begins, once it has been told that the relay runs.
+    fn notify_reloading(&self) {
+        if self.ready_sent {
+            systemd::reloading();
+        }
+    }
+
+    /// What the metrics endpoint renders: the report `mcr stats` reads, and the last reload.
+    fn metrics_snapshot(&self) -> Snapshot {
+        Snapshot {
+            stats: self.table.report(&self.classifier, &self.dataplane),
+            config: ConfigHealth {
+                last_reload_successful: self
+                    .last_reload
+                    .as_ref()
+                    .is_none_or(|reload| reload.result == ReloadResult::Applied),
+                last_success: self.last_applied,
+            },
+        }
     }
 
     /// Applies `self.config` to the interfaces as they are now.
@@ -326,6 +396,9 @@ impl Supervisor<'_> {
             })
         });
         let record = self.finish_reload(reload.trigger, parsed);
+        if self.ready_sent {
+            systemd::ready(&systemd::status_line(&self.status()));
+        }
         for waiter in reload.waiters {
             let _ = waiter.send(Response::Reload(record.clone()));
         }
@@ -342,11 +415,13 @@ impl Supervisor<'_> {
             Ok(config) => {
                 if config.settings != self.config.settings {
                     tracing::warn!(
-                        "settings changed; workers, CPUs and user take effect when mcr restarts"
+                        "settings changed; workers, CPUs, user and the metrics address take \
+                         effect when mcr restarts"
                     );
                 }
                 self.config = config;
                 self.apply(trigger);
+                self.last_applied = SystemTime::now();
                 (ReloadResult::Applied, None)
             }
             Err(error) => {
@@ -380,6 +455,9 @@ impl Supervisor<'_> {
                 failed = after.failed,
                 "interfaces changed; rules re-applied"
             );
+            if self.ready_sent {
+                systemd::status(&systemd::status_line(&self.status()));
+            }
         }
     }
 
