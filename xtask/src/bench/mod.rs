@@ -10,7 +10,11 @@
 
 mod chart;
 mod cpu;
+mod frame;
 mod generator;
+mod generator_check;
+mod pacing;
+mod packet_socket;
 mod process;
 mod relay;
 mod report;
@@ -36,7 +40,7 @@ use nix::{
 };
 
 use self::{
-    generator::Generator,
+    generator::{Generator, Pacing},
     relay::{Relay, RelayEnv, RelayKind},
     report::{OneHopCheck, RelayResult, Report, ScenarioResult},
     scenario::Scenario,
@@ -64,6 +68,11 @@ pub struct BenchArgs {
     /// Where results.md, results.json and the chart go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
+    /// Measure only the generator, with no relay: what it offers at a ladder of rates, paced
+    /// by the tbf qdisc and with the qdisc bypassed (1to1-512 unless --scenario says others;
+    /// writes generator.md and generator.json).
+    #[arg(long)]
+    pub generator: bool,
 }
 
 /// How long and how finely the benchmark measures.
@@ -132,7 +141,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the benchmark creates network namespaces: run it as root");
     }
     for tool in [
-        "trafgen",
         "tc",
         "nft",
         "smcrouted",
@@ -147,6 +155,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let settings = Settings::new(args.quick, args.cpu_rate);
     let scenarios = select(args)?;
+    if args.generator {
+        return check_generator(args, &settings, scenarios);
+    }
     let needs_mcr = scenarios
         .iter()
         .any(|s| s.relays.iter().any(|relay| relay.is_mcr()));
@@ -226,6 +237,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the benchmark did not complete:\n{}", failures.join("\n"));
     }
     Ok(())
+}
+
+/// `--generator`: the generator alone (1to1-512 unless scenarios were named).
+fn check_generator(
+    args: &BenchArgs,
+    settings: &Settings,
+    mut scenarios: Vec<Scenario>,
+) -> anyhow::Result<()> {
+    if args.scenario.is_empty() {
+        scenarios = scenario::all()
+            .into_iter()
+            .filter(|s| s.name == "1to1-512")
+            .collect();
+    }
+    catch_interrupts()?;
+    cpu::set_quiet_budget(Duration::from_secs(if args.quick { 20 } else { 180 }));
+    topology::sweep_stale();
+    let cpus = cpu_plan()?;
+    pin_to(cpus.generator)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    generator_check::run(&scenarios, settings, &cpus, &args.out)?;
+    check_interrupted()
 }
 
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -344,8 +378,7 @@ fn run_scenario(
     let dir = run_dir.join(&scenario.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let topology = Topology::build(scenario.hops, scenario.fanout, cpus)?;
-    let mut generator = Generator::new(&topology, &scenario.generated()?, scenario.payload, &dir)?;
-    generator.calibrate()?;
+    let generator = Generator::new(&topology, &scenario.generated()?, scenario.payload)?;
 
     let copies = scenario.fanout as u64;
 
@@ -359,6 +392,7 @@ fn run_scenario(
             sink: &sink,
             cpus,
             copies,
+            pacing: None,
         };
         let trial = bench.run(None, settings.cpu_rate_pps, settings.cpu_trial_s, true)?;
         eprintln!("bench:   baseline (no relay) {}", describe(&trial));
@@ -418,6 +452,7 @@ fn run_relay(
         sink: &sink,
         cpus: env.cpus,
         copies: scenario.fanout as u64,
+        pacing: None,
     };
     let plans = scenario.hop_plans(topology, kind)?;
     let mut relay = Relay::start(kind, &plans, env)?;
@@ -511,9 +546,14 @@ fn run_relay(
 
 fn describe(trial: &Trial) -> String {
     format!(
-        "{} pps offered ({:.3} s), {} delivered/s, loss {:.3} %{}{}",
+        "{} pps offered ({:.3} s, {}, generator {:.0} % busy), {} delivered/s, loss {:.3} %{}{}",
         report::rate(trial.offered_pps),
         trial.seconds,
+        match trial.pacing {
+            Pacing::Tbf => "paced by tbf",
+            Pacing::Generator => "qdisc bypassed",
+        },
+        100.0 * trial.generator_busy_s / trial.seconds,
         report::rate(trial.delivered_pps),
         trial.loss_pct,
         if trial.generator_limited {
