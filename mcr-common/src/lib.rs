@@ -101,20 +101,35 @@ pub struct RuleSlot {
     /// Lowest IPv4 TTL the rule relays; packets below it are counted in
     /// [`RuleCounters::below_min_ttl`] and left alone. 0 (the default) relays any TTL.
     pub min_ttl: u8,
+    /// [`PATH_WORKER`] or [`PATH_KERNEL`]: who writes the rule's outputs.
+    pub path: u8,
+    /// [`RULE_LOCAL_DELIVERY`] or 0.
+    pub flags: u8,
     /// Explicit padding, always zero.
-    pub pad: [u8; 3],
+    pub pad: u8,
 }
+
+/// [`RuleSlot::path`]: the classifier marks the rule's packets for its worker.
+pub const PATH_WORKER: u8 = 0;
+/// [`RuleSlot::path`]: the classifier writes the rule's outputs itself, from the rule's entry
+/// in `MCR_KERNEL_OUTPUTS`.
+pub const PATH_KERNEL: u8 = 1;
+/// [`RuleSlot::flags`]: the host's own stack also gets the rule's packets, as they arrived.
+pub const RULE_LOCAL_DELIVERY: u8 = 1;
 
 /// Ingress counters of one rule on one CPU. Bytes are UDP payload bytes, the figure that
 /// egress counters use too, so ingress and egress rates compare directly.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleCounters {
-    /// Packets steered to the rule's worker.
+    /// Packets the rule relays (on either path).
     pub packets: u64,
     pub bytes: u64,
     /// Packets of the rule that arrived with a TTL below its `min_ttl`: not relayed.
     pub below_min_ttl: u64,
+    /// Packets of a kernel-path rule handed to its worker instead: longer than an output's
+    /// MTU allows, or a segmentation offload aggregate.
+    pub to_worker: u64,
 }
 
 impl core::ops::Add for RuleCounters {
@@ -125,6 +140,7 @@ impl core::ops::Add for RuleCounters {
             packets: self.packets + other.packets,
             bytes: self.bytes + other.bytes,
             below_min_ttl: self.below_min_ttl + other.below_min_ttl,
+            to_worker: self.to_worker + other.to_worker,
         }
     }
 }
@@ -281,13 +297,15 @@ mod tests {
             packets: 1,
             bytes: 10,
             below_min_ttl: 2,
+            to_worker: 3,
         };
         assert_eq!(
             r + r,
             RuleCounters {
                 packets: 2,
                 bytes: 20,
-                below_min_ttl: 4
+                below_min_ttl: 4,
+                to_worker: 6,
             }
         );
     }

@@ -10,7 +10,7 @@ use mcr_common::{ANY_SOURCE, RuleKey, RuleSlot};
 
 use crate::MCR_RULES;
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
@@ -28,26 +28,26 @@ const PACKET_OTHERHOST: u32 = 3;
 /// The IPv4 header fields the classifier reads, in wire order (no options).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Ipv4Header {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    frag_off: [u8; 2],
-    ttl: u8,
-    protocol: u8,
-    checksum: [u8; 2],
-    source: [u8; 4],
-    destination: [u8; 4],
+pub struct Ipv4Header {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub checksum: [u8; 2],
+    pub source: [u8; 4],
+    pub destination: [u8; 4],
 }
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UdpHeader {
-    source_port: [u8; 2],
-    destination_port: [u8; 2],
-    len: [u8; 2],
-    checksum: [u8; 2],
+pub struct UdpHeader {
+    pub source_port: [u8; 2],
+    pub destination_port: [u8; 2],
+    pub len: [u8; 2],
+    pub checksum: [u8; 2],
 }
 
 /// Why a packet is not relayed. Every reason but the first has a counter in `MCR_SKIPS`.
@@ -63,11 +63,18 @@ pub enum Skip {
     BadSource,
 }
 
-/// A packet of a rule: what the rule says about it and what its counters need.
+/// A packet of a rule: what the rule says about it, what its counters need, and where its
+/// headers are for the kernel path.
 pub struct Matched {
     pub rule: RuleSlot,
     pub ttl: u8,
     pub payload_len: u64,
+    /// Length of the frame, Ethernet header included.
+    pub frame_len: u32,
+    /// Offset of the UDP header (the IPv4 header is at `ETH_HLEN`).
+    pub l4: usize,
+    pub ip: Ipv4Header,
+    pub udp: UdpHeader,
 }
 
 /// The `T` at `offset` in the packet, read in place when the headers are in the linear part
@@ -77,7 +84,7 @@ pub struct Matched {
     reason = "the verifier tracks the packet bounds check only within one function"
 )]
 #[inline(always)]
-fn header<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Skip> {
+pub fn header<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Skip> {
     let start = ctx.data();
     if start + offset + size_of::<T>() <= ctx.data_end() {
         // SAFETY: the bounds check above is the one the verifier requires for direct packet
@@ -186,6 +193,10 @@ pub fn classify(ctx: &TcContext) -> Result<Matched, Skip> {
         rule,
         ttl: ip.ttl,
         payload_len: (udp_len - UDP_HLEN) as u64,
+        frame_len: skb_len,
+        l4: ETH_HLEN + (ihl & 0x3c),
+        ip,
+        udp,
     })
 }
 

@@ -15,6 +15,7 @@
 #![no_main]
 
 mod classify;
+mod output;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
@@ -23,11 +24,14 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use mcr_common::{
-    MAX_RULES, RuleCounters, RuleKey, RuleSlot, SkipCounters, is_steering_mark, mark_worker,
-    steering_mark,
+    MAX_RULES, PATH_KERNEL, RULE_LOCAL_DELIVERY, RuleCounters, RuleKey, RuleSlot, SkipCounters,
+    is_steering_mark, mark_worker, steering_mark,
 };
 
-use crate::classify::{Matched, Skip, classify};
+use crate::{
+    classify::{ETH_HLEN, Matched, Skip, classify, header},
+    output::{Fields, Packet},
+};
 
 #[btf_map]
 static MCR_RULES: HashMap<RuleKey, RuleSlot, { MAX_RULES as usize }> = HashMap::new();
@@ -45,37 +49,63 @@ static MCR_SKIPS: PerCpuArray<SkipCounters, 1> = PerCpuArray::new();
 )]
 pub fn mcr_classify(ctx: TcContext) -> i32 {
     match classify(&ctx) {
-        Ok(matched) => steer(&ctx, &matched),
-        Err(Skip::NotRelayable) => {}
-        Err(skip) => count_skip(&skip),
-    }
-    // Continue to the next program (TCX) or filter (clsact): the packet is never altered.
-    TC_ACT_UNSPEC
-}
-
-/// Marks a packet of a rule for the rule's worker and counts it, or only counts it when its
-/// TTL is below the rule's minimum.
-fn steer(ctx: &TcContext, matched: &Matched) {
-    let RuleSlot {
-        slot,
-        worker,
-        min_ttl,
-        ..
-    } = matched.rule;
-    let relay = matched.ttl >= min_ttl;
-    if relay {
-        ctx.set_mark(steering_mark(worker, slot));
-    }
-    if let Some(counters) = MCR_RULE_STATS.get_ptr_mut(slot) {
-        // SAFETY: a per-CPU array slot belongs to this CPU for the duration of the program.
-        let counters = unsafe { &mut *counters };
-        if relay {
-            counters.packets += 1;
-            counters.bytes += matched.payload_len;
-        } else {
-            counters.below_min_ttl += 1;
+        Ok(matched) => relay(&ctx, &matched),
+        Err(Skip::NotRelayable) => TC_ACT_UNSPEC,
+        Err(skip) => {
+            count_skip(&skip);
+            TC_ACT_UNSPEC
         }
     }
+}
+
+/// Relays a packet of a rule and counts it: the classifier writes the outputs itself (the
+/// kernel path) or marks the packet for the rule's worker. A packet below the rule's minimum
+/// TTL is only counted. Packets that are not relayed here continue on their way, unaltered
+/// (`TC_ACT_UNSPEC`: the next program with TCX, the next filter with clsact).
+fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
+    let rule = matched.rule;
+    let Some(counters) = MCR_RULE_STATS.get_ptr_mut(rule.slot) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: a per-CPU array slot belongs to this CPU for the duration of the program.
+    let counters = unsafe { &mut *counters };
+    if matched.ttl < rule.min_ttl {
+        counters.below_min_ttl += 1;
+        return TC_ACT_UNSPEC;
+    }
+    counters.packets += 1;
+    counters.bytes += matched.payload_len;
+    if rule.path == PATH_KERNEL
+        && let Some(outputs) = output::outputs_of(rule.slot)
+        && outputs.count > 0
+    {
+        // SAFETY: reading a field of the `__sk_buff` the kernel handed to this program.
+        let aggregate = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        if matched.frame_len <= outputs.max_frame
+            && !aggregate
+            && let Ok(macs) = header::<[u8; 12]>(ctx, 0)
+        {
+            let packet = Packet {
+                l3: ETH_HLEN,
+                l4: matched.l4,
+                payload: matched.payload_len,
+                fields: Fields {
+                    macs,
+                    ttl_protocol: [matched.ip.ttl, matched.ip.protocol],
+                    source: matched.ip.source,
+                    destination: matched.ip.destination,
+                    port: matched.udp.destination_port,
+                },
+            };
+            let local_delivery = rule.flags & RULE_LOCAL_DELIVERY != 0;
+            return output::relay(ctx, &packet, outputs, local_delivery);
+        }
+        // Too long for an output's MTU: the worker's sockets can fragment or refuse it and
+        // count why; the kernel path would drop it unseen.
+        counters.to_worker += 1;
+    }
+    ctx.set_mark(steering_mark(rule.worker, rule.slot));
+    TC_ACT_UNSPEC
 }
 
 /// `PACKET_OUTGOING`: a frame this host sends, seen by a packet socket on its way out.

@@ -28,8 +28,7 @@ static MCR_KERNEL_OUTPUTS: HashMap<u32, KernelOutputs, { MAX_RULES as usize }, N
     HashMap::new();
 
 #[btf_map]
-static MCR_OUTPUT_STATS: PerCpuArray<OutputCounters, { MAX_OUTPUTS as usize }> =
-    PerCpuArray::new();
+static MCR_OUTPUT_STATS: PerCpuArray<OutputCounters, { MAX_OUTPUTS as usize }> = PerCpuArray::new();
 
 /// Where the headers of a matched packet lie, and their values as it arrived.
 pub struct Packet {
@@ -98,7 +97,12 @@ pub fn outputs_of(slot: u32) -> Option<&'static KernelOutputs> {
     reason = "the verifier follows packet offsets only within one function"
 )]
 #[inline(always)]
-pub fn relay(ctx: &TcContext, packet: &Packet, outputs: &KernelOutputs, local_delivery: bool) -> i32 {
+pub fn relay(
+    ctx: &TcContext,
+    packet: &Packet,
+    outputs: &KernelOutputs,
+    local_delivery: bool,
+) -> i32 {
     let count = outputs.count as usize;
     let protocol = packet.fields.ttl_protocol[1];
     let mut current = packet.fields;
@@ -118,7 +122,9 @@ pub fn relay(ctx: &TcContext, packet: &Packet, outputs: &KernelOutputs, local_de
                 c.bytes += packet.payload;
             });
             // SAFETY: a plain helper call; it only records where the packet goes next.
-            return unsafe { bpf_redirect(output.ifindex, 0) } as i32;
+            let verdict = unsafe { bpf_redirect(output.ifindex, 0) };
+            // `TC_ACT_REDIRECT`, or `TC_ACT_SHOT` when the flags are bad.
+            return i32::try_from(verdict).unwrap_or(TC_ACT_SHOT);
         }
         match ctx.clone_redirect(output.ifindex, 0) {
             Ok(()) => count_output(output.counter, |c| {
@@ -131,11 +137,11 @@ pub fn relay(ctx: &TcContext, packet: &Packet, outputs: &KernelOutputs, local_de
     if local_delivery {
         if rewrite(ctx, packet, &mut current, &packet.fields).is_err() {
             // Half-restored headers must not reach the host's stack.
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         return TC_ACT_UNSPEC;
     }
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }
 
 /// Rewrites the packet's headers from `current` to `wanted`, fixing the IPv4 header checksum

@@ -36,6 +36,9 @@ pub struct WorkerTotals {
     /// Times the receive stopped because every buffer was in use; what arrived meanwhile waits
     /// in the socket, and what overflowed it shows up as kernel drops.
     pub no_buffer: AtomicU64,
+    /// Turns of the worker's loop: the supervisor compares readings to tell a stalled worker
+    /// from a busy or an idle one.
+    pub progress: AtomicU64,
 }
 
 /// What one output sent.

@@ -13,8 +13,13 @@ use crate::bpf::BpfError;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum RuleState {
-    /// Classified and forwarded.
-    Active,
+    /// Classified and forwarded on `path`. A rule that could take the kernel path but runs on
+    /// the workers says why in `reason`.
+    Active {
+        path: ForwardingPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// Something the rule needs does not exist yet; it starts by itself when it appears.
     Waiting { reason: String },
     /// Starting the rule failed; it is tried again on the next reload or interface change.
@@ -35,14 +40,41 @@ impl RuleState {
     }
 
     pub fn is_active(&self) -> bool {
-        matches!(self, Self::Active)
+        matches!(self, Self::Active { .. })
+    }
+
+    /// The path an active rule runs on.
+    pub fn path(&self) -> Option<ForwardingPath> {
+        match self {
+            Self::Active { path, .. } => Some(*path),
+            Self::Waiting { .. } | Self::Failed { .. } => None,
+        }
+    }
+}
+
+/// Who writes an active rule's outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardingPath {
+    /// The classifier, in the kernel.
+    Kernel,
+    /// The rule's worker process.
+    Worker,
+}
+
+impl fmt::Display for ForwardingPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Kernel => "kernel",
+            Self::Worker => "worker",
+        })
     }
 }
 
 impl fmt::Display for RuleState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Active => f.write_str("active"),
+            Self::Active { .. } => f.write_str("active"),
             Self::Waiting { reason } => write!(f, "waiting: {reason}"),
             Self::Failed { reason } => write!(f, "failed: {reason}"),
         }
@@ -98,9 +130,24 @@ mod tests {
             serde_json::from_value::<RuleState>(json).expect("readable"),
             waiting
         );
+        let kernel = RuleState::Active {
+            path: ForwardingPath::Kernel,
+            reason: None,
+        };
+        let json = serde_json::to_value(&kernel).expect("serialisable");
+        assert_eq!(json["state"], "active");
+        assert_eq!(json["path"], "kernel");
+        assert!(json.get("reason").is_none(), "{json}");
+        let worker = RuleState::Active {
+            path: ForwardingPath::Worker,
+            reason: Some("next hop 10.2.0.9 not resolved on out0".into()),
+        };
+        let json = serde_json::to_value(&worker).expect("serialisable");
+        assert_eq!(json["path"], "worker");
+        assert_eq!(json["reason"], "next hop 10.2.0.9 not resolved on out0");
         assert_eq!(
-            serde_json::to_value(RuleState::Active).expect("serialisable")["state"],
-            "active"
+            serde_json::from_value::<RuleState>(json).expect("readable"),
+            worker
         );
     }
 }

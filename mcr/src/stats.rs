@@ -5,7 +5,7 @@ use std::{fmt::Write as _, time::Instant};
 use mcr_common::SkipCounters;
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Output, counters::OutputTotals, state::RuleState};
+use crate::{config::Output, counters::OutputTotals, state::RuleState, status::WorkerStatus};
 
 /// One rule as `mcr stats` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,9 @@ pub struct RuleStats {
     /// `rx_packets`.
     #[serde(default)]
     pub below_min_ttl: u64,
+    /// Packets of a kernel-path rule handed to its worker: longer than an output's MTU allows.
+    #[serde(default)]
+    pub to_worker: u64,
     /// Packets lost for this rule after classification, by reason.
     pub drops: RuleDrops,
     pub outputs: Vec<OutputStats>,
@@ -79,11 +82,9 @@ impl OutputStats {
 /// One worker process and the drops it counted before knowing the rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStats {
-    pub worker: usize,
-    pub pid: Option<u32>,
-    pub cpu: Option<usize>,
-    pub state: String,
-    pub restarts: u32,
+    /// Which worker, its process and its state: the same fields `mcr status` shows.
+    #[serde(flatten)]
+    pub process: WorkerStatus,
     /// Packets the worker received from its sockets.
     pub received: u64,
     /// Packets the kernel dropped because the worker's socket was full (`PACKET_STATISTICS`).
@@ -243,14 +244,14 @@ impl Table {
 /// One table row of rates: label cells, then packets, bytes, packets/s, bits/s and the
 /// optional error and drop counts.
 fn rate_row(
-    labels: [String; 3],
+    labels: [String; 4],
     packets: u64,
     bytes: u64,
     pps: f64,
     bps: f64,
     errors_and_drops: Option<(u64, u64)>,
 ) -> Vec<String> {
-    let [name, flow, state] = labels;
+    let [name, flow, state, path] = labels;
     let (errors, drops) = errors_and_drops.map_or((String::new(), String::new()), |(e, d)| {
         (e.to_string(), d.to_string())
     });
@@ -258,6 +259,7 @@ fn rate_row(
         name,
         flow,
         state,
+        path,
         packets.to_string(),
         bytes.to_string(),
         si(pps),
@@ -270,7 +272,7 @@ fn rate_row(
 fn output_row(label: String, outputs: &[&OutputStats]) -> Vec<String> {
     let sum = |f: fn(&OutputStats) -> u64| outputs.iter().map(|o| f(o)).sum::<u64>();
     rate_row(
-        [String::new(), label, String::new()],
+        [String::new(), label, String::new(), String::new()],
         sum(|o| o.tx_packets),
         sum(|o| o.tx_bytes),
         outputs.iter().map(|o| o.tx_pps).sum(),
@@ -283,9 +285,10 @@ fn output_row(label: String, outputs: &[&OutputStats]) -> Vec<String> {
 fn rules_table(rules: &[RuleStats]) -> Table {
     let mut table = Table::new(
         &[
-            "RULE", "FLOW", "STATE", "PACKETS", "BYTES", "PKT/S", "BIT/S", "ERRORS", "DROPS",
+            "RULE", "FLOW", "STATE", "PATH", "PACKETS", "BYTES", "PKT/S", "BIT/S", "ERRORS",
+            "DROPS",
         ],
-        3,
+        4,
     );
     for rule in rules {
         table.row(rate_row(
@@ -293,6 +296,9 @@ fn rules_table(rules: &[RuleStats]) -> Table {
                 rule.name.clone(),
                 format!("in  {}", rule.input),
                 rule.state.to_string(),
+                rule.state
+                    .path()
+                    .map_or_else(String::new, |path| path.to_string()),
             ],
             rule.rx_packets,
             rule.rx_bytes,
@@ -305,7 +311,17 @@ fn rules_table(rules: &[RuleStats]) -> Table {
                 String::new(),
                 format!("in  ttl below {min_ttl}, not relayed"),
                 String::new(),
+                String::new(),
                 rule.below_min_ttl.to_string(),
+            ]);
+        }
+        if rule.to_worker > 0 {
+            table.row(vec![
+                String::new(),
+                "in  over an output's MTU".into(),
+                String::new(),
+                "worker".into(),
+                rule.to_worker.to_string(),
             ]);
         }
         for output in &rule.outputs {
@@ -323,6 +339,7 @@ fn rules_table(rules: &[RuleStats]) -> Table {
             [
                 "total".into(),
                 format!("in  {} rules", rules.len()),
+                String::new(),
                 String::new(),
             ],
             rules.iter().map(|r| r.rx_packets).sum(),
@@ -356,12 +373,13 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
     );
     for worker in workers {
         let optional = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+        let process = &worker.process;
         table.row(vec![
-            worker.worker.to_string(),
-            optional(worker.pid.map(|p| p.to_string())),
-            optional(worker.cpu.map(|c| c.to_string())),
-            worker.state.clone(),
-            worker.restarts.to_string(),
+            process.worker.to_string(),
+            optional(process.pid.map(|p| p.to_string())),
+            optional(process.cpu.map(|c| c.to_string())),
+            process.state.to_string(),
+            process.restarts.to_string(),
             worker.received.to_string(),
             worker.kernel_drops.to_string(),
             worker.malformed.to_string(),
@@ -377,9 +395,24 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
 pub fn render_table(report: &StatsReport) -> String {
     let mut out = String::new();
     rules_table(&report.rules).render(&mut out);
+    for rule in &report.rules {
+        if let RuleState::Active {
+            path,
+            reason: Some(reason),
+        } = &rule.state
+        {
+            let _ = writeln!(out, "{} runs on the {path}: {reason}", rule.name);
+        }
+    }
     if !report.workers.is_empty() {
         out.push('\n');
         workers_table(&report.workers).render(&mut out);
+        for worker in &report.workers {
+            let process = &worker.process;
+            if let Some(reason) = process.state.reason() {
+                let _ = writeln!(out, "worker {} {}: {reason}", process.worker, process.state);
+            }
+        }
     }
     let reasons: Vec<String> = report
         .skipped
@@ -400,6 +433,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::status::WorkerState;
 
     #[test]
     fn rates_are_the_change_over_the_interval() {
@@ -441,22 +475,28 @@ mod tests {
             rules: vec![RuleStats {
                 name: "cam".into(),
                 input: "eth0:239.1.1.1:5000".into(),
-                state: RuleState::Active,
+                state: RuleState::Active {
+                    path: crate::state::ForwardingPath::Worker,
+                    reason: None,
+                },
                 rx_packets: 7,
                 rx_bytes: 700,
                 rx_pps: 0.0,
                 rx_bps: 0.0,
                 min_ttl: None,
                 below_min_ttl: 0,
+                to_worker: 0,
                 drops: RuleDrops::default(),
                 outputs: vec![OutputStats::new(&output, totals)],
             }],
             workers: vec![WorkerStats {
-                worker: 0,
-                pid: Some(42),
-                cpu: Some(1),
-                state: "running".into(),
-                restarts: 3,
+                process: WorkerStatus {
+                    worker: 0,
+                    pid: Some(42),
+                    cpu: Some(1),
+                    state: WorkerState::Running,
+                    restarts: 3,
+                },
                 received: 7,
                 kernel_drops: 5,
                 malformed: 0,
@@ -497,6 +537,7 @@ mod tests {
                 "in",
                 "eth0:239.1.1.1:5000",
                 "active",
+                "worker",
                 "7",
                 "700",
                 "0",
@@ -537,6 +578,33 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_shows_its_path_and_why_it_runs_on_the_worker() {
+        let mut report = sample_report();
+        report.rules[0].state = RuleState::Active {
+            path: crate::state::ForwardingPath::Kernel,
+            reason: None,
+        };
+        report.rules[0].to_worker = 3;
+        let table = render_table(&report);
+        let lines = cells(&table);
+        assert_eq!(lines[1][3..5], ["active", "kernel"]);
+        assert_eq!(
+            lines[2],
+            ["in", "over", "an", "output's", "MTU", "worker", "3"]
+        );
+
+        report.rules[0].state = RuleState::Active {
+            path: crate::state::ForwardingPath::Worker,
+            reason: Some("next hop 10.2.0.9 not resolved on out0".into()),
+        };
+        let table = render_table(&report);
+        assert!(
+            table.contains("\ncam runs on the worker: next hop 10.2.0.9 not resolved on out0\n"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn footer_names_every_skip_reason_as_the_map_does() {
         let table = render_table(&sample_report());
         assert!(
@@ -561,5 +629,75 @@ mod tests {
             ["in", "ttl", "below", "2,", "not", "relayed", "9"]
         );
         assert_eq!(lines[3][0], "out");
+    }
+
+    fn worker(state: WorkerState) -> WorkerStats {
+        WorkerStats {
+            process: WorkerStatus {
+                worker: 1,
+                pid: None,
+                cpu: Some(0),
+                state,
+                restarts: 4,
+            },
+            received: 10,
+            kernel_drops: 0,
+            malformed: 0,
+            too_big: 0,
+            no_rule: 0,
+            no_buffer: 0,
+        }
+    }
+
+    #[test]
+    fn worker_json_keeps_its_field_names_and_adds_a_reason() {
+        let running = serde_json::to_value(worker(WorkerState::Running)).expect("json");
+        assert_eq!(running["state"], "running");
+        assert_eq!(running["worker"], 1);
+        assert_eq!(running["restarts"], 4);
+        assert_eq!(running["received"], 10);
+        assert!(running.get("reason").is_none(), "{running}");
+
+        let failed = worker(WorkerState::Failed {
+            reason: "starting a worker: No such file or directory".into(),
+        });
+        let json = serde_json::to_value(&failed).expect("json");
+        assert_eq!(json["state"], "failed");
+        assert_eq!(
+            json["reason"],
+            "starting a worker: No such file or directory"
+        );
+        let back: WorkerStats = serde_json::from_value(json).expect("parse back");
+        assert_eq!(back, failed);
+    }
+
+    #[test]
+    fn table_names_the_reason_of_a_worker_in_trouble() {
+        let report = StatsReport {
+            workers: vec![
+                worker(WorkerState::Stalled {
+                    reason: "no progress for 2 s while packets wait".into(),
+                }),
+                worker(WorkerState::Running),
+            ],
+            ..StatsReport::default()
+        };
+        let table = render_table(&report);
+        let row = table
+            .lines()
+            .find(|line| line.starts_with("1 "))
+            .expect("a worker row");
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0"]
+        );
+        let reasons: Vec<&str> = table
+            .lines()
+            .filter(|line| line.starts_with("worker "))
+            .collect();
+        assert_eq!(
+            reasons,
+            ["worker 1 stalled: no progress for 2 s while packets wait"]
+        );
     }
 }

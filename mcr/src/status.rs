@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::RuleState;
+
 /// What started a reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -53,14 +55,76 @@ pub struct RuleCounts {
     pub active: usize,
     pub waiting: usize,
     pub failed: usize,
+    /// Active rules on the kernel path (the others run on the workers).
+    #[serde(default)]
+    pub kernel: usize,
 }
 
+/// One rule's state, path, and why, for `mcr status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub name: String,
+    #[serde(flatten)]
+    pub state: RuleState,
+}
+
+/// What a worker process is doing. `mcr stats` and `mcr status` both render this one enum; in
+/// JSON it is a lowercase `state` and, where there is one, a `reason`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Started, still setting up as root.
+    Starting,
+    /// Unprivileged and forwarding.
+    Running,
+    /// Gone, to be started again after a back-off; `reason` says how it ended.
+    Restarting { reason: String },
+    /// Alive but making no progress while packets wait for it; it is killed and restarted
+    /// unless it moves on by itself within `settings.stall_timeout`.
+    Stalled { reason: String },
+    /// Starting it keeps failing; it is still retried at the longest back-off.
+    Failed { reason: String },
+    /// Told to stop (the relay is shutting down).
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Restarting { .. } => "restarting",
+            Self::Stalled { .. } => "stalled",
+            Self::Failed { .. } => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Restarting { reason } | Self::Stalled { reason } | Self::Failed { reason } => {
+                Some(reason)
+            }
+            Self::Starting | Self::Running | Self::Stopped => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// One worker process: the part of a worker's report that `mcr status` shows and `mcr stats`
+/// extends with its counters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub worker: usize,
     pub pid: Option<u32>,
     pub cpu: Option<usize>,
-    pub state: String,
+    #[serde(flatten)]
+    pub state: WorkerState,
     pub restarts: u32,
 }
 
@@ -86,6 +150,9 @@ pub struct StatusReport {
     pub last_reload: Option<ReloadRecord>,
     pub workers: Vec<WorkerStatus>,
     pub interfaces: Vec<InterfaceStatus>,
+    /// Every rule of the rules file, in its order.
+    #[serde(default)]
+    pub rule_states: Vec<RuleStatus>,
 }
 
 /// The human-readable view of `mcr status`.
@@ -102,8 +169,13 @@ pub fn render(status: &StatusReport) -> String {
     let rules = &status.rules;
     let _ = writeln!(
         out,
-        "rules       {} ({} active, {} waiting, {} failed)",
-        rules.total, rules.active, rules.waiting, rules.failed
+        "rules       {} ({} active: {} kernel path, {} worker path; {} waiting, {} failed)",
+        rules.total,
+        rules.active,
+        rules.kernel,
+        rules.active - rules.kernel.min(rules.active),
+        rules.waiting,
+        rules.failed
     );
     match &status.last_reload {
         None => {
@@ -122,17 +194,39 @@ pub fn render(status: &StatusReport) -> String {
             }
         }
     }
-    let _ = writeln!(out, "\nWORKER  PID      CPU  STATE       RESTARTS");
+    if !status.rule_states.is_empty() {
+        let width = status
+            .rule_states
+            .iter()
+            .map(|rule| rule.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let _ = writeln!(out, "\n{:<width$}  STATE", "RULE");
+        for rule in &status.rule_states {
+            let state = match &rule.state {
+                RuleState::Active { path, reason: None } => format!("active, {path} path"),
+                RuleState::Active {
+                    path,
+                    reason: Some(reason),
+                } => format!("active, {path} path: {reason}"),
+                state => state.to_string(),
+            };
+            let _ = writeln!(out, "{:<width$}  {state}", rule.name);
+        }
+    }
+    let _ = writeln!(out, "\nWORKER  PID      CPU  STATE       RESTARTS  REASON");
     for worker in &status.workers {
-        let _ = writeln!(
-            out,
-            "{:<6}  {:<7}  {:<3}  {:<10}  {:>8}",
+        let line = format!(
+            "{:<6}  {:<7}  {:<3}  {:<10}  {:>8}  {}",
             worker.worker,
             worker.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             worker.cpu.map_or_else(|| "-".to_owned(), |c| c.to_string()),
             worker.state,
-            worker.restarts
+            worker.restarts,
+            worker.state.reason().unwrap_or_default()
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     let _ = writeln!(out, "\nINTERFACE        IFINDEX  RULES  CLASSIFIER");
     for interface in &status.interfaces {
@@ -143,4 +237,115 @@ pub fn render(status: &StatusReport) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::state::ForwardingPath;
+
+    #[test]
+    fn rules_and_workers_show_their_state_and_why() {
+        let status = StatusReport {
+            config: "rules.yaml".into(),
+            pid: 1,
+            uptime_seconds: 5,
+            pin_dir: "/sys/fs/bpf/mcr".into(),
+            rules: RuleCounts {
+                total: 3,
+                active: 2,
+                waiting: 1,
+                failed: 0,
+                kernel: 1,
+            },
+            reloads: 0,
+            last_reload: None,
+            workers: vec![
+                WorkerStatus {
+                    worker: 0,
+                    pid: Some(42),
+                    cpu: Some(1),
+                    state: WorkerState::Running,
+                    restarts: 0,
+                },
+                WorkerStatus {
+                    worker: 1,
+                    pid: None,
+                    cpu: Some(0),
+                    state: WorkerState::Failed {
+                        reason: "exited before it was ready: exit status: 1".into(),
+                    },
+                    restarts: 7,
+                },
+            ],
+            interfaces: Vec::new(),
+            rule_states: vec![
+                RuleStatus {
+                    name: "camera-1".into(),
+                    state: RuleState::Active {
+                        path: ForwardingPath::Kernel,
+                        reason: None,
+                    },
+                },
+                RuleStatus {
+                    name: "to-studio".into(),
+                    state: RuleState::Active {
+                        path: ForwardingPath::Worker,
+                        reason: Some("next hop 10.2.0.9 not resolved on out0".into()),
+                    },
+                },
+                RuleStatus {
+                    name: "late".into(),
+                    state: RuleState::Waiting {
+                        reason: "interface in7 does not exist".into(),
+                    },
+                },
+            ],
+        };
+        let text = render(&status);
+        assert!(
+            text.contains(
+                "rules       3 (2 active: 1 kernel path, 1 worker path; 1 waiting, 0 failed)"
+            ),
+            "{text}"
+        );
+        let rules: Vec<&str> = text
+            .lines()
+            .skip_while(|line| !line.starts_with("RULE"))
+            .skip(1)
+            .take(3)
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "camera-1   active, kernel path",
+                "to-studio  active, worker path: next hop 10.2.0.9 not resolved on out0",
+                "late       waiting: interface in7 does not exist",
+            ]
+        );
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|line| !line.starts_with("WORKER"))
+            .skip(1)
+            .take(2)
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0], ["0", "42", "1", "running", "0"]);
+        assert_eq!(
+            rows[1],
+            [
+                "1", "-", "0", "failed", "7", "exited", "before", "it", "was", "ready:", "exit",
+                "status:", "1"
+            ]
+        );
+
+        let json = serde_json::to_value(&status).expect("json");
+        assert_eq!(json["workers"][0]["state"], "running");
+        assert_eq!(json["workers"][1]["state"], "failed");
+        assert_eq!(
+            json["workers"][1]["reason"],
+            "exited before it was ready: exit status: 1"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{Netns, unique_name, veth};
+use crate::{Netns, path::with_test_path, unique_name, veth};
 
 pub const GENERATOR: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 /// A second sender on the generator's link, for source-specific rules.
@@ -78,7 +78,8 @@ impl Lab {
     }
 }
 
-/// A rules file in a temporary directory, removed on drop.
+/// A rules file in a temporary directory, removed on drop. Its text gets the forwarding path
+/// `MCR_TEST_PATH` names (see `path.rs`).
 pub struct RulesFile {
     dir: PathBuf,
     path: PathBuf,
@@ -89,7 +90,7 @@ impl RulesFile {
         let dir = std::env::temp_dir().join(unique_name("rules"));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("rules.yaml");
-        std::fs::write(&path, text)?;
+        std::fs::write(&path, with_test_path(text))?;
         Ok(Self { dir, path })
     }
 
@@ -99,14 +100,14 @@ impl RulesFile {
 
     /// Replaces the file's text in place.
     pub fn write(&self, text: &str) -> anyhow::Result<()> {
-        std::fs::write(&self.path, text)?;
+        std::fs::write(&self.path, with_test_path(text))?;
         Ok(())
     }
 
     /// Replaces the file the way many editors do: a new file renamed over the old one.
     pub fn rename_over(&self, text: &str) -> anyhow::Result<()> {
         let new = self.dir.join(".rules.yaml.new");
-        std::fs::write(&new, text)?;
+        std::fs::write(&new, with_test_path(text))?;
         std::fs::rename(&new, &self.path)?;
         Ok(())
     }

@@ -10,14 +10,16 @@ mod frame;
 mod lab;
 mod mcr;
 mod netns;
+mod path;
 mod receiver;
 mod traffic;
 
 pub use check::{Expected, assert_delivered, send_concurrently};
 pub use frame::{ETH_P_8021AD, ETH_P_8021Q, Frame, OTHER_HOST_MAC, send_frames};
 pub use lab::{GENERATOR, GENERATOR_2, Lab, RELAY_OUT0, RELAY_OUT1, RulesFile, SINK, SINK_2};
-pub use mcr::{Mcr, mcr_binary};
+pub use mcr::{Launch, Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};
+pub use path::TestPath;
 pub use receiver::{Datagram, Receiver};
 pub use traffic::{Stream, send_udp};
 

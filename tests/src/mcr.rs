@@ -1,18 +1,20 @@
 //! The `mcr` binary under test, run inside a namespace.
 
 use std::{
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use command_fds::{CommandFdExt as _, FdMapping};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 
-use crate::{Netns, netns::unique_name, wait_for};
+use crate::{Netns, netns::unique_name, path::pinned_path, wait_for};
 
 /// The `mcr` binary: `$MCR_BIN`, else `target/debug/mcr` of this workspace.
 pub fn mcr_binary() -> PathBuf {
@@ -20,6 +22,15 @@ pub fn mcr_binary() -> PathBuf {
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mcr"),
         PathBuf::from,
     )
+}
+
+/// How to start `mcr run` where the defaults do not do.
+#[derive(Default)]
+pub struct Launch {
+    /// Run this binary instead of [`mcr_binary`] (the CLI commands still use that one).
+    pub binary: Option<PathBuf>,
+    /// Descriptors `mcr run` inherits from its launcher: `(number in mcr, descriptor)`.
+    pub inherit: Vec<(i32, OwnedFd)>,
 }
 
 /// A running `mcr run` with its own pin directory and control socket. Dropping it stops the
@@ -34,23 +45,41 @@ pub struct Mcr {
 impl Mcr {
     /// Starts `mcr run --config <config>` inside `netns` and waits until it answers.
     pub fn start(netns: &Netns, config: &Path) -> anyhow::Result<Self> {
+        Self::start_with(netns, config, Launch::default())
+    }
+
+    /// [`Mcr::start`], from another binary or with inherited descriptors.
+    pub fn start_with(netns: &Netns, config: &Path, launch: Launch) -> anyhow::Result<Self> {
         let name = unique_name("mcr");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let control_socket = PathBuf::from(format!("/run/mcr/{name}.sock"));
         let log = std::env::temp_dir().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).context("creating the mcr log")?;
-        let child = Command::new("nsenter")
+        // nsenter enters the namespace and execs mcr in the same process, descriptors and all.
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net={}", netns.path()))
-            .arg(mcr_binary())
+            .arg(launch.binary.unwrap_or_else(mcr_binary))
             .args(["run", "--log-level", "debug", "--config"])
             .arg(config)
             .arg("--pin-dir")
             .arg(&pin_dir)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("starting mcr")?;
+            .stderr(log_file);
+        command
+            .fd_mappings(
+                launch
+                    .inherit
+                    .into_iter()
+                    .map(|(child_fd, parent_fd)| FdMapping {
+                        parent_fd,
+                        child_fd,
+                    })
+                    .collect(),
+            )
+            .context("mapping the descriptors mcr inherits")?;
+        let child = command.spawn().context("starting mcr")?;
         let mut mcr = Self {
             child: Some(child),
             pin_dir,
@@ -66,7 +95,35 @@ impl Mcr {
         if ready != Some(true) {
             bail!("mcr did not start; its log:\n{}", mcr.log_text());
         }
+        let text = std::fs::read_to_string(config).context("reading the rules file")?;
+        if let Some(path) = pinned_path(&text) {
+            mcr.wait_for_path(path)?;
+        }
         Ok(mcr)
+    }
+
+    /// Waits until every active rule runs on `path` (a unicast next hop may take a moment
+    /// to resolve), and fails with the rules' states if they do not within 5 s.
+    pub fn wait_for_path(&self, path: &str) -> anyhow::Result<()> {
+        let on_path = wait_for(Duration::from_secs(5), || {
+            let rules = self.stats().ok()?;
+            rules
+                .iter()
+                .filter(|rule| rule["state"] == "active")
+                .all(|rule| rule["path"] == path)
+                .then_some(())
+        });
+        if on_path.is_none() {
+            let elsewhere: Vec<String> = self
+                .stats()?
+                .iter()
+                .filter(|rule| rule["state"] == "active" && rule["path"] != path)
+                .take(5)
+                .map(|rule| format!("{} on {} ({})", rule["name"], rule["path"], rule["reason"]))
+                .collect();
+            bail!("active rules not on the {path} path, for example: {elsewhere:?}");
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -1,6 +1,7 @@
 //! The README's test command: unit tests, then the end-to-end tests in network namespaces.
 
 use std::{
+    ffi::OsStr,
     fs,
     io::{BufRead as _, BufReader},
     path::Path,
@@ -21,7 +22,7 @@ pub struct Tally {
 
 impl Tally {
     /// Runs `cargo test args…`, echoing its output and adding up its `test result:` lines.
-    fn cargo_test(&mut self, args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<()> {
+    fn cargo_test(&mut self, args: &[&str], env: &[(&str, &OsStr)]) -> anyhow::Result<()> {
         let mut command = Command::new("cargo");
         command.arg("test").args(args).stdout(Stdio::piped());
         for (name, value) in env {
@@ -69,10 +70,30 @@ pub fn unit(tally: &mut Tally) -> anyhow::Result<()> {
     )
 }
 
-/// Builds `mcr`, runs the end-to-end tests, then proves they left nothing behind.
+/// Builds `mcr`, runs the end-to-end tests, then proves they left nothing behind. Every suite
+/// runs with its rules on the worker path; the forwarding and reload suites run once more on
+/// the kernel path, with the same assertions.
 pub fn integration(tally: &mut Tally) -> anyhow::Result<()> {
     let mcr = build_mcr()?;
-    let tests = tally.cargo_test(&["--package", "mcr-tests"], &[("MCR_BIN", &mcr)]);
+    let binary = ("MCR_BIN", mcr.as_os_str());
+    let tests = tally
+        .cargo_test(
+            &["--package", "mcr-tests"],
+            &[binary, ("MCR_TEST_PATH", OsStr::new("worker"))],
+        )
+        .and_then(|()| {
+            tally.cargo_test(
+                &[
+                    "--package",
+                    "mcr-tests",
+                    "--test",
+                    "forwarding",
+                    "--test",
+                    "reload",
+                ],
+                &[binary, ("MCR_TEST_PATH", OsStr::new("kernel"))],
+            )
+        });
     let leftovers = sweep();
     tests?;
     if !leftovers.is_empty() {

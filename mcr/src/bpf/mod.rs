@@ -1,5 +1,8 @@
 //! The eBPF side of the supervisor: loads the classifier, pins its maps, attaches it to input
-//! interfaces and turns rules into map entries.
+//! interfaces and turns rules into map entries. Which rule becomes which entries is decided in
+//! `supervisor/rules.rs`; the kernel path's output sets and counters are in [`outputs`].
+
+pub mod outputs;
 
 use std::{
     collections::HashMap,
@@ -18,9 +21,11 @@ use aya::{
     },
 };
 use mcr_common::{
-    MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER,
-    RuleCounters, RuleKey, RuleSlot, SkipCounters,
+    MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAX_RULES,
+    PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey, RuleSlot, SkipCounters,
 };
+
+use self::outputs::KernelPathMaps;
 use nix::{
     mount::{MsFlags, mount},
     sys::statfs::{BPF_FS_MAGIC, statfs},
@@ -31,7 +36,13 @@ static CLASSIFIER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcr-ebpf"));
 
 /// Every map the classifier pins, in the order the README lists them.
-pub const PINNED_MAPS: [&str; 3] = [MAP_RULES, MAP_RULE_STATS, MAP_SKIPS];
+pub const PINNED_MAPS: [&str; 5] = [
+    MAP_RULES,
+    MAP_RULE_STATS,
+    MAP_SKIPS,
+    MAP_KERNEL_OUTPUTS,
+    MAP_OUTPUT_STATS,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -67,7 +78,7 @@ pub enum BpfError {
     Map { map: &'static str, source: MapError },
 }
 
-fn map_error(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
+pub(crate) fn map_error(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
     move |source| BpfError::Map { map, source }
 }
 
@@ -102,6 +113,8 @@ pub struct Classifier {
     rules: BpfHashMap<MapData, RuleKey, RuleSlot>,
     rule_stats: PerCpuArray<MapData, RuleCounters>,
     skips: PerCpuArray<MapData, SkipCounters>,
+    /// The kernel path's output sets and per-output counters.
+    pub kernel: KernelPathMaps,
     attached: HashMap<String, Attachment>,
     cpus: usize,
 }
@@ -146,6 +159,10 @@ impl Classifier {
         let rules = take_map(&mut ebpf, MAP_RULES)?;
         let rule_stats = take_map(&mut ebpf, MAP_RULE_STATS)?;
         let skips = take_map(&mut ebpf, MAP_SKIPS)?;
+        let kernel = KernelPathMaps {
+            outputs: take_map(&mut ebpf, MAP_KERNEL_OUTPUTS)?,
+            stats: take_map(&mut ebpf, MAP_OUTPUT_STATS)?,
+        };
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| BpfError::PinDir {
             path: "/sys/devices/system/cpu/possible".into(),
             source: error,
@@ -156,6 +173,7 @@ impl Classifier {
             rules,
             rule_stats,
             skips,
+            kernel,
             attached: HashMap::new(),
             cpus,
         })
@@ -271,34 +289,17 @@ impl Classifier {
             .map_err(map_error(MAP_RULE_STATS))
     }
 
-    /// Starts matching `key` into counter `slot` (which keeps counting from where it is) and
-    /// steering it to `worker`; packets with a TTL below `min_ttl` (0: none) are only counted.
-    pub fn insert_rule(
-        &mut self,
-        key: &RuleKey,
-        slot: u32,
-        worker: u32,
-        min_ttl: u8,
-    ) -> Result<(), BpfError> {
-        let value = RuleSlot {
-            slot,
-            worker,
-            min_ttl,
-            pad: [0; 3],
-        };
+    /// Starts matching `key` as `value` says (its counter slot keeps counting from where it
+    /// is), or replaces the entry of `key` in one step.
+    pub fn insert_rule(&mut self, key: &RuleKey, value: RuleSlot) -> Result<(), BpfError> {
         self.rules
             .insert(key, value, 0)
             .map_err(map_error(MAP_RULES))
     }
 
-    /// Changes the minimum TTL of the rule at `key` in place: its slot, worker and counters
-    /// stay as they are.
-    pub fn set_min_ttl(&mut self, key: &RuleKey, min_ttl: u8) -> Result<(), BpfError> {
-        let mut value = self.rules.get(key, 0).map_err(map_error(MAP_RULES))?;
-        value.min_ttl = min_ttl;
-        self.rules
-            .insert(key, value, BPF_EXIST)
-            .map_err(map_error(MAP_RULES))
+    /// The map entry of `key`, if the classifier has one.
+    pub fn rule(&self, key: &RuleKey) -> Option<RuleSlot> {
+        self.rules.get(key, 0).ok()
     }
 
     pub fn remove_rule(&mut self, key: &RuleKey) -> Result<(), BpfError> {
@@ -345,9 +346,6 @@ impl Classifier {
         first_error.map_or(Ok(()), Err)
     }
 }
-
-/// `BPF_EXIST`: update an element only if it is there.
-const BPF_EXIST: u64 = 2;
 
 /// Highest slot number the counter array can hold.
 pub const MAX_SLOT: u32 = MAX_RULES - 1;

@@ -2,14 +2,12 @@
 //! line it is written on, so semantic errors found after parsing can still name a line.
 //!
 //! `serde_yaml` reports positions only for the errors it raises itself; this index covers the
-//! checks that look at several fields or rules at once.
+//! checks that look at several fields or rules at once. It reads the events of the parser
+//! `serde_yaml` uses (`events.rs`), so both count lines alike.
 
 use std::collections::HashMap;
 
-use yaml_rust2::{
-    parser::{Event, MarkedEventReceiver, Parser},
-    scanner::Marker,
-};
+use super::events::{Event, Events};
 
 #[derive(Debug, Default)]
 pub struct LineIndex {
@@ -17,12 +15,13 @@ pub struct LineIndex {
 }
 
 impl LineIndex {
-    /// Indexes `text`. A document the scanner cannot read yields an empty index; `serde_yaml`
-    /// reports that error with its own position.
+    /// Indexes `text`. A document the parser cannot read yields the index of what came before
+    /// the error; `serde_yaml` reports that error with its own position.
     pub fn new(text: &str) -> Self {
         let mut builder = Builder::default();
-        // Errors are left to serde_yaml, which parses the same text and reports them.
-        let _ = Parser::new_from_str(text).load(&mut builder, false);
+        for (event, line) in Events::new(text).map_while(Result::ok) {
+            builder.on_event(event, line);
+        }
         Self {
             lines: builder.lines,
         }
@@ -73,14 +72,12 @@ impl Builder {
             }
         }
     }
-}
 
-impl MarkedEventReceiver for Builder {
-    fn on_event(&mut self, event: Event, mark: Marker) {
+    fn on_event(&mut self, event: Event, line: usize) {
         match event {
-            Event::Scalar(value, ..) => match self.enter_node() {
+            Event::Scalar { value, .. } => match self.enter_node() {
                 Some(path) => {
-                    self.lines.entry(path).or_insert(mark.line());
+                    self.lines.entry(path).or_insert(line);
                 }
                 None => {
                     if let Some(Frame::Mapping { path, key }) = self.stack.last_mut() {
@@ -89,21 +86,21 @@ impl MarkedEventReceiver for Builder {
                         } else {
                             format!("{path}.{value}")
                         };
-                        self.lines.insert(field, mark.line());
+                        self.lines.insert(field, line);
                         *key = Some(value);
                     }
                 }
             },
-            Event::Alias(_) => {
+            Event::Alias { .. } => {
                 if let Some(path) = self.enter_node() {
-                    self.lines.entry(path).or_insert(mark.line());
+                    self.lines.entry(path).or_insert(line);
                 }
             }
-            Event::MappingStart(..) | Event::SequenceStart(..) => {
+            Event::MappingStart { .. } | Event::SequenceStart { .. } => {
                 let path = self.enter_node().unwrap_or_default();
-                self.lines.entry(path.clone()).or_insert(mark.line());
+                self.lines.entry(path.clone()).or_insert(line);
                 self.stack
-                    .push(if matches!(event, Event::MappingStart(..)) {
+                    .push(if matches!(event, Event::MappingStart { .. }) {
                         Frame::Mapping { path, key: None }
                     } else {
                         Frame::Sequence { path, next: 0 }
@@ -112,7 +109,7 @@ impl MarkedEventReceiver for Builder {
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();
             }
-            _ => {}
+            Event::Boundary => {}
         }
     }
 }

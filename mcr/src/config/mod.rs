@@ -4,18 +4,23 @@
 //! A file is accepted whole or not at all: [`load`] either returns a [`Config`] in which every
 //! rule can be applied, or a [`ConfigError`] listing each problem with file, line and field.
 
+mod events;
 mod lines;
+mod read;
+mod shape;
 
 use std::{
     collections::HashMap,
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use self::lines::LineIndex;
+pub use self::shape::{MAX_DEPTH, MAX_NODES};
 
 /// TTL of relayed packets when an output does not set one: enough to cross a campus or a
 /// data-centre fabric, small enough that a misrouted stream dies out.
@@ -24,6 +29,9 @@ pub const DEFAULT_TTL: u8 = 16;
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest Linux interface name (`IFNAMSIZ` less the terminating NUL).
 const MAX_IFNAME_LEN: usize = 15;
+/// Largest rules file read: far beyond any valid one (4,096 rules with 16,384 outputs in all
+/// take about 2 MiB in block style), small enough that a mistaken path costs little memory.
+pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
 
 /// A validated rules file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +48,24 @@ pub struct Settings {
     pub cpus: Option<Vec<usize>>,
     /// The unprivileged user the workers run as.
     pub user: String,
+    /// How long a worker may make no progress while packets wait for it before it is killed
+    /// and restarted.
+    pub stall_timeout: Duration,
+    /// The path of rules that do not choose one.
+    pub path: PathChoice,
+}
+
+/// Who writes a rule's outputs: the classifier in the kernel, or a worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathChoice {
+    /// The kernel path when every output can be written there, the workers otherwise.
+    #[default]
+    Auto,
+    /// The kernel path; the workers (saying why) when an output cannot be written there.
+    Kernel,
+    /// Always the workers.
+    Worker,
 }
 
 /// Most workers: the worker index has eight bits in a packet's steering mark.
@@ -47,8 +73,17 @@ pub const MAX_WORKERS: usize = mcr_common::MAX_WORKERS as usize;
 
 /// The user workers run as unless the file says otherwise.
 pub const DEFAULT_USER: &str = "nobody";
+/// `settings.stall_timeout` unless the file says otherwise: a worker is noticed within a
+/// second or two and restarted soon after, long enough that a busy moment is not a stall.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest `settings.stall_timeout`, in seconds.
+pub const MAX_STALL_TIMEOUT: u64 = 3600;
 /// Most outputs of one rule.
 pub const MAX_OUTPUTS_PER_RULE: usize = crate::command::MAX_FDS;
+/// Most rules: the classifier's maps have this many entries.
+pub const MAX_RULES: usize = mcr_common::MAX_RULES as usize;
+/// Most outputs over all rules: each has a counter slot in the workers' counter blocks.
+pub const MAX_OUTPUTS: usize = crate::counters::MAX_OUTPUTS;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -58,6 +93,11 @@ pub struct Rule {
     /// `None` relays any TTL.
     pub min_ttl: Option<u8>,
     pub outputs: Vec<Output>,
+    /// The rule's own `path`, else `settings.path`.
+    pub path: PathChoice,
+    /// Whether the host's own stack also gets the input packets (applications on the relay
+    /// host that subscribe to the input group). Off by default: a relayed packet is consumed.
+    pub local_delivery: bool,
 }
 
 /// Where a rule's stream arrives.
@@ -119,6 +159,13 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{}: is {kind}, not a regular file: give the path of the rules file itself", path.display())]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "{}: {size} bytes or more: a rules file has at most {MAX_FILE_SIZE} bytes (16 MiB)",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("{}", render_problems(path, problems))]
     Invalid {
         path: PathBuf,
@@ -145,11 +192,12 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 }
 
 /// Reads and validates the rules file at `path`.
+///
+/// Whatever `path` names, this ends in bounded time and memory: anything but a regular file is
+/// refused without waiting, the size is capped, and the document's nesting and size are
+/// bounded before the full parse.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read::read_text(path)?;
     parse(&text).map_err(|problems| ConfigError::Invalid {
         path: path.to_owned(),
         problems,
@@ -158,6 +206,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates the text of a rules file.
 pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    // Before `serde_yaml` sees the text: its parse time grows with the square of the nesting.
+    shape::check(text).map_err(|problem| vec![problem])?;
     let raw: RawConfig =
         serde_yaml::from_str(text).map_err(|error| vec![syntax_problem(&error)])?;
     let index = LineIndex::new(text);
@@ -178,7 +228,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
 /// `line`.
 fn syntax_problem(error: &serde_yaml::Error) -> Problem {
     let mut message = error.to_string();
-    if let Some(at) = message.find(" at line ") {
+    if let Some(at) = message.rfind(" at line ") {
         message.truncate(at);
     }
     let (field, message) = match message.split_once(": ") {
@@ -188,8 +238,25 @@ fn syntax_problem(error: &serde_yaml::Error) -> Problem {
     Problem {
         line: error.location().map(|location| location.line()),
         field,
-        message,
+        message: shorten(message),
     }
+}
+
+/// `message` cut in the middle when long: `serde_yaml` quotes the offending value whole, and a
+/// value can be megabytes long. The start says what is wrong, the end what was expected.
+fn shorten(message: String) -> String {
+    const HEAD: usize = 120;
+    const TAIL: usize = 60;
+    let chars = message.chars().count();
+    if chars <= HEAD + TAIL + 20 {
+        return message;
+    }
+    let head: String = message.chars().take(HEAD).collect();
+    let tail: String = message.chars().skip(chars - TAIL).collect();
+    format!(
+        "{head}…({} bytes left out)…{tail}",
+        message.len() - head.len() - tail.len()
+    )
 }
 
 #[derive(Deserialize)]
@@ -206,6 +273,8 @@ struct RawSettings {
     workers: Option<u64>,
     cpus: Option<Vec<u64>>,
     user: Option<String>,
+    stall_timeout: Option<i64>,
+    path: Option<PathChoice>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +283,9 @@ struct RawRule {
     name: String,
     input: RawInput,
     outputs: Vec<RawOutput>,
+    path: Option<PathChoice>,
+    #[serde(default)]
+    local_delivery: bool,
 }
 
 #[derive(Deserialize)]
@@ -250,48 +322,7 @@ impl Checker<'_> {
     }
 
     fn check(&mut self, raw: RawConfig) -> Config {
-        let workers = raw.settings.workers.and_then(|workers| {
-            if let Ok(n @ 1..=MAX_WORKERS) = usize::try_from(workers) {
-                Some(n)
-            } else {
-                self.problem(
-                    "settings.workers".into(),
-                    format!("{workers} workers: must be between 1 and {MAX_WORKERS}"),
-                );
-                None
-            }
-        });
-        let cpus = raw.settings.cpus.map(|cpus| {
-            if cpus.is_empty() {
-                self.problem(
-                    "settings.cpus".into(),
-                    "empty CPU list: leave it out to use all CPUs",
-                );
-            }
-            // The machine's online CPUs, not the ones this process may use: `mcr check` may
-            // run confined to fewer.
-            let online = aya::util::online_cpus().unwrap_or_default();
-            cpus.into_iter()
-                .enumerate()
-                .filter_map(|(i, cpu)| match u32::try_from(cpu) {
-                    Ok(id) if online.contains(&id) => usize::try_from(id).ok(),
-                    _ => {
-                        self.problem(
-                            format!("settings.cpus[{i}]"),
-                            format!("CPU {cpu} is not online (online: {online:?})"),
-                        );
-                        None
-                    }
-                })
-                .collect()
-        });
-        let user = raw.settings.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
-        if user.is_empty() || user == "root" {
-            self.problem(
-                "settings.user".into(),
-                format!("workers cannot run as {user:?}: name an unprivileged user"),
-            );
-        }
+        let settings = self.check_settings(raw.settings);
         if raw.rules.is_empty() {
             self.problem(
                 "rules".into(),
@@ -302,13 +333,13 @@ impl Checker<'_> {
         let mut inputs: HashMap<Input, usize> = HashMap::new();
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, raw_rule) in raw.rules.into_iter().enumerate() {
-            let rule = self.check_rule(i, raw_rule);
+            let rule = self.check_rule(i, raw_rule, settings.path);
             if let Some(first) = names.insert(rule.name.clone(), i) {
                 self.problem(
                     format!("rules[{i}].name"),
                     format!(
-                        "duplicate rule name {:?}: rules[{first}] already has it",
-                        rule.name
+                        "duplicate rule name {}: rules[{first}] already has it",
+                        Quoted(&rule.name)
                     ),
                 );
             }
@@ -323,17 +354,140 @@ impl Checker<'_> {
             }
             rules.push(rule);
         }
-        Config {
-            settings: Settings {
-                workers,
-                cpus,
-                user,
-            },
-            rules,
+        self.check_capacity(&rules);
+        Config { settings, rules }
+    }
+
+    fn check_settings(&mut self, raw: RawSettings) -> Settings {
+        let workers = raw.workers.and_then(|workers| {
+            if let Ok(n @ 1..=MAX_WORKERS) = usize::try_from(workers) {
+                Some(n)
+            } else {
+                self.problem(
+                    "settings.workers".into(),
+                    format!("{workers} workers: must be between 1 and {MAX_WORKERS}"),
+                );
+                None
+            }
+        });
+        let cpus = raw.cpus.map(|cpus| {
+            if cpus.is_empty() {
+                self.problem(
+                    "settings.cpus".into(),
+                    "empty CPU list: leave it out to use all CPUs",
+                );
+            }
+            // The machine's online CPUs, not the ones this process may use: `mcr check` may
+            // run confined to fewer.
+            let online = aya::util::online_cpus().unwrap_or_default();
+            let usable = usable_cpus(&cpus);
+            cpus.into_iter()
+                .enumerate()
+                .filter_map(|(i, cpu)| match u32::try_from(cpu) {
+                    Ok(id) if online.contains(&id) && usable.contains(&cpu) => {
+                        usize::try_from(id).ok()
+                    }
+                    Ok(id) if online.contains(&id) => {
+                        self.problem(
+                            format!("settings.cpus[{i}]"),
+                            format!(
+                                "CPU {cpu} is online but this process may not run on it (a \
+                                 cgroup's cpuset, such as systemd's AllowedCPUs=, leaves it \
+                                 out): a worker pinned to it could not start"
+                            ),
+                        );
+                        None
+                    }
+                    _ => {
+                        self.problem(
+                            format!("settings.cpus[{i}]"),
+                            format!("CPU {cpu} is not online (online: {online:?})"),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
+        let user = raw.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
+        self.check_user(&user);
+        let stall_timeout = raw.stall_timeout.map_or(DEFAULT_STALL_TIMEOUT, |seconds| {
+            if let Ok(whole @ 1..=MAX_STALL_TIMEOUT) = u64::try_from(seconds) {
+                Duration::from_secs(whole)
+            } else {
+                self.problem(
+                    "settings.stall_timeout".into(),
+                    format!("{seconds} seconds: use 1 to {MAX_STALL_TIMEOUT}"),
+                );
+                DEFAULT_STALL_TIMEOUT
+            }
+        });
+        Settings {
+            workers,
+            cpus,
+            user,
+            stall_timeout,
+            path: raw.path.unwrap_or_default(),
         }
     }
 
-    fn check_rule(&mut self, i: usize, raw: RawRule) -> Rule {
+    /// Looks `user` up as `mcr run` does before it starts a worker: a user that does not exist
+    /// stops `mcr run` at start, and a worker that would be root refuses to run.
+    fn check_user(&mut self, user: &str) {
+        let field = "settings.user".to_owned();
+        match nix::unistd::User::from_name(user) {
+            Ok(Some(found)) if found.uid.is_root() => self.problem(
+                field,
+                format!(
+                    "user {} is root (uid 0): workers run as an unprivileged user; name one",
+                    Quoted(user)
+                ),
+            ),
+            Ok(Some(_)) => {}
+            Ok(None) => self.problem(
+                field,
+                format!(
+                    "user {} does not exist on this system: create it or name another \
+                     unprivileged user",
+                    Quoted(user)
+                ),
+            ),
+            Err(error) => self.problem(
+                field,
+                format!("cannot look up user {}: {error}", Quoted(user)),
+            ),
+        }
+    }
+
+    /// What `mcr run` can hold: a rule over the limits would fail to start there.
+    fn check_capacity(&mut self, rules: &[Rule]) {
+        if rules.len() > MAX_RULES {
+            self.problem(
+                format!("rules[{MAX_RULES}]"),
+                format!(
+                    "{} rules: the classifier holds at most {MAX_RULES}, and this is the first \
+                     one over",
+                    rules.len()
+                ),
+            );
+        }
+        let total: usize = rules.iter().map(|rule| rule.outputs.len()).sum();
+        let mut running = 0;
+        for (i, rule) in rules.iter().enumerate() {
+            running += rule.outputs.len();
+            if running > MAX_OUTPUTS {
+                self.problem(
+                    format!("rules[{i}].outputs"),
+                    format!(
+                        "{total} outputs over all rules: the workers count at most {MAX_OUTPUTS}, \
+                         and this rule's outputs go over"
+                    ),
+                );
+                break;
+            }
+        }
+    }
+
+    fn check_rule(&mut self, i: usize, raw: RawRule, default_path: PathChoice) -> Rule {
         let at = format!("rules[{i}]");
         if raw.name.is_empty()
             || raw.name.len() > MAX_NAME_LEN
@@ -345,8 +499,8 @@ impl Checker<'_> {
             self.problem(
                 format!("{at}.name"),
                 format!(
-                    "invalid rule name {:?}: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'",
-                    raw.name
+                    "invalid rule name {}: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'",
+                    Quoted(&raw.name)
                 ),
             );
         }
@@ -356,6 +510,15 @@ impl Checker<'_> {
                 format!("{at}.input.group"),
                 format!(
                     "{} is not an IPv4 multicast group (224.0.0.0/4)",
+                    raw.input.group
+                ),
+            );
+        } else if is_link_local_group(raw.input.group) {
+            self.problem(
+                format!("{at}.input.group"),
+                format!(
+                    "{} is a link-local group (224.0.0.0/24): these belong to routing and \
+                     discovery protocols such as OSPF, PIM and IGMP and never leave their link",
                     raw.input.group
                 ),
             );
@@ -413,6 +576,8 @@ impl Checker<'_> {
             input,
             min_ttl,
             outputs,
+            path: raw.path.unwrap_or(default_path),
+            local_delivery: raw.local_delivery,
         }
     }
 
@@ -466,18 +631,69 @@ impl Checker<'_> {
         }
     }
 
+    /// The kernel's own rules for a device name (`dev_valid_name`): a rule that names an
+    /// interface that cannot exist would wait for it forever.
     fn check_interface(&mut self, field: &str, name: &str) {
         if name.is_empty()
             || name.len() > MAX_IFNAME_LEN
+            || name == "."
+            || name == ".."
             || name.contains(['/', ':'])
-            || name.chars().any(char::is_whitespace)
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
         {
             self.problem(
                 field.to_owned(),
                 format!(
-                    "invalid interface name {name:?}: 1 to {MAX_IFNAME_LEN} characters, no '/', ':' or spaces"
+                    "invalid interface name {}: 1 to {MAX_IFNAME_LEN} bytes, not '.' or '..', \
+                     no '/', ':', spaces or control characters",
+                    Quoted(name)
                 ),
             );
+        }
+    }
+}
+
+/// Those of `cpus` a thread of this process can be pinned to, found by pinning a scratch thread
+/// to each as a worker pins itself. A CPU outside the cgroup's cpuset is online but refused;
+/// the process's own affinity mask does not matter, since a thread may widen its own.
+fn usable_cpus(requested: &[u64]) -> Vec<u64> {
+    let cpus = requested.to_vec();
+    let tried = std::thread::Builder::new()
+        .name("mcr-cpu-check".into())
+        .spawn(move || {
+            cpus.into_iter()
+                .filter(|&cpu| {
+                    let mut set = nix::sched::CpuSet::new();
+                    usize::try_from(cpu).is_ok_and(|cpu| set.set(cpu).is_ok())
+                        && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                            .is_ok()
+                })
+                .collect()
+        })
+        .and_then(|thread| {
+            thread
+                .join()
+                .map_err(|_| std::io::Error::other("the CPU check panicked"))
+        });
+    // Without a thread to try them on, no CPU is refused here: `mcr run` reports the failure.
+    tried.unwrap_or_else(|_| requested.to_vec())
+}
+
+/// 224.0.0.0/24, the Local Network Control Block (RFC 5771): routers never forward it.
+fn is_link_local_group(group: Ipv4Addr) -> bool {
+    matches!(group.octets(), [224, 0, 0, _])
+}
+
+/// A value from the file as an error message quotes it: whole when short, cut when long, so that
+/// a mistaken multi-megabyte line does not make a multi-megabyte message.
+struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 64;
+        match self.0.char_indices().nth(SHOWN) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}… ({} bytes)", &self.0[..cut], self.0.len()),
         }
     }
 }

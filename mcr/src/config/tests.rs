@@ -252,6 +252,25 @@ fn cpus_and_user() {
     assert_eq!(problem.line, Some(3));
     let problem = only_problem(&good_with("workers: 2", "workers: 2\n  user: root"));
     assert_eq!(problem.field, "settings.user");
+    assert_eq!(problem.line, Some(3));
+    assert!(problem.message.contains("is root (uid 0)"), "{problem:?}");
+}
+
+#[test]
+fn the_worker_user_must_exist() {
+    let problem = only_problem(&good_with(
+        "workers: 2",
+        "workers: 2\n  user: mcr-no-such-user",
+    ));
+    assert_eq!(problem.field, "settings.user");
+    assert_eq!(problem.line, Some(3));
+    assert_eq!(
+        problem.message,
+        "user \"mcr-no-such-user\" does not exist on this system: create it or name another \
+         unprivileged user"
+    );
+    let problem = only_problem(&good_with("workers: 2", "workers: 2\n  user: ''"));
+    assert!(problem.message.contains("does not exist"), "{problem:?}");
 }
 
 #[test]
@@ -286,5 +305,439 @@ fn error_message_names_file_line_and_field() {
     assert_eq!(
         error.to_string(),
         "rules.yaml:14: rules[0].outputs[0].ttl: TTL 300: use 1 to 255"
+    );
+}
+
+#[test]
+fn stall_timeout() {
+    assert_eq!(
+        parse(GOOD).expect("valid").settings.stall_timeout,
+        DEFAULT_STALL_TIMEOUT
+    );
+    let config = parse(&good_with("workers: 2", "workers: 2\n  stall_timeout: 10")).expect("valid");
+    assert_eq!(
+        config.settings.stall_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    for bad in ["0", "-1", "3601"] {
+        let error = ConfigError::Invalid {
+            path: "rules.yaml".into(),
+            problems: vec![only_problem(&good_with(
+                "workers: 2",
+                &format!("workers: 2\n  stall_timeout: {bad}"),
+            ))],
+        };
+        assert_eq!(
+            error.to_string(),
+            format!("rules.yaml:3: settings.stall_timeout: {bad} seconds: use 1 to 3600")
+        );
+    }
+}
+/// A directory of its own under the system's temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "mcr-config-test-{}-{unique}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&path).expect("creating a temporary directory");
+        Self(path)
+    }
+
+    fn file(&self, name: &str, contents: &[u8]) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("writing a test file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `load(path)` on a thread of its own, so that a read that blocks fails the test instead of
+/// hanging it.
+fn load_within(path: &Path, limit: std::time::Duration) -> Result<Config, ConfigError> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let owned = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = sender.send(load(&owned));
+    });
+    receiver
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("loading {} took more than {limit:?}", path.display()))
+}
+
+#[test]
+fn loads_a_regular_file_and_through_a_symlink() {
+    let dir = TempDir::new("symlink");
+    let file = dir.file("rules.yaml", GOOD.as_bytes());
+    let link = dir.0.join("link.yaml");
+    std::os::unix::fs::symlink(&file, &link).expect("symlink");
+    assert_eq!(load(&file).expect("valid").rules.len(), 2);
+    assert_eq!(load(&link).expect("valid through a symlink").rules.len(), 2);
+}
+
+#[test]
+fn a_fifo_is_refused_without_waiting_for_a_writer() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.0.join("rules.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let error = load_within(&fifo, std::time::Duration::from_secs(2)).expect_err("a FIFO");
+    assert!(
+        matches!(error, ConfigError::NotRegularFile { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&fifo.display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("is a FIFO"), "{message}");
+}
+
+#[test]
+fn a_device_is_refused_without_reading_it() {
+    let error = load_within(Path::new("/dev/zero"), std::time::Duration::from_secs(2))
+        .expect_err("a device");
+    assert_eq!(
+        error.to_string(),
+        "/dev/zero: is a character device, not a regular file: give the path of the rules file itself"
+    );
+}
+
+#[test]
+fn a_directory_is_refused() {
+    let dir = TempDir::new("directory");
+    let error = load(&dir.0).expect_err("a directory");
+    assert!(
+        matches!(
+            error,
+            ConfigError::NotRegularFile {
+                kind: "a directory",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused() {
+    let dir = TempDir::new("large");
+    let path = dir.file("rules.yaml", GOOD.as_bytes());
+    // Sparse: the size counts, not the blocks.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|file| file.set_len(MAX_FILE_SIZE + 1))
+        .expect("growing the file");
+    let error = load(&path).expect_err("too large");
+    assert!(
+        matches!(error, ConfigError::TooLarge { size, .. } if size == MAX_FILE_SIZE + 1),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("at most 16777216 bytes"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_utf8_names_the_line_and_offset() {
+    let dir = TempDir::new("latin1");
+    // "camera-1" with a Latin-1 'é' (0xe9), as an editor set to Latin-1 would save it.
+    let text = GOOD.replacen("name: camera-1", "name: cam\u{e9}ra-1", 1);
+    let mut bytes = text.into_bytes();
+    let at = bytes
+        .windows(2)
+        .position(|pair| pair == [0xc3, 0xa9])
+        .expect("é in the text");
+    bytes.splice(at..at + 2, [0xe9]);
+    let path = dir.file("rules.yaml", &bytes);
+    let error = load(&path).expect_err("not UTF-8");
+    let message = error.to_string();
+    assert_eq!(at, 43);
+    assert!(
+        message.starts_with(&format!(
+            "{}:4: not UTF-8: byte 0xe9 at byte offset 43 (byte 14 of the line)",
+            path.display()
+        )),
+        "{message}"
+    );
+}
+
+#[test]
+fn deep_nesting_is_refused_before_the_parse() {
+    // Unclosed, as in a truncated file; closed, inside a field; block sequences in one line.
+    let cases = [
+        ("[".repeat(240_000), 1),
+        (
+            format!("rules: {}{}\n", "[".repeat(240_000), "]".repeat(240_000)),
+            1,
+        ),
+        (format!("rules:\n{}x\n", "- ".repeat(100_000)), 2),
+    ];
+    for (text, line) in cases {
+        let problem = only_problem(&text);
+        assert_eq!(problem.line, Some(line), "{problem:?}");
+        assert!(
+            problem.message.contains("nest deeper than 32 levels"),
+            "{problem:?}"
+        );
+    }
+}
+
+#[test]
+fn nesting_up_to_the_limit_is_parsed() {
+    // 31 sequences inside the document's mapping: the schema refuses it, the depth bound does not.
+    let text = format!(
+        "rules: {}{}\n",
+        "[".repeat(MAX_DEPTH - 1),
+        "]".repeat(MAX_DEPTH - 1)
+    );
+    let problem = only_problem(&text);
+    assert!(problem.message.contains("invalid type"), "{problem:?}");
+}
+
+#[test]
+fn alias_expansion_is_bounded() {
+    // 400 outputs written once and reused by 400 rules: 160,000 outputs, 800,000 values.
+    let outputs = (0..400)
+        .map(|k| {
+            format!(
+                "      - {{destination: 10.0.1.{}, port: {}}}\n",
+                k % 250 + 1,
+                k + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    let rules = (1..400)
+        .map(|k| format!("  - {{name: r{k}, input: *input, outputs: *outputs}}\n"))
+        .collect::<Vec<_>>()
+        .concat();
+    let text = format!(
+        "rules:\n  - name: r0\n    input: &input {{interface: eth0, group: 239.1.1.1, port: 1}}\n    outputs: &outputs\n{outputs}{rules}"
+    );
+    let problem = only_problem(&text);
+    assert!(
+        problem
+            .message
+            .contains("more than 500000 values once its aliases are expanded"),
+        "{problem:?}"
+    );
+    // A billion laughs: lists of nine lists of nine lists ... of nine strings.
+    let levels = (1..10)
+        .map(|level| {
+            let aliases = vec![format!("*a{}", level - 1); 9].join(", ");
+            format!("a{level}: &a{level} [{aliases}]\n")
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    let text = format!("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n{levels}");
+    let problem = only_problem(&text);
+    // a5 would stand for 9^5 lists of lol: 600,000 values.
+    assert_eq!(problem.line, Some(6), "{problem:?}");
+    assert!(
+        problem.message.contains("aliases are expanded"),
+        "{problem:?}"
+    );
+}
+
+#[test]
+fn a_recursive_alias_is_refused() {
+    let problem = only_problem("rules: &r [*r]\n");
+    assert_eq!(problem.line, Some(1));
+    assert!(
+        problem
+            .message
+            .contains("alias *r refers to no complete node"),
+        "{problem:?}"
+    );
+}
+
+#[test]
+fn a_long_line_ends_in_an_error_that_stays_short() {
+    let long = "a".repeat(4 * 1024 * 1024);
+    let problem = only_problem(&good_with("name: camera-2", &format!("name: {long}")));
+    assert_eq!(problem.field, "rules[1].name");
+    assert!(problem.message.len() < 300, "{}", problem.message.len());
+    assert!(
+        problem.message.contains("(4194304 bytes)"),
+        "{}",
+        problem.message
+    );
+    // Refused by serde_yaml, which quotes the value in full.
+    let problem = only_problem(&format!("rules: {long}\n"));
+    assert_eq!(problem.line, Some(1));
+    assert_eq!(problem.field, "rules");
+    assert!(problem.message.len() < 300, "{}", problem.message.len());
+    assert!(
+        problem.message.starts_with("invalid type: string \"aaa"),
+        "{}",
+        problem.message
+    );
+    assert!(
+        problem.message.ends_with("expected a sequence"),
+        "{}",
+        problem.message
+    );
+}
+
+/// A file of `count` rules on distinct inputs, each with `outputs` outputs, in flow style.
+fn many_rules(count: usize, outputs: usize) -> String {
+    let output = "{destination: 10.9.9.9, port: 7000}";
+    let outputs = vec![output; outputs].join(", ");
+    let rules = (0..count)
+        .map(|k| {
+            format!(
+                "  - {{name: r{k}, input: {{interface: eth0, group: 239.1.{}.{}, port: 5000}}, outputs: [{outputs}]}}\n",
+                k / 250,
+                k % 250 + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    format!("rules:\n{rules}")
+}
+
+#[test]
+fn more_rules_than_the_classifier_holds() {
+    assert_eq!(
+        parse(&many_rules(MAX_RULES, 1)).expect("valid").rules.len(),
+        4096
+    );
+    let problem = only_problem(&many_rules(MAX_RULES + 1, 1));
+    assert_eq!(problem.field, "rules[4096]");
+    // Line 1 is `rules:`, rule i is on line i + 2.
+    assert_eq!(problem.line, Some(4098));
+    assert_eq!(
+        problem.message,
+        "4097 rules: the classifier holds at most 4096, and this is the first one over"
+    );
+}
+
+#[test]
+fn more_outputs_than_the_workers_count() {
+    // 256 rules of 64 outputs fill the counters exactly; one more output is one too many.
+    let full = many_rules(256, 64);
+    assert_eq!(
+        parse(&full)
+            .expect("valid")
+            .rules
+            .iter()
+            .map(|r| r.outputs.len())
+            .sum::<usize>(),
+        MAX_OUTPUTS
+    );
+    let text = format!(
+        "{full}  - {{name: extra, input: {{interface: eth1, group: 239.9.9.9, port: 1}}, outputs: [{{destination: 10.9.9.9, port: 7000}}]}}\n"
+    );
+    let problem = only_problem(&text);
+    assert_eq!(problem.field, "rules[256].outputs");
+    assert_eq!(problem.line, Some(258));
+    assert!(
+        problem
+            .message
+            .starts_with("16385 outputs over all rules: the workers count at most 16384"),
+        "{problem:?}"
+    );
+}
+
+#[test]
+fn link_local_input_groups_are_refused() {
+    // OSPF's all-routers group, and both ends of the block.
+    for group in ["224.0.0.5", "224.0.0.0", "224.0.0.255"] {
+        let problem = only_problem(&good_with("group: 239.1.1.1", &format!("group: {group}")));
+        assert_eq!(problem.field, "rules[0].input.group");
+        assert_eq!(problem.line, Some(7));
+        assert!(
+            problem
+                .message
+                .starts_with(&format!("{group} is a link-local group (224.0.0.0/24)")),
+            "{problem:?}"
+        );
+    }
+    // Just past the block: an ordinary group.
+    assert!(parse(&good_with("group: 239.1.1.1", "group: 224.0.1.1")).is_ok());
+}
+
+#[test]
+fn cpus_are_tried_as_a_worker_pins_itself() {
+    let online: Vec<u64> = aya::util::online_cpus()
+        .expect("online CPUs")
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(usable_cpus(&online), online);
+    // Beyond what a CPU set can name, and far beyond any machine here.
+    assert_eq!(usable_cpus(&[1 << 20, u64::MAX]), Vec::<u64>::new());
+}
+
+#[test]
+fn interface_names_the_kernel_cannot_have() {
+    for bad in [
+        "''",
+        "eth0/1",
+        "eth0:1",
+        "'eth 0'",
+        "abcdefghijklmnop",
+        "'.'",
+        "'..'",
+        "\"eth\\0\"",
+        "\"eth\\t0\"",
+    ] {
+        let problem = only_problem(&good_with("interface: eth1", &format!("interface: {bad}")));
+        assert_eq!(problem.field, "rules[0].outputs[0].interface", "{bad}");
+        assert_eq!(problem.line, Some(11), "{bad}");
+        assert!(
+            problem.message.starts_with("invalid interface name"),
+            "{bad}: {problem:?}"
+        );
+    }
+    // Dots, dashes and 15 bytes are fine: VLAN and bridge names look like this.
+    for good in ["br-lan.42", "abcdefghijklmno", "..."] {
+        let text = good_with("interface: eth1", &format!("interface: {good}"));
+        assert!(parse(&text).is_ok(), "{good}");
+    }
+}
+
+#[test]
+fn a_rule_takes_its_own_path_or_the_settings_default() {
+    let config = parse(GOOD).expect("valid");
+    assert_eq!(config.settings.path, PathChoice::Auto);
+    assert!(
+        config
+            .rules
+            .iter()
+            .all(|rule| rule.path == PathChoice::Auto)
+    );
+    assert!(config.rules.iter().all(|rule| !rule.local_delivery));
+
+    let text = good_with("workers: 2", "workers: 2\n  path: worker").replacen(
+        "    outputs:\n",
+        "    path: kernel\n    local_delivery: true\n    outputs:\n",
+        1,
+    );
+    let config = parse(&text).expect("valid");
+    assert_eq!(config.settings.path, PathChoice::Worker);
+    assert_eq!(config.rules[0].path, PathChoice::Kernel);
+    assert!(config.rules[0].local_delivery);
+    assert_eq!(config.rules[1].path, PathChoice::Worker, "the default");
+    assert!(!config.rules[1].local_delivery);
+
+    let problem = only_problem(&good_with("workers: 2", "workers: 2\n  path: fast"));
+    assert_eq!(problem.line, Some(3));
+    assert_eq!(problem.field, "settings.path");
+    assert!(
+        problem.message.contains("unknown variant `fast`"),
+        "{problem:?}"
     );
 }

@@ -75,6 +75,18 @@ impl FanoutGroup {
             })
             .collect()
     }
+
+    /// Whether a packet waits in the socket of `worker` (`SIOCINQ`, alias `FIONREAD`, which
+    /// on a packet socket is the length of the next queued packet).
+    pub fn has_waiting(&self, worker: usize) -> bool {
+        let Some(socket) = self.sockets.get(worker) else {
+            return false;
+        };
+        let mut next: libc::c_int = 0;
+        // SAFETY: SIOCINQ writes one int through the pointer, which points at `next`.
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &raw mut next) };
+        rc == 0 && next > 0
+    }
 }
 
 /// A cooked (`SOCK_DGRAM`) IPv4 packet socket on `ifindex` that receives nothing yet.

@@ -8,15 +8,15 @@ use std::{
     collections::HashMap,
     os::fd::{AsFd, OwnedFd},
     sync::atomic::Ordering,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
-use super::workers::{Worker, WorkerEvent, WorkerState};
 use mcr_common::RuleKey;
 
+use super::workers::{Executable, Progress, Worker, WorkerEvent};
 use crate::{
     bpf::Classifier,
     command::{Command, OutputSpec},
@@ -30,6 +30,7 @@ use crate::{
     },
     state::{StartError, Waiting},
     stats::WorkerStats,
+    status::WorkerStatus,
 };
 
 /// The CPUs this process may run on: the default for the workers.
@@ -91,6 +92,10 @@ pub struct Dataplane {
     workers: Vec<Worker>,
     /// Each worker's link-layer socket for multicast outputs, kept across its restarts.
     frame_sockets: Vec<OwnedFd>,
+    /// The binary every worker is started from.
+    executable: Executable,
+    /// How long a worker may stall before it is killed.
+    stall_timeout: Duration,
     user: (u32, u32),
     events: mpsc::Sender<WorkerEvent>,
     /// By interface index: an interface deleted and created again is a new input.
@@ -112,13 +117,14 @@ impl Dataplane {
             .with_context(|| format!("looking up user {}", settings.user))?
             .with_context(|| format!("user {} does not exist (settings.user)", settings.user))?;
         let user = (user.uid.as_raw(), user.gid.as_raw());
+        let executable = Executable::current().context("opening /proc/self/exe")?;
         let mut workers = Vec::with_capacity(count);
         let mut frame_sockets = Vec::with_capacity(count);
         for index in 0..count {
             let mut worker = Worker::new(index, cpus.get(index % cpus.len().max(1)).copied())?;
             let frame_socket =
                 egress::open_frame_socket().context("opening a link-layer output socket")?;
-            worker.spawn(user, &events)?;
+            worker.spawn(&executable, user, &events)?;
             worker.send(&Command::SetEgress, &[frame_socket.as_fd()])?;
             workers.push(worker);
             frame_sockets.push(frame_socket);
@@ -126,6 +132,8 @@ impl Dataplane {
         Ok(Self {
             workers,
             frame_sockets,
+            executable,
+            stall_timeout: settings.stall_timeout,
             user,
             events,
             inputs: HashMap::new(),
@@ -320,8 +328,13 @@ impl Dataplane {
                 status,
             } => {
                 let worker = self.workers.get_mut(index)?;
-                let delay = worker.exited(generation)?;
-                tracing::error!(worker = index, %status, "worker exited; restarting in {delay:?}");
+                let delay = worker.exited(generation, &status)?;
+                let state = worker.lifecycle.state();
+                let reason = state.reason().unwrap_or_default();
+                tracing::error!(
+                    worker = index,
+                    "worker {state}, {reason}; next start in {delay:?}"
+                );
                 Some((index, delay))
             }
             WorkerEvent::Ready { index, generation } => {
@@ -330,27 +343,38 @@ impl Dataplane {
                 }
                 None
             }
-            WorkerEvent::RestartDue { index } => {
-                if let Err(error) = self.restart(index) {
-                    tracing::error!(worker = index, "restart failed: {error:#}");
-                    let worker = self.workers.get_mut(index)?;
-                    let delay = worker.exited(u64::MAX).unwrap_or(Duration::from_secs(1));
-                    return Some((index, delay));
-                }
-                None
-            }
+            WorkerEvent::RestartDue { index } => self.restart(index),
         }
     }
 
-    /// Starts worker `index` again and hands it its sockets and rules.
-    fn restart(&mut self, index: usize) -> anyhow::Result<()> {
-        let Some(worker) = self.workers.get_mut(index) else {
-            return Ok(());
-        };
-        if worker.state != WorkerState::Restarting {
-            return Ok(());
+    /// Starts worker `index` again and hands it its sockets and rules; returns the next try
+    /// when no process could be started.
+    fn restart(&mut self, index: usize) -> Option<(usize, Duration)> {
+        let worker = self.workers.get_mut(index)?;
+        if !worker.lifecycle.wants_restart() {
+            return None;
         }
-        worker.spawn(self.user, &self.events)?;
+        if let Err(error) = worker.spawn(&self.executable, self.user, &self.events) {
+            let delay = worker.lifecycle.start_failed(format!("{error:#}"));
+            let state = worker.lifecycle.state();
+            tracing::error!(
+                worker = index,
+                "worker {state}: {error:#}; next try in {delay:?}"
+            );
+            return Some((index, delay));
+        }
+        if let Err(error) = self.hand_over(index) {
+            // Without its sockets or rules the process is no use: its exit restarts it.
+            tracing::error!(worker = index, "{error:#}");
+            self.workers[index].kill(format!("handing over its sockets and rules: {error:#}"));
+            return None;
+        }
+        tracing::info!(worker = index, pid = ?self.workers[index].pid, "worker restarted with its rules");
+        None
+    }
+
+    /// Sends a newly started worker `index` its inputs and rules.
+    fn hand_over(&self, index: usize) -> anyhow::Result<()> {
         let worker = &self.workers[index];
         worker.send(&Command::SetEgress, &[self.frame_sockets[index].as_fd()])?;
         for input in self.inputs.values() {
@@ -368,16 +392,56 @@ impl Dataplane {
                 self.send_route(*slot, route)?;
             }
         }
-        tracing::info!(worker = index, pid = ?worker.pid, "worker restarted with its rules");
         Ok(())
     }
 
-    /// Reads the kernel's per-socket drop counters (they reset on every read).
+    /// Reads the kernel's per-socket drop counters (they reset on every read) and checks that
+    /// every worker with packets waiting is making progress.
     pub fn sample(&mut self) {
         for input in self.inputs.values_mut() {
             for (worker, (_, drops)) in input.group.take_statistics().into_iter().enumerate() {
                 if let Some(total) = input.drops.get_mut(worker) {
                     *total += drops;
+                }
+            }
+        }
+        self.watch_progress(Instant::now());
+    }
+
+    /// Marks workers that make no progress while packets wait for them as stalled, and kills
+    /// those stalled for longer than the stall timeout; their exit restarts them.
+    fn watch_progress(&mut self, now: Instant) {
+        for worker in &mut self.workers {
+            let progress = worker
+                .counters
+                .block()
+                .totals
+                .progress
+                .load(Ordering::Relaxed);
+            let waiting = self
+                .inputs
+                .values()
+                .any(|input| input.group.has_waiting(worker.index));
+            let index = worker.index;
+            match worker
+                .lifecycle
+                .observe(now, progress, waiting, self.stall_timeout)
+            {
+                Progress::Fine | Progress::Stalled { newly: false } => {}
+                Progress::Stalled { newly: true } => {
+                    tracing::warn!(
+                        worker = index,
+                        pid = ?worker.pid,
+                        "worker stalled: no progress while packets wait; killed if it stays so for {:?}",
+                        self.stall_timeout
+                    );
+                }
+                Progress::Recovered => {
+                    tracing::info!(worker = index, "stalled worker is making progress again");
+                }
+                Progress::Kill(reason) => {
+                    tracing::error!(worker = index, pid = ?worker.pid, "{reason}");
+                    worker.kill(reason);
                 }
             }
         }
@@ -405,11 +469,7 @@ impl Dataplane {
                     .filter_map(|input| input.drops.get(worker.index))
                     .sum();
                 WorkerStats {
-                    worker: worker.index,
-                    pid: worker.pid,
-                    cpu: worker.cpu,
-                    state: format!("{:?}", worker.state).to_lowercase(),
-                    restarts: worker.restarts,
+                    process: worker_status(worker),
                     received: totals.received.load(Ordering::Relaxed),
                     kernel_drops,
                     malformed: totals.malformed.load(Ordering::Relaxed),
@@ -438,21 +498,22 @@ impl Dataplane {
     }
 
     /// Workers as `mcr status` shows them.
-    pub fn worker_summaries(&self) -> Vec<crate::status::WorkerStatus> {
-        self.workers
-            .iter()
-            .map(|worker| crate::status::WorkerStatus {
-                worker: worker.index,
-                pid: worker.pid,
-                cpu: worker.cpu,
-                state: format!("{:?}", worker.state).to_lowercase(),
-                restarts: worker.restarts,
-            })
-            .collect()
+    pub fn worker_summaries(&self) -> Vec<WorkerStatus> {
+        self.workers.iter().map(worker_status).collect()
     }
 
     /// Pids of the workers still running (for the shutdown grace period).
     pub fn pids(&self) -> Vec<u32> {
         self.workers.iter().filter_map(|w| w.pid).collect()
+    }
+}
+
+fn worker_status(worker: &Worker) -> WorkerStatus {
+    WorkerStatus {
+        worker: worker.index,
+        pid: worker.pid,
+        cpu: worker.cpu,
+        state: worker.lifecycle.state().clone(),
+        restarts: worker.lifecycle.restarts(),
     }
 }

@@ -11,6 +11,7 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -23,7 +24,12 @@ use tokio::{
     time::Instant as TokioInstant,
 };
 
-use self::{dataplane::Dataplane, rules::RuleTable, watch::Change, workers::WorkerEvent};
+use self::{
+    dataplane::Dataplane,
+    rules::RuleTable,
+    watch::{Change, Changes},
+    workers::WorkerEvent,
+};
 use crate::{
     bpf::Classifier,
     config::{self, Config},
@@ -52,6 +58,47 @@ struct Reloading {
     parse: tokio::task::JoinHandle<Result<Config, config::ConfigError>>,
     /// `mcr reload` callers waiting for the outcome.
     waiters: Vec<oneshot::Sender<Response>>,
+}
+
+/// Changes wait until they have settled: an editor's save is several file events, a new veth
+/// pair several link events, a resolving neighbour several neighbour events.
+#[derive(Default)]
+struct Settling {
+    rules_file: Option<TokioInstant>,
+    interfaces: Option<TokioInstant>,
+    routes: Option<TokioInstant>,
+}
+
+impl Settling {
+    fn slot(&mut self, change: Change) -> &mut Option<TokioInstant> {
+        match change {
+            Change::RulesFile => &mut self.rules_file,
+            Change::Interfaces => &mut self.interfaces,
+            Change::Routes => &mut self.routes,
+        }
+    }
+
+    /// Notes `change`: it is handled [`SETTLE`] after its first event, together with
+    /// whatever else of its kind arrived meanwhile.
+    fn note(&mut self, change: Change, now: TokioInstant) {
+        self.slot(change).get_or_insert(now + SETTLE);
+    }
+
+    /// The change to handle next, and when.
+    fn next(&self) -> Option<(TokioInstant, Change)> {
+        [
+            (self.rules_file, Change::RulesFile),
+            (self.interfaces, Change::Interfaces),
+            (self.routes, Change::Routes),
+        ]
+        .into_iter()
+        .filter_map(|(at, change)| Some((at?, change)))
+        .min_by_key(|(at, _)| *at)
+    }
+
+    fn clear(&mut self, change: Change) {
+        *self.slot(change) = None;
+    }
 }
 
 /// Reloads asked for while one was under way: they run once it ends (the file may have
@@ -113,26 +160,27 @@ async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
         reloads: 0,
         last_reload: None,
     };
-    supervisor.apply(Trigger::Start);
-
-    let (changes, mut change_events) = mpsc::channel(16);
-    let _file_watch = match watch::watch_rules_file(&options.config, changes.clone()) {
+    // Watching starts before the rules are applied: a neighbour that resolves, or an
+    // interface that appears, while thousands of rules start is handled right after.
+    let changes = Arc::new(Changes::default());
+    let _file_watch = match watch::watch_rules_file(&options.config, Arc::clone(&changes)) {
         Ok(watcher) => Some(watcher),
         Err(error) => {
             tracing::warn!("{error:#}; the rules file is reloaded on SIGHUP and `mcr reload` only");
             None
         }
     };
-    if let Err(error) = watch::watch_interfaces(changes) {
+    if let Err(error) = watch::watch_interfaces(Arc::clone(&changes)) {
         tracing::warn!("{error:#}; interfaces that appear later are picked up on reload only");
     }
+    supervisor.apply(Trigger::Start);
 
     // The socket appears only once the rules are in place: a client that can connect sees
     // the relay as configured.
     let result = match bind_control_socket(&options.control_socket) {
         Ok(listener) => {
             supervisor
-                .event_loop(&listener, &mut worker_events, &mut change_events)
+                .event_loop(&listener, &mut worker_events, &changes)
                 .await
         }
         Err(error) => Err(error),
@@ -161,7 +209,7 @@ impl Supervisor<'_> {
         &mut self,
         listener: &UnixListener,
         worker_events: &mut mpsc::Receiver<WorkerEvent>,
-        changes: &mut mpsc::Receiver<Change>,
+        changes: &Changes,
     ) -> anyhow::Result<()> {
         let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
@@ -170,31 +218,31 @@ impl Supervisor<'_> {
         let (calls, mut pending) = mpsc::channel::<Call>(64);
         let mut reloading: Option<Reloading> = None;
         let mut next_reload = NextReload::default();
-        // Changes wait until they have settled.
-        let mut file_changed: Option<TokioInstant> = None;
-        let mut interfaces_changed: Option<TokioInstant> = None;
-        let far = Duration::from_hours(1);
+        let mut settling = Settling::default();
 
         tracing::info!(control_socket = %self.options.control_socket.display(), "running");
         loop {
-            let next_file = file_changed.unwrap_or_else(|| TokioInstant::now() + far);
-            let next_interfaces = interfaces_changed.unwrap_or_else(|| TokioInstant::now() + far);
+            let settled = settling.next();
+            let at = settled.map_or_else(|| TokioInstant::now() + Duration::from_hours(1), |s| s.0);
             tokio::select! {
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
                 _ = hangup.recv() => {
                     next_reload.trigger.get_or_insert(Trigger::Sighup);
                 }
-                Some(change) = changes.recv() => {
-                    let at = Some(TokioInstant::now() + SETTLE);
+                change = changes.next() => settling.note(change, TokioInstant::now()),
+                () = tokio::time::sleep_until(at), if settled.is_some() => {
+                    let change = settled.map(|s| s.1).expect("the branch runs only when settled");
+                    settling.clear(change);
                     match change {
-                        Change::RulesFile => file_changed = file_changed.or(at),
-                        Change::Interfaces => interfaces_changed = interfaces_changed.or(at),
+                        Change::RulesFile => {
+                            next_reload.trigger.get_or_insert(Trigger::FileChange);
+                        }
+                        Change::Interfaces => self.reconcile(),
+                        Change::Routes => {
+                            self.table.replan(&mut self.classifier, &mut self.dataplane);
+                        }
                     }
-                }
-                () = tokio::time::sleep_until(next_file), if file_changed.is_some() => {
-                    file_changed = None;
-                    next_reload.trigger.get_or_insert(Trigger::FileChange);
                 }
                 parsed = async {
                     match reloading.as_mut() {
@@ -202,22 +250,8 @@ impl Supervisor<'_> {
                         None => std::future::pending().await,
                     }
                 }, if reloading.is_some() => {
-                    let Reloading { trigger, waiters, .. } =
-                        reloading.take().expect("the branch runs only while reloading");
-                    let parsed = parsed.unwrap_or_else(|error| {
-                        Err(config::ConfigError::Read {
-                            path: self.options.config.clone(),
-                            source: std::io::Error::other(error),
-                        })
-                    });
-                    let record = self.finish_reload(trigger, parsed);
-                    for waiter in waiters {
-                        let _ = waiter.send(Response::Reload(record.clone()));
-                    }
-                }
-                () = tokio::time::sleep_until(next_interfaces), if interfaces_changed.is_some() => {
-                    interfaces_changed = None;
-                    self.reconcile();
+                    let reload = reloading.take().expect("the branch runs only while reloading");
+                    self.reload_finished(reload, parsed);
                 }
                 _ = sampler.tick() => {
                     self.dataplane.sample();
@@ -273,6 +307,24 @@ impl Supervisor<'_> {
             failed = summary.failed,
             "rules applied"
         );
+    }
+
+    /// A reload's parse ended: applies the file and answers those who asked for the reload.
+    fn reload_finished(
+        &mut self,
+        reload: Reloading,
+        parsed: Result<Result<Config, config::ConfigError>, tokio::task::JoinError>,
+    ) {
+        let parsed = parsed.unwrap_or_else(|error| {
+            Err(config::ConfigError::Read {
+                path: self.options.config.clone(),
+                source: std::io::Error::other(error),
+            })
+        });
+        let record = self.finish_reload(reload.trigger, parsed);
+        for waiter in reload.waiters {
+            let _ = waiter.send(Response::Reload(record.clone()));
+        }
     }
 
     /// Applies a re-read rules file; a file that failed validation changes nothing.
@@ -361,11 +413,13 @@ impl Supervisor<'_> {
                 active: summary.active,
                 waiting: summary.waiting,
                 failed: summary.failed,
+                kernel: summary.kernel,
             },
             reloads: self.reloads,
             last_reload: self.last_reload.clone(),
             workers: self.dataplane.worker_summaries(),
             interfaces,
+            rule_states: self.table.rule_states(),
         }
     }
 }

@@ -11,18 +11,25 @@ use std::{
     time::Instant,
 };
 
-use mcr_common::{ANY_SOURCE, MAX_RULES, RuleKey};
+use mcr_common::{
+    ANY_SOURCE, KernelOutputs, MAX_RULES, PATH_KERNEL, PATH_WORKER, RULE_LOCAL_DELIVERY, RuleKey,
+    RuleSlot,
+};
 
 use serde::{Deserialize, Serialize};
 
 use super::dataplane::{Dataplane, resolve_origins};
 use crate::{
-    bpf::Classifier,
-    config::{Config, Input, Output, Rule},
+    bpf::{
+        Classifier,
+        outputs::{NotInKernel, Planner},
+    },
+    config::{Config, Input, Output, PathChoice, Rule},
     counters::{MAX_OUTPUTS, OutputTotals},
     sockets::{egress::Origin, interfaces},
-    state::{RuleState, StartError, Waiting},
+    state::{ForwardingPath, RuleState, StartError, Waiting},
     stats::{OutputStats, RateMeter, RuleDrops, RuleStats, StatsReport},
+    status::RuleStatus,
 };
 
 /// The rules the supervisor runs, each with its map key, counters and state.
@@ -31,6 +38,7 @@ pub struct RuleTable {
     entries: Vec<Entry>,
     /// Rules of the file that could not even get counters, with why (shown as failed).
     unplaced: Vec<(Rule, String)>,
+    planner: Planner,
     slots: IdAllocator<{ MAX_RULES as usize }>,
     output_counters: IdAllocator<MAX_OUTPUTS>,
 }
@@ -54,6 +62,10 @@ struct Entry {
     /// The outputs the data plane runs, and the interfaces their sockets were opened on.
     running_outputs: Vec<Output>,
     origins: Vec<Option<Origin>>,
+    /// The classifier's map entry for `key`, as last written.
+    value: Option<RuleSlot>,
+    /// The rule's output set in the classifier, while it runs on the kernel path.
+    kernel: Option<KernelOutputs>,
     state: RuleState,
     meter: RateMeter,
 }
@@ -64,6 +76,8 @@ pub struct ApplySummary {
     pub active: usize,
     pub waiting: usize,
     pub failed: usize,
+    /// Active rules on the kernel path.
+    pub kernel: usize,
 }
 
 impl RuleTable {
@@ -87,13 +101,7 @@ impl RuleTable {
                 .map(|i| old.swap_remove(i));
             let entry = match existing {
                 Some(mut entry) => {
-                    self.update_outputs(dataplane, &mut entry, &rule.outputs);
-                    if entry.rule.min_ttl != rule.min_ttl
-                        && let Some(key) = entry.key
-                        && let Err(error) = classifier.set_min_ttl(&key, rule.min_ttl.unwrap_or(0))
-                    {
-                        tracing::warn!(rule = %rule.name, %error, "new minimum TTL not applied");
-                    }
+                    self.update_outputs(classifier, dataplane, &mut entry, &rule.outputs);
                     entry.rule = rule.clone();
                     entry
                 }
@@ -111,6 +119,7 @@ impl RuleTable {
         // Keys of rules that keep running: a renamed rule takes its old key over, which the
         // old entry's removal must not delete.
         let mut running: HashSet<RuleKey> = HashSet::new();
+        self.planner.begin();
         for index in 0..self.entries.len() {
             self.bring_up(classifier, dataplane, index);
             if let Some(key) = self.entries[index].key {
@@ -132,12 +141,34 @@ impl RuleTable {
         };
         for entry in &self.entries {
             match entry.state {
-                RuleState::Active => summary.active += 1,
+                RuleState::Active { path, .. } => {
+                    summary.active += 1;
+                    if path == ForwardingPath::Kernel {
+                        summary.kernel += 1;
+                    }
+                }
                 RuleState::Waiting { .. } => summary.waiting += 1,
                 RuleState::Failed { .. } => summary.failed += 1,
             }
         }
         summary
+    }
+
+    /// Every rule with its state, in the rules file's order.
+    pub fn rule_states(&self) -> Vec<RuleStatus> {
+        self.entries
+            .iter()
+            .map(|entry| RuleStatus {
+                name: entry.rule.name.clone(),
+                state: entry.state.clone(),
+            })
+            .chain(self.unplaced.iter().map(|(rule, reason)| RuleStatus {
+                name: rule.name.clone(),
+                state: RuleState::Failed {
+                    reason: reason.clone(),
+                },
+            }))
+            .collect()
     }
 
     /// Rules per input interface that is forwarding.
@@ -171,19 +202,27 @@ impl RuleTable {
             key: None,
             running_outputs: Vec::new(),
             origins: Vec::new(),
+            value: None,
+            kernel: None,
             state: RuleState::Waiting {
                 reason: "not started yet".into(),
             },
             meter: RateMeter::default(),
         };
-        self.update_outputs(dataplane, &mut entry, &rule.outputs);
+        self.update_outputs(classifier, dataplane, &mut entry, &rule.outputs);
         Ok(entry)
     }
 
     /// Gives `entry` one counter per output of `outputs`: an output that was there before
     /// (same interface, destination and port) keeps its counter, a new one gets a fresh
     /// counter, and the counters of outputs that went away are released.
-    fn update_outputs(&mut self, dataplane: &Dataplane, entry: &mut Entry, outputs: &[Output]) {
+    fn update_outputs(
+        &mut self,
+        classifier: &Classifier,
+        dataplane: &Dataplane,
+        entry: &mut Entry,
+        outputs: &[Output],
+    ) {
         let mut previous: Vec<(Output, OutputCounter)> = entry
             .rule
             .outputs
@@ -201,7 +240,7 @@ impl RuleTable {
             } else if let Some(counter) = self.output_counters.allocate() {
                 counters.push(OutputCounter {
                     counter,
-                    baseline: dataplane.output_totals(entry.slot, counter),
+                    baseline: output_totals(classifier, dataplane, entry.slot, counter),
                     meter: RateMeter::default(),
                 });
             } else {
@@ -221,6 +260,7 @@ impl RuleTable {
     /// or sends it back to waiting.
     fn bring_up(&mut self, classifier: &mut Classifier, dataplane: &mut Dataplane, index: usize) {
         let entry = &mut self.entries[index];
+        let planner = &mut self.planner;
         let wanted = resolve(&entry.rule.input)
             .and_then(|key| resolve_origins(&entry.rule).map(|origins| (key, origins)));
         let (key, origins) = match wanted {
@@ -249,6 +289,25 @@ impl RuleTable {
                 start(classifier, dataplane, entry, key, origins);
             }
             None => start(classifier, dataplane, entry, key, origins),
+        }
+        if entry.key.is_some()
+            && let Err(error) = publish(classifier, dataplane, planner, entry)
+        {
+            tracing::error!(rule = %entry.rule.name, %error, "rule not started");
+            stop(classifier, dataplane, entry, None);
+            entry.state = RuleState::failed(&error);
+        }
+    }
+
+    /// Next hops or routes changed: every running rule takes the path its outputs allow now.
+    pub fn replan(&mut self, classifier: &mut Classifier, dataplane: &mut Dataplane) {
+        self.planner.begin();
+        for entry in &mut self.entries {
+            if entry.key.is_some()
+                && let Err(error) = publish(classifier, dataplane, &mut self.planner, entry)
+            {
+                tracing::warn!(rule = %entry.rule.name, %error, "path not updated");
+            }
         }
     }
 
@@ -295,7 +354,8 @@ impl RuleTable {
                 entry.meter.sample(now, counters.packets, counters.bytes);
             }
             for output in &mut entry.outputs {
-                let totals = dataplane.output_totals(entry.slot, output.counter) - output.baseline;
+                let totals = output_totals(classifier, dataplane, entry.slot, output.counter)
+                    - output.baseline;
                 output.meter.sample(now, totals.packets, totals.bytes);
             }
         }
@@ -315,7 +375,8 @@ impl RuleTable {
                     .zip(&entry.outputs)
                     .map(|(output, counter)| {
                         let totals =
-                            dataplane.output_totals(entry.slot, counter.counter) - counter.baseline;
+                            output_totals(classifier, dataplane, entry.slot, counter.counter)
+                                - counter.baseline;
                         let mut stats = OutputStats::new(output, totals);
                         stats.tx_pps = counter.meter.packets_per_second();
                         stats.tx_bps = counter.meter.bits_per_second();
@@ -336,6 +397,7 @@ impl RuleTable {
                     rx_bps: entry.meter.bits_per_second(),
                     min_ttl: entry.rule.min_ttl,
                     below_min_ttl: counters.below_min_ttl,
+                    to_worker: counters.to_worker,
                     drops,
                     outputs,
                 }
@@ -352,6 +414,7 @@ impl RuleTable {
                 rx_bps: 0.0,
                 min_ttl: rule.min_ttl,
                 below_min_ttl: 0,
+                to_worker: 0,
                 drops: RuleDrops::default(),
                 outputs: Vec::new(),
             }))
@@ -370,8 +433,9 @@ fn same_output(a: &Output, b: &Output) -> bool {
     a.interface == b.interface && a.destination == b.destination && a.port == b.port
 }
 
-/// Makes `entry` forward `key` through `origins`. The worker gets the route before the
-/// classifier steers anything to it.
+/// Gives `entry`'s worker the route for `key` through `origins`. The worker gets the route
+/// before the classifier steers anything to it, and keeps it on the kernel path (for the
+/// packets that path hands back, and to take over at once when the path changes).
 fn start(
     classifier: &mut Classifier,
     dataplane: &mut Dataplane,
@@ -384,28 +448,21 @@ fn start(
             .attach(&entry.rule.input.interface, key.ifindex)
             .map_err(StartError::Attach)?;
         let counters: Vec<u32> = entry.outputs.iter().map(|o| o.counter).collect();
-        let worker = dataplane.start_rule(
+        dataplane.start_rule(
             classifier,
             entry.slot,
             &entry.rule,
             key,
             &origins,
             &counters,
-        )?;
-        let worker = u32::try_from(worker).expect("worker count is bounded by MAX_WORKERS");
-        classifier
-            .insert_rule(&key, entry.slot, worker, entry.rule.min_ttl.unwrap_or(0))
-            .map_err(|error| {
-                dataplane.stop_rule(entry.slot);
-                StartError::Map(error)
-            })
+        )
     })();
     match result {
-        Ok(()) => {
+        // The classifier learns of the rule in `publish`.
+        Ok(_) => {
             entry.key = Some(key);
             entry.running_outputs = entry.rule.outputs.clone();
             entry.origins = origins;
-            entry.state = RuleState::Active;
         }
         Err(error) => {
             tracing::error!(rule = %entry.rule.name, %error, "rule not started");
@@ -442,6 +499,115 @@ fn switch_outputs(
     Ok(())
 }
 
+/// Tells the classifier about running `entry`: its map entry, and its output set when every
+/// output can be written in the kernel (`path: auto` or `kernel`). A rule that moves to the
+/// kernel path gets its output set before its map entry says so; one that leaves it is
+/// steered to its worker before the output set goes. Either way each packet takes one path.
+fn publish(
+    classifier: &mut Classifier,
+    dataplane: &Dataplane,
+    planner: &mut Planner,
+    entry: &mut Entry,
+) -> Result<(), StartError> {
+    let Some(key) = entry.key else {
+        return Ok(());
+    };
+    let counters: Vec<u32> = entry.outputs.iter().map(|o| o.counter).collect();
+    let plan = match entry.rule.path {
+        PathChoice::Worker => Err(None),
+        PathChoice::Auto | PathChoice::Kernel => planner
+            .plan(&entry.rule, &entry.origins, &counters)
+            .map_err(Some),
+    };
+    let plan = plan.and_then(|outputs| {
+        if entry.kernel != Some(outputs) {
+            classifier
+                .kernel
+                .set(entry.slot, &outputs)
+                .map_err(|error| Some(NotInKernel::Map(error)))?;
+            entry.kernel = Some(outputs);
+        }
+        Ok(())
+    });
+    let worker = u32::try_from(dataplane.worker_for(entry.slot))
+        .expect("worker count is bounded by MAX_WORKERS");
+    let value = RuleSlot {
+        slot: entry.slot,
+        worker,
+        min_ttl: entry.rule.min_ttl.unwrap_or(0),
+        path: if plan.is_ok() {
+            PATH_KERNEL
+        } else {
+            PATH_WORKER
+        },
+        flags: if entry.rule.local_delivery {
+            RULE_LOCAL_DELIVERY
+        } else {
+            0
+        },
+        pad: 0,
+    };
+    if entry.value != Some(value) {
+        classifier
+            .insert_rule(&key, value)
+            .map_err(StartError::Map)?;
+        entry.value = Some(value);
+    }
+    if plan.is_err()
+        && entry.kernel.take().is_some()
+        && let Err(error) = classifier.kernel.remove(entry.slot)
+    {
+        tracing::warn!(rule = %entry.rule.name, %error, "cannot remove the rule's output set");
+    }
+    let state = match plan {
+        Ok(()) => RuleState::Active {
+            path: ForwardingPath::Kernel,
+            reason: None,
+        },
+        Err(reason) => RuleState::Active {
+            path: ForwardingPath::Worker,
+            reason: reason.map(|reason| reason.to_string()),
+        },
+    };
+    if entry.state != state {
+        log_path(&entry.rule, &state);
+        entry.state = state;
+    }
+    Ok(())
+}
+
+fn log_path(rule: &Rule, state: &RuleState) {
+    match state {
+        RuleState::Active {
+            path,
+            reason: Some(reason),
+        } if rule.path == PathChoice::Kernel => {
+            tracing::warn!(rule = %rule.name, %path, "path: kernel asked for, but {reason}");
+        }
+        RuleState::Active { path, reason } => {
+            tracing::info!(rule = %rule.name, %path, reason = reason.as_deref(), "forwarding");
+        }
+        RuleState::Waiting { .. } | RuleState::Failed { .. } => {}
+    }
+}
+
+/// What output counter `counter` of rule `slot` holds now: what the worker sent plus what
+/// the classifier sent on the kernel path.
+fn output_totals(
+    classifier: &Classifier,
+    dataplane: &Dataplane,
+    slot: u32,
+    counter: u32,
+) -> OutputTotals {
+    let mut totals = dataplane.output_totals(slot, counter);
+    if let Ok(kernel) = classifier.kernel.counters(counter) {
+        totals.packets += kernel.packets;
+        totals.bytes += kernel.bytes;
+        totals.errors += kernel.errors;
+    }
+    totals
+}
+
 /// Takes `entry` out of the classifier and the data plane, if it is running. The map entry
 /// stays when `keep` holds its key (another rule took it over).
 fn stop(
@@ -453,10 +619,16 @@ fn stop(
     let Some(key) = entry.key.take() else {
         return;
     };
-    if !keep.is_some_and(|keep| keep.contains(&key))
+    if entry.value.take().is_some()
+        && !keep.is_some_and(|keep| keep.contains(&key))
         && let Err(error) = classifier.remove_rule(&key)
     {
         tracing::warn!(rule = %entry.rule.name, %error, "cannot remove the rule's map entry");
+    }
+    if entry.kernel.take().is_some()
+        && let Err(error) = classifier.kernel.remove(entry.slot)
+    {
+        tracing::warn!(rule = %entry.rule.name, %error, "cannot remove the rule's output set");
     }
     dataplane.stop_rule(entry.slot);
     entry.running_outputs.clear();

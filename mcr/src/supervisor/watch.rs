@@ -1,13 +1,21 @@
 //! What makes the supervisor look again: the rules file changing on disk (inotify, through
-//! `notify`) and interfaces or addresses coming and going (rtnetlink).
+//! `notify`), interfaces or addresses coming and going, and routes or neighbours changing
+//! (rtnetlink).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use notify::{EventKind, RecursiveMode, Watcher as _};
-use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
-use tokio::sync::mpsc;
+use rtnetlink::{
+    packet_core::NetlinkPayload,
+    packet_route::RouteNetlinkMessage,
+    sys::{AsyncSocket as _, SocketAddr},
+};
+use tokio::sync::Notify;
 
 /// Something changed that may change what runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,13 +24,45 @@ pub enum Change {
     RulesFile,
     /// A link or an IPv4 address appeared, changed or went away.
     Interfaces,
+    /// An IPv4 route or a neighbour entry changed: next hops may have moved.
+    Routes,
+}
+
+/// Changes reported by the watchers and not yet handled, one flag per kind: a burst of events
+/// of one kind is one change, and no kind can crowd out another.
+#[derive(Default)]
+pub struct Changes {
+    rules_file: Notify,
+    interfaces: Notify,
+    routes: Notify,
+}
+
+impl Changes {
+    /// Notes `change`; callable from any thread.
+    pub fn report(&self, change: Change) {
+        match change {
+            Change::RulesFile => &self.rules_file,
+            Change::Interfaces => &self.interfaces,
+            Change::Routes => &self.routes,
+        }
+        .notify_one();
+    }
+
+    /// The next change reported since the last one was taken.
+    pub async fn next(&self) -> Change {
+        tokio::select! {
+            () = self.rules_file.notified() => Change::RulesFile,
+            () = self.interfaces.notified() => Change::Interfaces,
+            () = self.routes.notified() => Change::Routes,
+        }
+    }
 }
 
 /// Watches the directory of `path`, so that editors that write a new file and rename it over
 /// the old one are seen too, and reports changes to that one file.
 pub fn watch_rules_file(
     path: &Path,
-    changes: mpsc::Sender<Change>,
+    changes: Arc<Changes>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let path = path
         .canonicalize()
@@ -41,8 +81,7 @@ pub fn watch_rules_file(
             .iter()
             .any(|changed| changed.file_name() == name.as_deref());
         if relevant {
-            // A full channel already holds a pending change; dropping this one loses nothing.
-            let _ = changes.try_send(Change::RulesFile);
+            changes.report(Change::RulesFile);
         }
     })
     .context("starting the rules file watcher")?;
@@ -53,14 +92,17 @@ pub fn watch_rules_file(
 }
 
 const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
 
 const fn group_bit(group: u32) -> u32 {
     1 << (group - 1)
 }
 
-/// Subscribes to link and IPv4 address events and reports each as [`Change::Interfaces`].
-pub fn watch_interfaces(changes: mpsc::Sender<Change>) -> anyhow::Result<()> {
+/// Subscribes to link, IPv4 address, IPv4 route and neighbour events and reports each as
+/// [`Change::Interfaces`] or [`Change::Routes`].
+pub fn watch_interfaces(changes: Arc<Changes>) -> anyhow::Result<()> {
     let (mut connection, _handle, mut messages) =
         rtnetlink::new_connection().context("opening a netlink socket")?;
     connection
@@ -68,13 +110,25 @@ pub fn watch_interfaces(changes: mpsc::Sender<Change>) -> anyhow::Result<()> {
         .socket_mut()
         .bind(&SocketAddr::new(
             0,
-            group_bit(RTNLGRP_LINK) | group_bit(RTNLGRP_IPV4_IFADDR),
+            group_bit(RTNLGRP_LINK)
+                | group_bit(RTNLGRP_IPV4_IFADDR)
+                | group_bit(RTNLGRP_NEIGH)
+                | group_bit(RTNLGRP_IPV4_ROUTE),
         ))
-        .context("subscribing to link and address events")?;
+        .context("subscribing to link, address, route and neighbour events")?;
     tokio::spawn(connection);
     tokio::spawn(async move {
-        while messages.next().await.is_some() {
-            let _ = changes.try_send(Change::Interfaces);
+        while let Some((message, _)) = messages.next().await {
+            let change = match message.payload {
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewNeighbour(_)
+                    | RouteNetlinkMessage::DelNeighbour(_)
+                    | RouteNetlinkMessage::NewRoute(_)
+                    | RouteNetlinkMessage::DelRoute(_),
+                ) => Change::Routes,
+                _ => Change::Interfaces,
+            };
+            changes.report(change);
         }
     });
     Ok(())

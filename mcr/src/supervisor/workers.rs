@@ -1,25 +1,39 @@
-//! Starting, commanding and restarting the worker processes.
+//! Starting, commanding, watching and restarting the worker processes.
 
 use std::{
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    process::Stdio,
+    ffi::OsString,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        unix::process::ExitStatusExt as _,
+    },
+    process::{ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use command_fds::{CommandFdExt as _, FdMapping};
-use nix::sys::{
-    socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, setsockopt, socketpair, sockopt},
-    time::TimeVal,
+use nix::{
+    fcntl::{OFlag, open},
+    libc,
+    sys::{
+        signal::Signal,
+        socket::{
+            AddressFamily, MsgFlags, SockFlag, SockType, recv, setsockopt, socketpair, sockopt,
+        },
+        stat::Mode,
+        time::TimeVal,
+    },
 };
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader, unix::AsyncFd},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 
 use crate::{
     command::{self, Command},
     counters::SharedCounters,
+    status::WorkerState,
     worker::CONTROL_FD,
 };
 
@@ -46,27 +60,231 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A worker that ran this long before crashing restarts with the first back-off again.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Starts in a row that end before the worker reports ready (or that cannot even create the
+/// process) after which the worker shows as `failed`. It is still retried, at [`MAX_BACKOFF`].
+const FAILED_AFTER: u32 = 3;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkerState {
-    /// Started, still setting up as root.
-    Starting,
-    Running,
-    Restarting,
-    Stopped,
+/// The executable this supervisor runs, held open from the start. Workers are started through
+/// this descriptor, so they run the same binary as their supervisor even after a package
+/// upgrade renamed a new file over its path or deleted it.
+pub struct Executable {
+    file: OwnedFd,
+}
+
+impl Executable {
+    pub fn current() -> io::Result<Self> {
+        let file = open(
+            "/proc/self/exe",
+            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self { file })
+    }
+
+    /// A path that names this executable in a child that inherited the descriptor: the child
+    /// execs it before the descriptor closes (it is close-on-exec).
+    fn path(&self) -> String {
+        format!("/proc/self/fd/{}", self.file.as_raw_fd())
+    }
+}
+
+/// What a supervisor's sampling of a worker's progress concluded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Moving, idle, or not running: nothing to do.
+    Fine,
+    /// It had stalled and has moved on by itself.
+    Recovered,
+    /// It makes no progress while packets wait for it (`newly`: first seen now).
+    Stalled { newly: bool },
+    /// Stalled for the whole stall timeout: kill it, with this reason.
+    Kill(String),
+}
+
+/// A worker slot's state and the rules that move it: back-off, repeated failures, stalls.
+/// Kept apart from the process handles so the rules can be tested without processes.
+#[derive(Debug)]
+pub struct Lifecycle {
+    state: WorkerState,
+    restarts: u32,
+    started: Instant,
+    backoff: Duration,
+    /// Starts in a row that ended before the worker reported ready.
+    failed_starts: u32,
+    /// Why the current process was killed, reported when its exit arrives.
+    kill_reason: Option<String>,
+    /// The progress counter at the last sample.
+    last_progress: Option<u64>,
+    /// When the worker was first seen making no progress with packets waiting.
+    stuck_since: Option<Instant>,
+}
+
+impl Lifecycle {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            state: WorkerState::Stopped,
+            restarts: 0,
+            started: now,
+            backoff: FIRST_BACKOFF,
+            failed_starts: 0,
+            kill_reason: None,
+            last_progress: None,
+            stuck_since: None,
+        }
+    }
+
+    pub fn state(&self) -> &WorkerState {
+        &self.state
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// A new process was started.
+    pub fn started(&mut self, now: Instant) {
+        self.state = WorkerState::Starting;
+        self.started = now;
+        self.kill_reason = None;
+        self.last_progress = None;
+        self.stuck_since = None;
+    }
+
+    /// The process reported ready: it has given up its privileges and is forwarding.
+    pub fn ready(&mut self) {
+        if self.state == WorkerState::Starting {
+            self.state = WorkerState::Running;
+            self.failed_starts = 0;
+        }
+    }
+
+    /// The process exited with `status`; returns the delay before the next start, or `None`
+    /// when the exit was asked for.
+    pub fn exited(&mut self, now: Instant, status: &str) -> Option<Duration> {
+        if self.state == WorkerState::Stopped {
+            return None;
+        }
+        let was_ready = matches!(
+            self.state,
+            WorkerState::Running | WorkerState::Stalled { .. }
+        );
+        let reason = self.kill_reason.take().unwrap_or_else(|| {
+            if was_ready {
+                format!("exited: {status}")
+            } else {
+                format!("exited before it was ready: {status}")
+            }
+        });
+        self.restarts += 1;
+        if !was_ready {
+            self.failed_starts += 1;
+        } else if now.duration_since(self.started) >= STABLE_AFTER {
+            self.backoff = FIRST_BACKOFF;
+        }
+        Some(self.retry(reason))
+    }
+
+    /// Starting a process failed outright (no process exists); returns the delay before the
+    /// next try.
+    pub fn start_failed(&mut self, reason: String) -> Duration {
+        self.failed_starts += 1;
+        self.retry(reason)
+    }
+
+    fn retry(&mut self, reason: String) -> Duration {
+        if self.failed_starts >= FAILED_AFTER {
+            self.state = WorkerState::Failed { reason };
+            self.backoff = MAX_BACKOFF;
+            return MAX_BACKOFF;
+        }
+        self.state = WorkerState::Restarting { reason };
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        delay
+    }
+
+    /// Whether a scheduled restart should start a process now.
+    pub fn wants_restart(&self) -> bool {
+        matches!(
+            self.state,
+            WorkerState::Restarting { .. } | WorkerState::Failed { .. }
+        )
+    }
+
+    /// The process is about to be killed for `reason`.
+    pub fn killing(&mut self, reason: String) {
+        self.kill_reason.get_or_insert(reason);
+    }
+
+    pub fn stopping(&mut self) {
+        self.state = WorkerState::Stopped;
+    }
+
+    /// Takes one sample: the worker's progress counter (bumped every turn of its loop) and
+    /// whether packets wait in its sockets. A running worker whose counter does not move while
+    /// packets wait is stalled; once it has been for `timeout`, it is to be killed.
+    ///
+    /// One sample is not enough to call a worker stalled: a packet may have arrived just now
+    /// at a worker that was idle. It is stalled from the second sample that finds the counter
+    /// unchanged and packets still waiting.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        progress: u64,
+        waiting: bool,
+        timeout: Duration,
+    ) -> Progress {
+        if !matches!(
+            self.state,
+            WorkerState::Running | WorkerState::Stalled { .. }
+        ) {
+            self.last_progress = None;
+            self.stuck_since = None;
+            return Progress::Fine;
+        }
+        let moved = self.last_progress != Some(progress);
+        self.last_progress = Some(progress);
+        if moved || !waiting {
+            self.stuck_since = None;
+            if matches!(self.state, WorkerState::Stalled { .. }) {
+                self.state = WorkerState::Running;
+                return Progress::Recovered;
+            }
+            return Progress::Fine;
+        }
+        let since = *self.stuck_since.get_or_insert(now);
+        let stuck = now.duration_since(since);
+        if stuck.is_zero() {
+            return Progress::Fine;
+        }
+        if stuck >= timeout {
+            return Progress::Kill(format!(
+                "stalled: no progress for {} s while packets waited; killed",
+                stuck.as_secs()
+            ));
+        }
+        let newly = !matches!(self.state, WorkerState::Stalled { .. });
+        self.state = WorkerState::Stalled {
+            reason: format!(
+                "no progress for {} s while packets wait; killed after {} s",
+                stuck.as_secs().max(1),
+                timeout.as_secs()
+            ),
+        };
+        Progress::Stalled { newly }
+    }
 }
 
 pub struct Worker {
     pub index: usize,
     pub cpu: Option<usize>,
     pub pid: Option<u32>,
-    pub restarts: u32,
-    pub state: WorkerState,
     pub counters: SharedCounters,
+    pub lifecycle: Lifecycle,
     control: Option<OwnedFd>,
+    /// Tells the task that waits for the process to kill it.
+    kill: Option<oneshot::Sender<()>>,
     generation: u64,
-    started: Instant,
-    backoff: Duration,
 }
 
 impl Worker {
@@ -77,19 +295,21 @@ impl Worker {
             index,
             cpu,
             pid: None,
-            restarts: 0,
-            state: WorkerState::Stopped,
             counters,
+            lifecycle: Lifecycle::new(Instant::now()),
             control: None,
+            kill: None,
             generation: 0,
-            started: Instant::now(),
-            backoff: FIRST_BACKOFF,
         })
     }
 
     /// Starts the process and sends it `init`. The caller then replays inputs and rules.
+    ///
+    /// An error means that no process was started. Once one is, a failure to hand it `init`
+    /// kills it, and its exit goes the usual way.
     pub fn spawn(
         &mut self,
+        executable: &Executable,
         user: (u32, u32),
         events: &mpsc::Sender<WorkerEvent>,
     ) -> anyhow::Result<()> {
@@ -104,9 +324,9 @@ impl Worker {
         // queued within a second fails, is logged, and the worker is left to be restarted.
         setsockopt(&ours, sockopt::SendTimeout, &TimeVal::new(1, 0))
             .context("setting the control socket's send timeout")?;
-        let exe = std::env::current_exe().context("locating the mcr binary")?;
-        let mut command = tokio::process::Command::new(exe);
+        let mut command = tokio::process::Command::new(executable.path());
         command
+            .arg0(OsString::from("mcr"))
             .arg("worker")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -118,11 +338,15 @@ impl Worker {
                 child_fd: CONTROL_FD,
             }])
             .context("handing the control socket to the worker")?;
+        // SAFETY: the closure runs in the child between fork and exec, after the control socket
+        // was mapped to its descriptor, and makes one async-signal-safe system call.
+        unsafe {
+            command.pre_exec(close_inherited_descriptors);
+        }
         let mut child = command.spawn().context("starting a worker")?;
         self.generation += 1;
         self.pid = child.id();
-        self.state = WorkerState::Starting;
-        self.started = Instant::now();
+        self.lifecycle.started(Instant::now());
         let index = self.index;
         let generation = self.generation;
         if let Some(stderr) = child.stderr.take() {
@@ -135,10 +359,19 @@ impl Worker {
             generation,
             events.clone(),
         ));
+        let (kill, killed) = oneshot::channel();
+        self.kill = Some(kill);
         let events = events.clone();
         tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(status) => status.to_string(),
+            let status = tokio::select! {
+                status = child.wait() => status,
+                Ok(()) = killed => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = match status {
+                Ok(status) => describe_exit(status),
                 Err(error) => error.to_string(),
             };
             let _ = events
@@ -157,7 +390,11 @@ impl Worker {
             uid: user.0,
             gid: user.1,
         };
-        self.send(&init, &[self.counters.fd()])
+        if let Err(error) = self.send(&init, &[self.counters.fd()]) {
+            tracing::error!(worker = index, "{error:#}");
+            self.kill(format!("{error:#}"));
+        }
+        Ok(())
     }
 
     /// Sends a command; a worker that cannot take it is left to crash and be restarted.
@@ -170,43 +407,65 @@ impl Worker {
             .with_context(|| format!("sending {} to worker {}", command.name(), self.index))
     }
 
+    /// Kills the current process; its exit is reported with `reason` and restarts it.
+    pub fn kill(&mut self, reason: String) {
+        self.lifecycle.killing(reason);
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+
     /// Handles the exit of generation `generation`; returns the delay before a restart, or
     /// `None` when the exit is stale or expected.
-    pub fn exited(&mut self, generation: u64) -> Option<Duration> {
+    pub fn exited(&mut self, generation: u64, status: &str) -> Option<Duration> {
         if generation != self.generation {
             return None;
         }
-        if self.state == WorkerState::Stopped {
-            self.pid = None;
-            return None;
-        }
         self.control = None;
+        self.kill = None;
         self.pid = None;
-        self.state = WorkerState::Restarting;
-        self.restarts += 1;
-        if self.started.elapsed() >= STABLE_AFTER {
-            self.backoff = FIRST_BACKOFF;
-        }
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        Some(delay)
+        self.lifecycle.exited(Instant::now(), status)
     }
 
     /// Marks generation `generation` ready, if it is still the current one.
     pub fn ready(&mut self, generation: u64) {
-        if generation == self.generation && self.state == WorkerState::Starting {
-            self.state = WorkerState::Running;
+        if generation == self.generation {
+            self.lifecycle.ready();
         }
     }
 
     /// Asks the worker to stop; it exits on its own, and is killed if it has not after a
     /// grace period (by `kill_on_drop` of the wait task's child when the runtime ends).
     pub fn stop(&mut self) {
-        if matches!(self.state, WorkerState::Starting | WorkerState::Running) {
+        if self.pid.is_some() {
             let _ = self.send(&Command::Shutdown, &[]);
         }
-        self.state = WorkerState::Stopped;
+        self.lifecycle.stopping();
         self.control = None;
+    }
+}
+
+/// Runs in a new worker between fork and exec: marks every descriptor above the control
+/// socket close-on-exec, so that the worker starts with stdio and its control socket only,
+/// whatever the supervisor inherited from whoever started it. Marked rather than closed: the
+/// process-spawning code may still hold a descriptor it needs until the exec (the one that
+/// reports a failed exec, and the one of the executable).
+fn close_inherited_descriptors() -> io::Result<()> {
+    let first = libc::c_uint::try_from(CONTROL_FD + 1).map_err(io::Error::other)?;
+    let flags = libc::c_int::try_from(libc::CLOSE_RANGE_CLOEXEC).map_err(io::Error::other)?;
+    // SAFETY: close_range only sets the close-on-exec flag of this process's descriptors.
+    if unsafe { libc::close_range(first, libc::c_uint::MAX, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An exit status as the log and `mcr status` show it; SIGSYS gets its meaning spelt out.
+fn describe_exit(status: ExitStatus) -> String {
+    if status.signal() == Some(Signal::SIGSYS as i32) {
+        format!("{status}: a system call its seccomp filter does not allow")
+    } else {
+        status.to_string()
     }
 }
 
@@ -258,5 +517,224 @@ async fn relay_log(index: usize, stderr: tokio::process::ChildStderr) {
         } else {
             tracing::info!(worker = index, "{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn running(now: Instant) -> Lifecycle {
+        let mut lifecycle = Lifecycle::new(now);
+        lifecycle.started(now);
+        lifecycle.ready();
+        lifecycle
+    }
+
+    #[test]
+    fn a_crash_restarts_with_a_growing_back_off() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        assert_eq!(
+            lifecycle.exited(now, "signal: 9 (SIGKILL)"),
+            Some(FIRST_BACKOFF)
+        );
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Restarting {
+                reason: "exited: signal: 9 (SIGKILL)".into()
+            }
+        );
+        assert!(lifecycle.wants_restart());
+        lifecycle.started(now);
+        lifecycle.ready();
+        assert_eq!(lifecycle.exited(now, "x"), Some(FIRST_BACKOFF * 2));
+        assert_eq!(lifecycle.restarts(), 2);
+        // A worker that ran for a while before it crashed starts over with the first back-off.
+        lifecycle.started(now);
+        lifecycle.ready();
+        assert_eq!(
+            lifecycle.exited(now + STABLE_AFTER, "x"),
+            Some(FIRST_BACKOFF)
+        );
+        assert_eq!(lifecycle.state().name(), "restarting");
+    }
+
+    #[test]
+    fn a_start_that_keeps_failing_shows_as_failed_and_is_retried_at_the_longest_back_off() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.exited(now, "signal: 9 (SIGKILL)");
+        // The executable is gone: no process can be created.
+        let error = "starting a worker: No such file or directory (os error 2)";
+        lifecycle.start_failed(error.into());
+        assert_eq!(lifecycle.state().name(), "restarting");
+        lifecycle.start_failed(error.into());
+        assert_eq!(lifecycle.state().name(), "restarting");
+        assert_eq!(lifecycle.start_failed(error.into()), MAX_BACKOFF);
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Failed {
+                reason: error.into()
+            }
+        );
+        assert!(
+            lifecycle.wants_restart(),
+            "a failed worker is still retried"
+        );
+        assert_eq!(lifecycle.start_failed(error.into()), MAX_BACKOFF);
+
+        // Processes that die before they report ready count the same way, with their status.
+        lifecycle.started(now);
+        assert_eq!(lifecycle.exited(now, "exit status: 1"), Some(MAX_BACKOFF));
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Failed {
+                reason: "exited before it was ready: exit status: 1".into()
+            }
+        );
+
+        // One start that gets as far as ready clears the record.
+        lifecycle.started(now);
+        lifecycle.ready();
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+        lifecycle.exited(now, "signal: 9 (SIGKILL)");
+        assert_eq!(lifecycle.state().name(), "restarting");
+    }
+
+    #[test]
+    fn workers_that_die_before_ready_fail_after_a_few_tries() {
+        let now = Instant::now();
+        let mut lifecycle = Lifecycle::new(now);
+        let mut delays = Vec::new();
+        for _ in 0..=FAILED_AFTER {
+            lifecycle.started(now);
+            delays.push(lifecycle.exited(now, "exit status: 1").expect("a restart"));
+        }
+        assert_eq!(
+            delays,
+            [FIRST_BACKOFF, FIRST_BACKOFF * 2, MAX_BACKOFF, MAX_BACKOFF]
+        );
+        assert_eq!(lifecycle.state().name(), "failed");
+    }
+
+    #[test]
+    fn an_expected_exit_is_not_restarted() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.stopping();
+        assert_eq!(lifecycle.exited(now, "exit status: 0"), None);
+        assert!(!lifecycle.wants_restart());
+        assert_eq!(lifecycle.state(), &WorkerState::Stopped);
+    }
+
+    #[test]
+    fn a_killed_worker_reports_why_it_was_killed() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.killing("stalled".into());
+        lifecycle.exited(now, "signal: 9 (SIGKILL)");
+        assert_eq!(
+            lifecycle.state(),
+            &WorkerState::Restarting {
+                reason: "stalled".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_idle_worker_is_never_stalled() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        for second in 0..10 {
+            let at = now + SECOND * second;
+            assert_eq!(lifecycle.observe(at, 5, false, TIMEOUT), Progress::Fine);
+        }
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+    }
+
+    #[test]
+    fn a_busy_worker_is_never_stalled() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        for second in 0..10 {
+            let at = now + SECOND * second;
+            assert_eq!(
+                lifecycle.observe(at, 100 * u64::from(second), true, TIMEOUT),
+                Progress::Fine
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_that_stops_moving_with_packets_waiting_is_stalled_then_killed() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        assert_eq!(lifecycle.observe(now, 7, false, TIMEOUT), Progress::Fine);
+        // Packets wait and the counter has not moved: maybe they just arrived.
+        assert_eq!(
+            lifecycle.observe(now + SECOND, 7, true, TIMEOUT),
+            Progress::Fine
+        );
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+        // A second later, still not: stalled.
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 2, 7, true, TIMEOUT),
+            Progress::Stalled { newly: true }
+        );
+        assert_eq!(lifecycle.state().name(), "stalled");
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 3, 7, true, TIMEOUT),
+            Progress::Stalled { newly: false }
+        );
+        let Progress::Kill(reason) = lifecycle.observe(now + SECOND * 4, 7, true, TIMEOUT) else {
+            panic!("not killed after the stall timeout");
+        };
+        assert!(
+            reason.starts_with("stalled: no progress for 3 s"),
+            "{reason}"
+        );
+        lifecycle.killing(reason.clone());
+        lifecycle.exited(now + SECOND * 4, "signal: 9 (SIGKILL)");
+        assert_eq!(lifecycle.state(), &WorkerState::Restarting { reason });
+    }
+
+    #[test]
+    fn a_stalled_worker_that_moves_on_is_running_again() {
+        let now = Instant::now();
+        let mut lifecycle = running(now);
+        lifecycle.observe(now, 7, true, TIMEOUT);
+        lifecycle.observe(now + SECOND, 7, true, TIMEOUT);
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 2, 7, true, TIMEOUT),
+            Progress::Stalled { newly: true }
+        );
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 3, 8, true, TIMEOUT),
+            Progress::Recovered
+        );
+        assert_eq!(lifecycle.state(), &WorkerState::Running);
+        // The stall clock starts over.
+        assert_eq!(
+            lifecycle.observe(now + SECOND * 4, 8, true, TIMEOUT),
+            Progress::Fine
+        );
+    }
+
+    #[test]
+    fn a_starting_worker_is_not_watched() {
+        let now = Instant::now();
+        let mut lifecycle = Lifecycle::new(now);
+        lifecycle.started(now);
+        for second in 0..10 {
+            assert_eq!(
+                lifecycle.observe(now + SECOND * second, 0, true, TIMEOUT),
+                Progress::Fine
+            );
+        }
+        assert_eq!(lifecycle.state(), &WorkerState::Starting);
     }
 }

@@ -104,15 +104,22 @@ pub struct Forwarder {
 }
 
 /// Builds the ring with the flags that suit one thread that both submits and reaps, falling
-/// back to plain settings on kernels without them.
+/// back to plain settings on kernels without them. The ring starts disabled: it takes no
+/// submission until the sandbox has restricted it (see `sandbox::restrict_ring`).
 pub fn new_ring() -> std::io::Result<IoUring> {
     let cq = SQ_ENTRIES * 2 + u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX);
     IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_r_disabled()
         .setup_cqsize(cq)
         .build(SQ_ENTRIES)
-        .or_else(|_| IoUring::builder().setup_cqsize(cq).build(SQ_ENTRIES))
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_r_disabled()
+                .setup_cqsize(cq)
+                .build(SQ_ENTRIES)
+        })
 }
 
 impl Forwarder {
@@ -145,6 +152,7 @@ impl Forwarder {
                 Err(error) if error.raw_os_error() == Some(nix::libc::EBUSY) => {}
                 Err(error) => return Err(error.into()),
             }
+            bump(&self.counters.block().totals.progress, 1);
             cq.sync();
             for cqe in cq.by_ref() {
                 self.complete(&cqe, &submitter, &mut sq)?;

@@ -1,10 +1,13 @@
 //! `mcr worker`: one forwarding process. The supervisor starts it with its end of the control
 //! socket as descriptor 3 and nothing else; everything a worker needs arrives as commands.
+//! Before it reports ready it gives up its privileges and confines itself to its loop's
+//! system calls and `io_uring` operations (see `sandbox`).
 
 mod buffers;
 mod forward;
 mod frames;
 mod privileges;
+mod sandbox;
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
@@ -41,6 +44,8 @@ pub fn run() -> anyhow::Result<()> {
         .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
+    // Started through a descriptor of the executable, the process is named after its number.
+    let _ = nix::sys::prctl::set_name(c"mcr-worker");
 
     // SAFETY: the supervisor maps its end of a socketpair to this descriptor when it starts the
     // worker; nothing else in this process owns it.
@@ -58,6 +63,9 @@ pub fn run() -> anyhow::Result<()> {
     };
     let counters = SharedCounters::map(fds.into_iter().next().context("init carries no counters")?)
         .context("mapping the counter block")?;
+    if let Ok(name) = std::ffi::CString::new(format!("mcr-worker-{worker}")) {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
 
     if let Some(cpu) = cpu {
         let mut set = CpuSet::new();
@@ -65,10 +73,12 @@ pub fn run() -> anyhow::Result<()> {
         sched_setaffinity(Pid::from_raw(0), &set)
             .with_context(|| format!("pinning to CPU {cpu}"))?;
     }
-    // The ring and its buffers are set up while the process may still lock memory freely.
+    // The ring and its buffers are set up while the process may still lock memory freely;
+    // then the ring is restricted to what the loop submits, before it takes any submission.
     let mut ring = forward::new_ring().context("creating the io_uring")?;
     let buffers = buffers::BufferRing::register(&ring.submitter())
         .context("registering the receive buffer ring")?;
+    sandbox::restrict_ring(&ring.submitter())?;
 
     privileges::drop_to(uid, gid)?;
     // Die with the supervisor; set after the user switch, which clears it.
@@ -76,12 +86,13 @@ pub fn run() -> anyhow::Result<()> {
     if nix::unistd::getppid() != supervisor {
         bail!("the supervisor exited during start-up");
     }
+    sandbox::confine(&sandbox::syscall_filter()?)?;
     tracing::info!(
         worker,
         ?cpu,
         uid,
         gid,
-        "worker ready: no capabilities, no_new_privs"
+        "worker ready: no capabilities, no_new_privs, seccomp filter, restricted io_uring"
     );
     nix::sys::socket::send(
         control.as_raw_fd(),

@@ -1,0 +1,449 @@
+//! The worker processes: what they run as and hold, and how the supervisor keeps them going
+//! through crashes and package upgrades. The rules here pin `path: worker`, so the streams
+//! that prove a worker forwards again really go through it.
+
+use std::{
+    io::Write as _,
+    net::Ipv4Addr,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use mcr_tests::{
+    Expected, Lab, Launch, Mcr, RELAY_OUT0, Receiver, RulesFile, SINK, Stream, assert_delivered,
+    mcr_binary, send_udp, unique_name, wait_for,
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// Rules with `workers` workers (on the worker path) and one rule relaying 239.1.1.1:5000 on in0
+/// to 239.2.2.1:6000 on out0, and, with `unicast`, also to 10.2.0.2:7000.
+fn camera_rules(workers: usize, unicast: bool) -> anyhow::Result<RulesFile> {
+    let mut text = format!(
+        "settings:\n  workers: {workers}\n  path: worker\nrules:\n  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n      - {{interface: out0, destination: 239.2.2.1, port: 6000}}\n"
+    );
+    if unicast {
+        text.push_str("      - {destination: 10.2.0.2, port: 7000}\n");
+    }
+    RulesFile::new(&text)
+}
+
+/// Sends a stream to the camera rule and checks that the sink gets all of it.
+fn assert_camera_relayed(lab: &Lab) -> anyhow::Result<()> {
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 200, 300);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(
+        &receiver.finish()?,
+        &stream,
+        Expected {
+            destination: Ipv4Addr::new(239, 2, 2, 1),
+            source: RELAY_OUT0,
+            ttl: 16,
+        },
+    )
+}
+
+fn pid_of(worker: &serde_json::Value) -> Option<u32> {
+    worker["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+}
+
+/// The workers once every one of them is `running`.
+fn running_workers(mcr: &Mcr, timeout: Duration) -> anyhow::Result<Vec<serde_json::Value>> {
+    wait_for(timeout, || {
+        let workers = mcr.workers().ok()?;
+        workers
+            .iter()
+            .all(|worker| worker["state"] == "running" && pid_of(worker).is_some())
+            .then_some(workers)
+    })
+    .with_context(|| format!("the workers never all ran; log:\n{}", mcr.log_text()))
+}
+
+fn sigkill(pid: u32) -> anyhow::Result<()> {
+    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
+    Ok(())
+}
+
+/// Waits until worker 0 runs again as a process other than `old`.
+fn restarted_worker(mcr: &Mcr, old: u32, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    wait_for(timeout, || {
+        let workers = mcr.workers().ok()?;
+        let worker = workers.into_iter().next()?;
+        (worker["state"] == "running" && pid_of(&worker).is_some_and(|pid| pid != old))
+            .then_some(worker)
+    })
+    .with_context(|| {
+        format!(
+            "worker 0 not running again within {timeout:?}: {:?}\nlog:\n{}",
+            mcr.workers(),
+            mcr.log_text()
+        )
+    })
+}
+
+/// `(device, inode)` of the executable process `pid` runs.
+fn executable_of(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let metadata = std::fs::metadata(format!("/proc/{pid}/exe"))?;
+    Ok((metadata.dev(), metadata.ino()))
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(unique_name(label));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_forwards_again() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(1, false)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let first = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+    sigkill(first)?;
+    let killed = Instant::now();
+    let restarted = restarted_worker(&mcr, first, Duration::from_secs(1))?;
+    assert_eq!(restarted["restarts"], 1);
+    eprintln!("worker restarted {:?} after SIGKILL", killed.elapsed());
+    assert_camera_relayed(&lab)
+}
+
+#[test]
+fn workers_restart_after_the_binary_was_replaced_or_deleted() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(1, false)?;
+    let dir = TempDir::new("bin")?;
+    let binary = dir.path().join("mcr");
+    std::fs::copy(mcr_binary(), &binary).context("copying mcr")?;
+    let mcr = Mcr::start_with(
+        &lab.relay,
+        rules.path(),
+        Launch {
+            binary: Some(binary.clone()),
+            ..Launch::default()
+        },
+    )?;
+    let supervisor = mcr.pid().context("supervisor pid")?;
+    let running = executable_of(supervisor)?;
+    let first = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+
+    // A package upgrade: the new version is written beside the old and renamed over it.
+    let staged = dir.path().join(".mcr.new");
+    std::fs::copy(mcr_binary(), &staged)?;
+    std::fs::rename(&staged, &binary)?;
+    sigkill(first)?;
+    let second = restarted_worker(&mcr, first, Duration::from_secs(2))?;
+    let second = pid_of(&second).context("pid")?;
+    assert_eq!(
+        executable_of(second)?,
+        running,
+        "the restarted worker does not run the supervisor's binary"
+    );
+    assert_camera_relayed(&lab)?;
+
+    // An uninstall, or an upgrade that deletes before it writes.
+    std::fs::remove_file(&binary)?;
+    sigkill(second)?;
+    let third = restarted_worker(&mcr, second, Duration::from_secs(2))?;
+    assert_eq!(third["restarts"], 2, "{third}");
+    assert_camera_relayed(&lab)
+}
+
+#[test]
+fn workers_run_unprivileged() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(2, false)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    // A worker starts as root and reports "running" only once it has given everything up.
+    let workers = running_workers(&mcr, Duration::from_secs(5))?;
+    assert_eq!(workers.len(), 2);
+    for worker in &workers {
+        let pid = pid_of(worker).context("worker pid")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> anyhow::Result<String> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|value| value.trim().to_owned())
+                .with_context(|| format!("{name} missing from /proc/{pid}/status"))
+        };
+        for ids in [field("Uid:")?, field("Gid:")?] {
+            ensure!(
+                ids.split_whitespace().all(|id| id != "0"),
+                "worker {pid} has id 0: {ids}"
+            );
+        }
+        for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(set)?, "0000000000000000", "worker {pid} {set}");
+        }
+        assert_eq!(field("NoNewPrivs:")?, "1", "worker {pid}");
+        assert_eq!(field("Groups:")?, "", "worker {pid} supplementary groups");
+    }
+    Ok(())
+}
+
+/// The `Seccomp:` mode of process `pid`: 2 is a filter.
+fn seccomp_mode(pid: u32) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Seccomp:"))
+        .map(|mode| mode.trim().to_owned())
+        .with_context(|| format!("no Seccomp: in /proc/{pid}/status"))
+}
+
+#[test]
+fn workers_forward_under_a_seccomp_filter_also_after_changes_and_restarts() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(2, false)?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let workers = running_workers(&mcr, Duration::from_secs(5))?;
+    for worker in &workers {
+        let pid = pid_of(worker).context("pid")?;
+        assert_eq!(seccomp_mode(pid)?, "2", "worker {pid}");
+    }
+    assert_camera_relayed(&lab)?;
+
+    // Commands after the filter is in place: a new rule on a new input (new sockets), the
+    // old one removed (sockets closed), then traffic for the new rule.
+    rules.write(
+        "settings:\n  workers: 2\n  path: worker\nrules:\n  - name: other\n    input: {interface: in0, group: 239.1.1.7, port: 5007}\n    outputs:\n      - {interface: out0, destination: 239.2.2.7, port: 6007}\n      - {destination: 10.2.0.2, port: 7007}\n",
+    )?;
+    mcr.cli(&["reload"])?;
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 7)), SINK, 6007)?;
+    let unicast = Receiver::start(&lab.sink, None, SINK, 7007)?;
+    let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 7), 5007, 100, 300);
+    send_udp(&lab.generator, &stream)?;
+    let expected = |destination| Expected {
+        destination,
+        source: RELAY_OUT0,
+        ttl: 16,
+    };
+    assert_delivered(
+        &receiver.finish()?,
+        &stream,
+        expected(Ipv4Addr::new(239, 2, 2, 7)),
+    )?;
+    assert_delivered(&unicast.finish()?, &stream, expected(SINK))?;
+
+    // Nothing was killed on the way, and a restarted worker is confined again.
+    let now = mcr.workers()?;
+    for (before, after) in workers.iter().zip(&now) {
+        assert_eq!(before["pid"], after["pid"], "a worker died: {now:?}");
+        assert_eq!(after["restarts"], 0, "{now:?}");
+    }
+    let first = pid_of(&now[0]).context("pid")?;
+    sigkill(first)?;
+    let restarted = restarted_worker(&mcr, first, Duration::from_secs(2))?;
+    let pid = pid_of(&restarted).context("pid")?;
+    assert_eq!(seccomp_mode(pid)?, "2", "restarted worker {pid}");
+    Ok(())
+}
+
+/// The socket inodes of one kind listed in `/proc/<pid>/net/<table>` (the inode is the last
+/// column of `unix` and `packet`, the tenth of `udp`).
+fn socket_inodes(pid: u32, table: &str) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let inode = if table == "udp" {
+                columns.get(9)
+            } else {
+                columns.last()
+            };
+            inode.map(|inode| (*inode).to_owned())
+        })
+        .collect())
+}
+
+/// What each descriptor of process `pid` is, by number: a path, or `unix socket`, `packet
+/// socket`, `udp socket`, `pipe`, `anon_inode:[io_uring]`.
+fn descriptors(pid: u32) -> anyhow::Result<Vec<(i32, String)>> {
+    let unix = socket_inodes(pid, "unix")?;
+    let packet = socket_inodes(pid, "packet")?;
+    let udp = socket_inodes(pid, "udp")?;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let fd: i32 = entry.file_name().to_string_lossy().parse()?;
+        let target = std::fs::read_link(entry.path())?
+            .to_string_lossy()
+            .into_owned();
+        let kind = if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            let inode = inode.to_owned();
+            if unix.contains(&inode) {
+                "unix socket".to_owned()
+            } else if packet.contains(&inode) {
+                "packet socket".to_owned()
+            } else if udp.contains(&inode) {
+                "udp socket".to_owned()
+            } else {
+                target
+            }
+        } else if target.starts_with("pipe:") {
+            "pipe".to_owned()
+        } else {
+            target
+        };
+        found.push((fd, kind));
+    }
+    found.sort();
+    Ok(found)
+}
+
+#[test]
+fn workers_hold_only_the_descriptors_mcr_gave_them() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = camera_rules(1, true)?;
+    let dir = TempDir::new("secret")?;
+    let secret = dir.path().join("root-only");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret)?
+        .write_all(b"not for workers")?;
+    let file = std::fs::File::open(&secret)?;
+    // The launcher leaves a root-only file open: mcr runs with it as descriptor 9.
+    let mcr = Mcr::start_with(
+        &lab.relay,
+        rules.path(),
+        Launch {
+            inherit: vec![(9, file.into())],
+            ..Launch::default()
+        },
+    )?;
+    let supervisor = mcr.pid().context("supervisor pid")?;
+    let secret_name = secret.display().to_string();
+    ensure!(
+        descriptors(supervisor)?
+            .iter()
+            .any(|(fd, target)| *fd == 9 && *target == secret_name),
+        "the supervisor did not inherit the file; the test proves nothing"
+    );
+
+    let worker = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+    let held = descriptors(worker)?;
+    ensure!(
+        held.iter().all(|(_, target)| *target != secret_name),
+        "the worker holds the launcher's file: {held:?}"
+    );
+    let numbered: Vec<(i32, &str)> = held
+        .iter()
+        .take(4)
+        .map(|(fd, kind)| (*fd, kind.as_str()))
+        .collect();
+    assert_eq!(
+        numbered,
+        [
+            (0, "/dev/null"),
+            (1, "/dev/null"),
+            (2, "pipe"),
+            (3, "unix socket")
+        ],
+        "stdio and the control socket: {held:?}"
+    );
+    let mut rest: Vec<&str> = held.iter().skip(4).map(|(_, kind)| kind.as_str()).collect();
+    rest.sort_unstable();
+    assert_eq!(
+        rest,
+        [
+            // Its counter block, its ring, the input's packet socket, the multicast output's
+            // link-layer socket and the unicast output's UDP socket: nothing else.
+            "/memfd:mcr-worker-0 (deleted)",
+            "anon_inode:[io_uring]",
+            "packet socket",
+            "packet socket",
+            "udp socket",
+        ],
+        "{held:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stopped_worker_is_shown_stalled_and_restarted() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    // The default stall timeout (3 s); the bulk rule carries the traffic that piles up while
+    // the worker is stopped, the camera rule the stream checked afterwards.
+    let rules = RulesFile::new(
+        "settings:\n  workers: 1\n  path: worker\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n  - name: bulk\n    input: {interface: in0, group: 239.1.1.9, port: 5009}\n    outputs:\n      - {interface: out0, destination: 239.2.2.9, port: 6009}\n",
+    )?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let first = pid_of(&running_workers(&mcr, Duration::from_secs(5))?[0]).context("pid")?;
+
+    // About ten seconds of a few thousand packets per second.
+    let bulk = Stream::new(Ipv4Addr::new(239, 1, 1, 9), 5009, 100, 30_000)
+        .paced(Duration::from_millis(10));
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let sender = scope.spawn(|| send_udp(&lab.generator, &bulk));
+        std::thread::sleep(Duration::from_millis(500));
+        kill(Pid::from_raw(i32::try_from(first)?), Signal::SIGSTOP)?;
+        let stopped = Instant::now();
+
+        let stalled = wait_for(Duration::from_secs(5), || {
+            let worker = mcr.workers().ok()?.into_iter().next()?;
+            (worker["state"] == "stalled").then_some(worker)
+        })
+        .with_context(|| {
+            format!(
+                "a stopped worker was not shown as stalled: {:?}\nlog:\n{}",
+                mcr.workers(),
+                mcr.log_text()
+            )
+        })?;
+        eprintln!("stalled after {:?}: {stalled}", stopped.elapsed());
+        assert_eq!(pid_of(&stalled), Some(first), "{stalled}");
+        ensure!(
+            stalled["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("no progress")),
+            "{stalled}"
+        );
+        let status = mcr.status()?;
+        assert_eq!(status["workers"][0]["state"], "stalled", "{status}");
+
+        let restarted = restarted_worker(&mcr, first, Duration::from_secs(3 + 4))?;
+        eprintln!("restarted after {:?}", stopped.elapsed());
+        assert_eq!(restarted["restarts"], 1, "{restarted}");
+        ensure!(
+            mcr.log_text().contains("worker stalled"),
+            "the stall is not in the log:\n{}",
+            mcr.log_text()
+        );
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sender panicked"))?
+    })?;
+
+    // The restarted worker has its rules: a fresh stream arrives whole.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_camera_relayed(&lab)
+}
