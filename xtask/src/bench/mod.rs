@@ -59,7 +59,7 @@ pub struct BenchArgs {
     /// streams50-512, 3hop-512).
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
-    /// Run only these relays (comma-separated: mcr, mcr-2w, kernel, socat).
+    /// Run only these relays (comma-separated: mcr, mcr-2w, mcr-kernel, kernel, socat).
     #[arg(long, value_delimiter = ',')]
     pub relay: Vec<String>,
     /// Offered rate (input packets per second) of the trial the CPU figures come from.
@@ -277,9 +277,10 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Scenario>> {
             bail!("no scenario {name}");
         }
     }
+    let known: Vec<String> = RelayKind::ALL.iter().map(|kind| kind.label()).collect();
     for name in &args.relay {
-        if !["mcr", "mcr-2w", "kernel", "socat"].contains(&name.as_str()) {
-            bail!("no relay {name} (mcr, mcr-2w, kernel, socat)");
+        if !known.contains(name) {
+            bail!("no relay {name} ({})", known.join(", "));
         }
     }
     if !args.scenario.is_empty() {
@@ -289,8 +290,7 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Scenario>> {
             .collect();
         if args.quick {
             for s in &mut scenarios {
-                s.relays
-                    .retain(|relay| *relay != RelayKind::Mcr { workers: 2 });
+                s.relays.retain(|relay| *relay != relay::MCR_2W);
             }
         }
     }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{
     Settings,
-    relay::RelayKind,
+    relay::{self, MCR, RelayKind},
     scenario::Scenario,
     search::{Bound, SearchResult},
     topology::CpuPlan,
@@ -278,7 +278,8 @@ impl Report {
         let _ = writeln!(md);
         let _ = writeln!(md, "## Where the relay-socket column comes from\n");
         for kind in [
-            RelayKind::Mcr { workers: 1 },
+            relay::MCR,
+            relay::MCR_KERNEL,
             RelayKind::Kernel,
             RelayKind::Socat,
         ] {
@@ -363,7 +364,7 @@ impl Report {
     }
 
     fn ratios_markdown(&self, md: &mut String) {
-        let mcr = RelayKind::Mcr { workers: 1 };
+        let mcr = MCR;
         let _ = writeln!(md, "## Ratios (same run)\n");
         let _ = writeln!(
             md,
@@ -409,8 +410,6 @@ fn targets(scenarios: &[ScenarioResult]) -> Vec<Target> {
     targets.extend(scaling(scenarios));
     targets
 }
-
-const MCR: RelayKind = RelayKind::Mcr { workers: 1 };
 
 fn verdict(ok: bool) -> String {
     if ok { "met" } else { "not met" }.to_owned()
