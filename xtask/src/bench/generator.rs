@@ -159,7 +159,7 @@ impl Generator {
             Pacing::Tbf => (&self.through_tbf, TBF_LEAD),
             Pacing::Generator => (&self.bypassing_qdisc, Duration::ZERO),
         };
-        let mut sender = socket.sender();
+        let mut sender = socket.sender(&self.frames);
         let start = Instant::now();
         // However slow the sender, a trial ends: four times its length and ten seconds more.
         let deadline = start + Duration::from_secs_f64(4.0 * count as f64 / rate + 10.0);
@@ -172,7 +172,7 @@ impl Generator {
             }
             match pacer.next(now) {
                 Step::Send(frames) => {
-                    let taken = sender.send_round_robin(&self.frames, sent, frames)?;
+                    let taken = sender.send_round_robin(sent, frames)?;
                     if taken == 0 && pacing == Pacing::Tbf {
                         std::thread::sleep(QDISC_FULL_WAIT);
                     }

@@ -3,16 +3,18 @@
 //!
 //! Each scenario builds a chain of namespaces (generator → relay hops → sink, see
 //! `topology.rs`), then for each relay: starts it, runs one trial at a fixed offered rate for
-//! the CPU figures, searches for the highest lossless rate, runs one overloaded trial, and stops
-//! it. trafgen generates (`generator.rs`), nftables counts at the sink (`sink.rs`), every
-//! counter on the way is read around each trial (`trial.rs`). The results go to
-//! `target/bench/` as Markdown, JSON and an SVG chart (`report.rs`, `chart.rs`).
+//! the CPU figures, searches for the highest lossless rate, runs trials at 1.5×, 2× and 4× that
+//! rate (`overload.rs`), and stops it. The benchmark sends the frames itself (`generator.rs`),
+//! nftables counts at the sink (`sink.rs`), every counter on the way is read around each trial
+//! (`trial.rs`). The results go to `target/bench/` as Markdown, JSON and an SVG chart
+//! (`report.rs`, `targets.rs`, `chart.rs`).
 
 mod chart;
 mod cpu;
 mod frame;
 mod generator;
 mod generator_check;
+mod overload;
 mod pacing;
 mod packet_socket;
 mod process;
@@ -21,6 +23,7 @@ mod report;
 mod scenario;
 mod search;
 mod sink;
+mod targets;
 mod topology;
 mod trial;
 
@@ -41,10 +44,11 @@ use nix::{
 
 use self::{
     generator::{Generator, Pacing},
+    overload::OverloadPoint,
     relay::{Relay, RelayEnv, RelayKind},
     report::{OneHopCheck, RelayResult, Report, ScenarioResult},
     scenario::Scenario,
-    search::{Bound, Probe, SearchParams},
+    search::{Probe, SearchParams},
     sink::Sink,
     topology::{CpuPlan, Topology},
     trial::{Bench, Trial},
@@ -79,7 +83,7 @@ pub struct BenchArgs {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Settings {
     pub mode: &'static str,
-    /// Length of each search and overload trial.
+    /// Length of each search trial and overload point.
     pub trial_s: f64,
     /// Length of the trial at the CPU rate.
     pub cpu_trial_s: f64,
@@ -98,7 +102,7 @@ impl Settings {
             Self {
                 mode: "quick",
                 trial_s: 0.4,
-                cpu_trial_s: 1.0,
+                cpu_trial_s: 0.5,
                 cpu_rate_pps: cpu_rate,
                 search_start_pps: 50_000.0,
                 search_min_pps: 5_000.0,
@@ -503,7 +507,6 @@ fn run_relay(
     let found = found?;
 
     let bound = found.bound;
-    let lossy = found.lossy_pps;
     result.search = Some(found);
     eprintln!(
         "bench:   {label} highest lossless rate: {} offered ({bound:?})",
@@ -512,13 +515,8 @@ fn run_relay(
             .map_or_else(|| "none".to_owned(), report::rate),
     );
 
-    if matches!(bound, Bound::Relay | Bound::NoneLossless | Bound::Trials) {
-        let rate = lossy
-            .map_or(settings.search_start_pps, |lossy| lossy * 2.0)
-            .min(settings.search_max_pps);
-        let trial = bench.run(Some(&mut relay), rate, settings.trial_s, false)?;
-        eprintln!("bench:   {label} overload {}", describe(&trial));
-        result.overload = Some(trial);
+    if let Some(lossless) = result.lossless_offered() {
+        result.overload = overload_points(&bench, &mut relay, lossless, settings, &label)?;
     }
 
     if let Some(reference) = &scenario.one_hop_reference {
@@ -542,6 +540,27 @@ fn run_relay(
     }
     drop(relay);
     Ok(())
+}
+
+/// One trial at each overload factor of the lossless rate.
+fn overload_points(
+    bench: &Bench,
+    relay: &mut Relay,
+    lossless: f64,
+    settings: &Settings,
+    label: &str,
+) -> anyhow::Result<Vec<OverloadPoint>> {
+    let mut points = Vec::new();
+    for factor in overload::FACTORS {
+        let rate = OverloadPoint::requested(factor, lossless, settings.search_max_pps);
+        let trial = bench.run(Some(&mut *relay), rate, settings.trial_s, false)?;
+        eprintln!(
+            "bench:   {label} at {factor}× its lossless rate {}",
+            describe(&trial)
+        );
+        points.push(OverloadPoint::new(factor, lossless, bench.copies, trial));
+    }
+    Ok(points)
 }
 
 fn describe(trial: &Trial) -> String {

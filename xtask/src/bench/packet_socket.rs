@@ -70,23 +70,37 @@ impl PacketSocket {
         })
     }
 
-    /// A sender for one trial (it holds the message headers `sendmmsg` fills in).
-    pub fn sender(&self) -> BatchSender<'_> {
+    /// A sender of `frames` in round robin for one trial.
+    pub fn sender<'f>(&self, frames: &'f [Vec<u8>]) -> BatchSender<'_, 'f> {
+        // Every batch is a window of this ring: frames in round-robin order, long enough for
+        // a full batch from any starting frame.
+        let ring = (0..frames.len() + MAX_BATCH)
+            .map(|i| [IoSlice::new(&frames[i % frames.len().max(1)])])
+            .collect();
         BatchSender {
             socket: self,
+            streams: frames.len(),
+            ring,
             headers: MultiHeaders::preallocate(MAX_BATCH, None),
+            addresses: [None; MAX_BATCH],
         }
     }
 }
 
-pub struct BatchSender<'s> {
+pub struct BatchSender<'s, 'f> {
     socket: &'s PacketSocket,
+    streams: usize,
+    ring: Vec<[IoSlice<'f>; 1]>,
+    /// The message headers `sendmmsg` fills in.
     headers: MultiHeaders<()>,
+    /// No address per message: the socket is bound.
+    addresses: [Option<()>; MAX_BATCH],
 }
 
-impl BatchSender<'_> {
-    /// Sends `frames[first % len]`, `frames[(first + 1) % len]`, … (`count` of them, at most
-    /// [`MAX_BATCH`]) and returns how many left the generator.
+impl BatchSender<'_, '_> {
+    /// Sends the frames of the stream `first` (counted from the first frame of the trial) and
+    /// after, round robin (`count` of them, at most [`MAX_BATCH`]), and returns how many left
+    /// the generator.
     ///
     /// `sendmmsg` stops at the first frame the kernel refuses, with `ENOBUFS`, and reports
     /// only the frames before it. Through the qdisc, that frame was refused by the qdisc (its
@@ -94,29 +108,19 @@ impl BatchSender<'_> {
     /// bypassed, the driver took it and dropped it (the veth peer's receive backlog on the
     /// relay CPU was full, counted as `tx_dropped` / `rx_dropped`): it left the generator and
     /// was lost entering the relay, as on a wire.
-    pub fn send_round_robin(
-        &mut self,
-        frames: &[Vec<u8>],
-        first: u64,
-        count: usize,
-    ) -> anyhow::Result<usize> {
+    pub fn send_round_robin(&mut self, first: u64, count: usize) -> anyhow::Result<usize> {
         let count = count.min(MAX_BATCH);
-        if frames.is_empty() || count == 0 {
+        if self.streams == 0 || count == 0 {
             return Ok(0);
         }
-        let len = frames.len() as u64;
-        let batch: [[IoSlice<'_>; 1]; MAX_BATCH] = std::array::from_fn(|i| {
-            // The index is below `len`, which came from a usize.
-            #[allow(clippy::cast_possible_truncation)]
-            let index = ((first + i as u64) % len) as usize;
-            [IoSlice::new(&frames[index])]
-        });
-        let addresses = [None::<()>; MAX_BATCH];
+        // Below `streams`, which is a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let start = (first % self.streams as u64) as usize;
         let accepted = match sendmmsg(
             self.socket.fd.as_raw_fd(),
             &mut self.headers,
-            &batch[..count],
-            &addresses[..count],
+            &self.ring[start..start + count],
+            &self.addresses[..count],
             [],
             MsgFlags::empty(),
         ) {

@@ -431,12 +431,15 @@ impl Relay {
     }
 
     /// How long the relay's own counters may lag behind: MCR's supervisor reads the kernel's
-    /// per-socket drop counts once a second.
+    /// per-socket drop counts of its workers once a second. (Rule and output counters, the
+    /// kernel path's included, are read when asked.)
     pub fn counters_lag(&self) -> Duration {
-        if self.kind.is_mcr() {
-            Duration::from_millis(1_100)
-        } else {
-            Duration::ZERO
+        match self.kind {
+            RelayKind::Mcr {
+                path: McrPath::Worker,
+                ..
+            } => Duration::from_millis(1_100),
+            _ => Duration::ZERO,
         }
     }
 
