@@ -51,6 +51,8 @@ pub fn run(
     cpus: &CpuPlan,
     out: &Path,
 ) -> anyhow::Result<()> {
+    let dir = out.join("run").join("generator");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut all = Vec::new();
     for scenario in scenarios {
         eprintln!("\nbench: generator alone, scenario {}", scenario.name);
@@ -59,7 +61,7 @@ pub fn run(
         let sink = Sink::install(
             topology.sink(),
             scenario.destinations(&topology, RelayKind::Kernel)?,
-            out,
+            &dir,
         )?;
         let mut steps = Vec::new();
         for pacing in [Pacing::Tbf, Pacing::Generator] {
