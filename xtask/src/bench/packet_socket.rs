@@ -9,7 +9,7 @@
 
 use std::{
     fs::File,
-    io::IoSlice,
+    marker::PhantomData,
     os::fd::{AsRawFd as _, OwnedFd},
 };
 
@@ -20,8 +20,8 @@ use nix::{
     net::if_::if_nametoindex,
     sched::{CloneFlags, setns},
     sys::socket::{
-        AddressFamily, LinkAddr, MsgFlags, MultiHeaders, SockFlag, SockType, SockaddrLike as _,
-        bind, sendmmsg, setsockopt, socket, sockopt::SndBufForce,
+        AddressFamily, LinkAddr, SockFlag, SockType, SockaddrLike as _, bind, setsockopt, socket,
+        sockopt::SndBufForce,
     },
 };
 
@@ -72,29 +72,48 @@ impl PacketSocket {
 
     /// A sender of `frames` in round robin for one trial.
     pub fn sender<'f>(&self, frames: &'f [Vec<u8>]) -> BatchSender<'_, 'f> {
-        // Every batch is a window of this ring: frames in round-robin order, long enough for
-        // a full batch from any starting frame.
-        let ring = (0..frames.len() + MAX_BATCH)
-            .map(|i| [IoSlice::new(&frames[i % frames.len().max(1)])])
+        // Every batch is a window of this ring of messages: the frames in round-robin order,
+        // long enough for a full batch from any starting frame. Built once per trial, so a
+        // batch costs the system call alone, whatever the build's optimisation.
+        let len = frames.len() + MAX_BATCH;
+        let vectors: Vec<libc::iovec> = (0..len)
+            .map(|i| {
+                let frame = &frames[i % frames.len().max(1)];
+                libc::iovec {
+                    iov_base: frame.as_ptr().cast_mut().cast(),
+                    iov_len: frame.len(),
+                }
+            })
+            .collect();
+        let messages = vectors
+            .iter()
+            .map(|vector| {
+                // SAFETY: `mmsghdr` is plain integers and pointers, for which all zeros is a
+                // valid value (no name, no control data, no flags).
+                let mut message: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                message.msg_hdr.msg_iov = std::ptr::from_ref(vector).cast_mut();
+                message.msg_hdr.msg_iovlen = 1;
+                message
+            })
             .collect();
         BatchSender {
             socket: self,
             streams: frames.len(),
-            ring,
-            headers: MultiHeaders::preallocate(MAX_BATCH, None),
-            addresses: [None; MAX_BATCH],
+            _vectors: vectors,
+            messages,
+            _frames: PhantomData,
         }
     }
 }
 
+/// Messages ready for `sendmmsg`: `messages[i]` points at `_vectors[i]`, which points at a frame
+/// borrowed for `'f`. Neither vector is resized after it is built, so the pointers stay valid.
 pub struct BatchSender<'s, 'f> {
     socket: &'s PacketSocket,
     streams: usize,
-    ring: Vec<[IoSlice<'f>; 1]>,
-    /// The message headers `sendmmsg` fills in.
-    headers: MultiHeaders<()>,
-    /// No address per message: the socket is bound.
-    addresses: [Option<()>; MAX_BATCH],
+    _vectors: Vec<libc::iovec>,
+    messages: Vec<libc::mmsghdr>,
+    _frames: PhantomData<&'f [Vec<u8>]>,
 }
 
 impl BatchSender<'_, '_> {
@@ -116,15 +135,20 @@ impl BatchSender<'_, '_> {
         // Below `streams`, which is a usize.
         #[allow(clippy::cast_possible_truncation)]
         let start = (first % self.streams as u64) as usize;
-        let accepted = match sendmmsg(
-            self.socket.fd.as_raw_fd(),
-            &mut self.headers,
-            &self.ring[start..start + count],
-            &self.addresses[..count],
-            [],
-            MsgFlags::empty(),
-        ) {
-            Ok(results) => results.count(),
+        let window = &mut self.messages[start..start + count];
+        // SAFETY: `window` is `count` initialised messages (the ring is `MAX_BATCH` longer than
+        // `streams`, and `start < streams`), each pointing at one live I/O vector of a live
+        // frame (see `BatchSender`); the kernel reads them and writes only `msg_len`.
+        let sent = unsafe {
+            libc::sendmmsg(
+                self.socket.fd.as_raw_fd(),
+                window.as_mut_ptr(),
+                libc::c_uint::try_from(count)?,
+                0,
+            )
+        };
+        let accepted = match Errno::result(sent) {
+            Ok(sent) => usize::try_from(sent)?,
             Err(Errno::ENOBUFS) => 0,
             Err(Errno::EINTR) => return Ok(0),
             Err(error) => bail!("sending on {}: {error}", self.socket.interface),
