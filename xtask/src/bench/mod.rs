@@ -72,9 +72,9 @@ pub struct BenchArgs {
     /// Where results.md, results.json and the chart go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
-    /// Measure only the generator, with no relay: what it offers at a ladder of rates, paced
-    /// by the tbf qdisc and with the qdisc bypassed (1to1-512 unless --scenario says others;
-    /// writes generator.md and generator.json).
+    /// Measure the generator: what it offers at a ladder of rates, paced by the tbf qdisc and
+    /// with the qdisc bypassed, with no relay running (or with the relays --relay names), in
+    /// 1to1-512 unless --scenario says others; writes generator.md and generator.json.
     #[arg(long)]
     pub generator: bool,
 }
@@ -144,33 +144,27 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark creates network namespaces: run it as root");
     }
-    for tool in [
-        "tc",
-        "nft",
-        "smcrouted",
-        "socat",
-        "taskset",
-        "nsenter",
-        "ip",
-    ] {
-        if crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
-            bail!("{tool} is missing (cargo xtask setup installs it)");
-        }
-    }
+    check_tools()?;
     let settings = Settings::new(args.quick, args.cpu_rate);
     let scenarios = select(args)?;
-    if args.generator {
-        return check_generator(args, &settings, scenarios);
-    }
-    let needs_mcr = scenarios
-        .iter()
-        .any(|s| s.relays.iter().any(|relay| relay.is_mcr()));
+    let generator_relays = generator_check_relays(args);
+    let needs_mcr = if args.generator {
+        generator_relays.iter().any(|relay| relay.is_mcr())
+    } else {
+        scenarios
+            .iter()
+            .any(|s| s.relays.iter().any(|relay| relay.is_mcr()))
+    };
     let mcr = if needs_mcr {
         crate::run(Command::new("cargo").args(["build", "--release", "--package", "mcr"]))?;
         crate::workspace_root().join("target/release/mcr")
     } else {
         PathBuf::new()
     };
+
+    if args.generator {
+        return check_generator(args, &settings, scenarios, &generator_relays, &mcr);
+    }
 
     // The time a run reports is measurement only; building MCR comes first and is reported
     // apart (it dominates a quick run on a clean checkout).
@@ -243,11 +237,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--generator`: the generator alone (1to1-512 unless scenarios were named).
+/// The relays `--generator` runs with: those `--relay` names, none without it.
+fn generator_check_relays(args: &BenchArgs) -> Vec<RelayKind> {
+    RelayKind::ALL
+        .into_iter()
+        .filter(|kind| args.relay.contains(&kind.label()))
+        .collect()
+}
+
+/// `--generator`: the generator's ladder (1to1-512 unless scenarios were named), with no relay
+/// or with the relays `--relay` names.
 fn check_generator(
     args: &BenchArgs,
     settings: &Settings,
     mut scenarios: Vec<Scenario>,
+    relays: &[RelayKind],
+    mcr: &Path,
 ) -> anyhow::Result<()> {
     if args.scenario.is_empty() {
         scenarios = scenario::all()
@@ -262,8 +267,30 @@ fn check_generator(
     pin_to(cpus.generator)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    generator_check::run(&scenarios, settings, &cpus, &args.out)?;
+    let out = args
+        .out
+        .canonicalize()
+        .context("resolving the output directory")?;
+    generator_check::run(&scenarios, relays, settings, &cpus, mcr, &out)?;
     check_interrupted()
+}
+
+/// Fails naming the first tool the benchmark needs that is missing.
+fn check_tools() -> anyhow::Result<()> {
+    for tool in [
+        "tc",
+        "nft",
+        "smcrouted",
+        "socat",
+        "taskset",
+        "nsenter",
+        "ip",
+    ] {
+        if crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
+            bail!("{tool} is missing (cargo xtask setup installs it)");
+        }
+    }
+    Ok(())
 }
 
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
