@@ -1,5 +1,6 @@
 //! The chart: delivered against offered rate, one panel per scenario, one line per relay, on
-//! log–log axes, written as plain SVG.
+//! log–log axes, written as plain SVG. The overload points (1.5×, 2×, 4× a relay's lossless
+//! rate) are squares, so a plateau or a cliff past the lossless rate stands out.
 
 use std::fmt::Write as _;
 
@@ -11,11 +12,12 @@ const LEFT: f64 = 62.0;
 const RIGHT: f64 = 14.0;
 const TOP: f64 = 30.0;
 const BOTTOM: f64 = 44.0;
-const HEADER: f64 = 56.0;
+const HEADER: f64 = 72.0;
 
 fn color(relay: &str) -> &'static str {
     match relay {
         "mcr" => "#d62728",
+        "mcr-kernel" => "#9467bd",
         "kernel" => "#1f77b4",
         "socat" => "#2ca02c",
         _ => "#ff7f0e",
@@ -100,9 +102,7 @@ fn header(report: &Report, panels: &[&ScenarioResult], width: f64, height: f64) 
     }
     let _ = writeln!(
         svg,
-        r##"<line x1="{x}" y1="40" x2="{}" y2="40" stroke="#888" stroke-dasharray="4 3"/><text x="{}" y="44">lossless (offered × outputs); hollow: nothing delivered</text>"##,
-        x + 22.0,
-        x + 27.0
+        r##"<line x1="10" y1="58" x2="32" y2="58" stroke="#888" stroke-dasharray="4 3"/><text x="37" y="62">lossless (offered × outputs); squares: offered 1.5×, 2×, 4× the lossless rate; hollow: nothing delivered</text>"##
     );
     svg
 }
@@ -255,16 +255,32 @@ fn curve(svg: &mut String, relay: &RelayResult, ax: &Axis, ay: &Axis) {
         } else {
             stroke
         };
-        let _ = writeln!(
-            svg,
-            r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{fill}" stroke="{stroke}"><title>{}: {:.0} offered, {:.0} delivered/s, loss {:.3} %</title></circle>"#,
-            ax.at(trial.offered_pps),
-            ay.at(trial.delivered_pps),
+        let (x, y) = (ax.at(trial.offered_pps), ay.at(trial.delivered_pps));
+        let title = format!(
+            "{}: {:.0} offered, {:.0} delivered/s, loss {:.3} %",
             escape(&relay.relay),
             trial.offered_pps,
             trial.delivered_pps,
             trial.loss_pct
         );
+        let overload = relay
+            .overload
+            .iter()
+            .find(|point| std::ptr::eq(&raw const point.trial, trial));
+        if let Some(point) = overload {
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{:.1}" y="{:.1}" width="7" height="7" fill="{fill}" stroke="{stroke}"><title>{title} ({} the lossless rate)</title></rect>"#,
+                x - 3.5,
+                y - 3.5,
+                point.label()
+            );
+        } else {
+            let _ = writeln!(
+                svg,
+                r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{fill}" stroke="{stroke}"><title>{title}</title></circle>"#
+            );
+        }
     }
 }
 

@@ -1,159 +1,203 @@
-//! The generator: trafgen (netsniff-ng) sending Ethernet/IPv4/UDP multicast frames from the
-//! generator namespace, paced by a token-bucket qdisc on its interface.
+//! The generator: Ethernet/IPv4/UDP multicast frames (`frame.rs`), one per stream in round
+//! robin, sent by the benchmark itself from the generator namespace on packet sockets
+//! (`packet_socket.rs`), in batches as they fall due (`pacing.rs`).
 //!
-//! trafgen's own `--rate` sends each second's packets in one burst at the start of the second,
-//! and its `--gap` sleeps between packets and tops out near 40 kpps here. So trafgen writes
-//! through the qdisc layer (`--qdisc-path`, blocking `sendto`, no gap) and a `tbf` qdisc on
-//! `gen0` releases the frames at the requested rate, at most 80 µs worth (16 frames at low
-//! rates) at a time. What was sent is read from the kernel's interface counters, not from
-//! trafgen.
+//! Two ways to the wire, chosen by the requested rate:
+//!
+//! - below [`TBF_MAX_PPS`], through a `tbf` qdisc on `gen0` set to the rate, whose bucket
+//!   holds 80 µs of traffic (at least 16 frames): the kernel's timer releases the frames, a
+//!   few at a time, whatever the generator's own scheduling does. The generator keeps about
+//!   [`TBF_LEAD`] of frames queued in front of it.
+//! - from [`TBF_MAX_PPS`] up, with the qdisc bypassed (`PACKET_QDISC_BYPASS`): the qdisc's
+//!   per-frame cost and its timer cap the generator there, so the generator paces alone, with
+//!   the same 80 µs bucket, and waits for the next batch spinning rather than sleeping (a
+//!   wake-up from sleep comes later than a batch lasts).
+//!
+//! What was sent is read from the kernel's interface counters, not from the generator.
 
 use std::{
-    fmt::Write as _,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
 
-use super::{process::nsenter, topology::Topology};
+use super::{
+    frame::{FrameSpec, HEADERS},
+    pacing::{Pacer, Step, bucket_frames},
+    packet_socket::{PacketSocket, Qdisc},
+    topology::Topology,
+};
 
 /// UDP source port of every generated packet.
 const SOURCE_PORT: u16 = 4000;
 /// IP TTL of generated packets: enough for the kernel to forward through three hops.
 pub const TTL: u8 = 32;
-/// Ethernet + IPv4 + UDP headers.
-const HEADERS: usize = 14 + 20 + 8;
+/// Requested rates from here up bypass the `tbf` qdisc (see the module comment and
+/// docs/benchmark.md for the measurements behind the figure).
+pub const TBF_MAX_PPS: f64 = 400_000.0;
+/// How far ahead of the schedule the generator keeps the `tbf` qdisc's queue filled, to
+/// absorb its own late wake-ups.
+const TBF_LEAD: Duration = Duration::from_millis(1);
+/// How long to wait before trying again when the qdisc refuses frames (its queue is full).
+const QDISC_FULL_WAIT: Duration = Duration::from_micros(50);
+/// Waits shorter than this are spun, when the generator paces alone.
+const SPIN_BELOW: Duration = Duration::from_micros(200);
 
 /// A stream the generator sends: a group and a UDP port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Stream {
     pub group: Ipv4Addr,
     pub port: u16,
 }
 
+/// What paced a trial's frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pacing {
+    /// The `tbf` qdisc on the generator interface.
+    Tbf,
+    /// The generator itself, with the qdisc bypassed.
+    Generator,
+}
+
+/// One trial's sending.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent {
+    /// From the first frame's time slot to the end of the last one's.
+    pub elapsed: Duration,
+    pub pacing: Pacing,
+    /// CPU time of the generator's thread (with the kernel's send path it ran), over the
+    /// trial: near `elapsed` when the generator could not go faster.
+    pub busy: Duration,
+}
+
 pub struct Generator {
     netns: String,
     interface: String,
-    config: PathBuf,
-    log: PathBuf,
+    frames: Vec<Vec<u8>>,
     frame_len: usize,
-    /// trafgen's start-up and exit time, taken off its run time.
-    overhead: Duration,
+    through_tbf: PacketSocket,
+    bypassing_qdisc: PacketSocket,
 }
 
 impl Generator {
-    /// Writes the trafgen configuration: one frame per stream, sent round robin.
-    pub fn new(
-        topology: &Topology,
-        streams: &[Stream],
-        payload: usize,
-        dir: &Path,
-    ) -> anyhow::Result<Self> {
+    /// Builds the frames of `streams` with `payload` bytes and opens the sockets on the
+    /// generator interface.
+    pub fn new(topology: &Topology, streams: &[Stream], payload: usize) -> anyhow::Result<Self> {
         let link = topology.input_link(1)?;
-        let mut text = String::from("# written by cargo xtask bench\n");
-        for stream in streams {
-            let [_, b, c, d] = stream.group.octets();
-            writeln!(
-                text,
-                "{{ eth(da=01:00:5e:{:02x}:{c:02x}:{d:02x}), \
-                 ipv4(sa={}, da={}, ttl={TTL}), udp(sp={SOURCE_PORT}, dp={}), \
-                 fill(0xa5, {payload}) }}",
-                b & 0x7f,
-                link.up_addr,
-                stream.group,
-                stream.port
-            )?;
-        }
-        let config = dir.join("trafgen.cfg");
-        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        let netns = topology.generator();
+        let source_mac = mac_address(&netns.ip(&["-j", "link", "show", &link.up_if])?)
+            .with_context(|| format!("reading the MAC address of {}", link.up_if))?;
+        let frames = streams
+            .iter()
+            .map(|stream| {
+                FrameSpec {
+                    source_mac,
+                    source: link.up_addr,
+                    group: stream.group,
+                    source_port: SOURCE_PORT,
+                    port: stream.port,
+                    ttl: TTL,
+                    payload,
+                }
+                .bytes()
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
-            netns: topology.generator().name().to_owned(),
+            netns: netns.name().to_owned(),
             interface: link.up_if.clone(),
-            config,
-            log: dir.join("trafgen.log"),
+            through_tbf: PacketSocket::open(netns.name(), &link.up_if, Qdisc::Through)?,
+            bypassing_qdisc: PacketSocket::open(netns.name(), &link.up_if, Qdisc::Bypassed)?,
+            frames,
             frame_len: HEADERS + payload,
-            overhead: Duration::ZERO,
         })
-    }
-
-    /// Measures trafgen's fixed cost (start-up, exit) by sending single packets, so the run
-    /// time of a trial is the time the packets took.
-    pub fn calibrate(&mut self) -> anyhow::Result<()> {
-        let mut fastest = Duration::MAX;
-        for _ in 0..3 {
-            fastest = fastest.min(self.run_trafgen(1)?);
-        }
-        self.overhead = fastest;
-        Ok(())
     }
 
     pub fn interface(&self) -> &str {
         &self.interface
     }
 
-    /// Sends `count` frames at `rate` frames per second and returns how long that took
-    /// (trafgen's run time less its fixed cost). Frames still in the qdisc when trafgen exits
-    /// (at most a socket buffer's worth) leave shortly after; the caller waits for the
-    /// interface counter.
-    pub fn send(&self, rate: f64, count: u64) -> anyhow::Result<Duration> {
-        self.pace(rate)?;
-        let elapsed = self.run_trafgen(count)?;
-        Ok(elapsed
-            .saturating_sub(self.overhead)
-            .max(Duration::from_millis(1)))
-    }
-
-    fn run_trafgen(&self, count: u64) -> anyhow::Result<Duration> {
-        let count = count.to_string();
-        let config = self.config.to_string_lossy();
-        let log = std::fs::File::create(&self.log).context("creating the trafgen log")?;
-        let started = Instant::now();
-        let status = nsenter(
-            &self.netns,
-            "trafgen",
-            &[
-                "--dev",
-                &self.interface,
-                "--conf",
-                &config,
-                "--qdisc-path",
-                "--gap",
-                "0",
-                "--num",
-                &count,
-                "--cpus",
-                "1",
-                "--no-sock-mem",
-                "--prio-high",
-                "--notouch-irq",
-                "--no-cpu-stats",
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .status()
-        .context("running trafgen")?;
-        let elapsed = started.elapsed();
-        if !status.success() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            bail!("trafgen failed ({status}):\n{}", log.trim());
+    /// How frames at `rate` are paced: by the `tbf` qdisc below [`TBF_MAX_PPS`].
+    pub fn pacing_for(rate: f64) -> Pacing {
+        if rate < TBF_MAX_PPS {
+            Pacing::Tbf
+        } else {
+            Pacing::Generator
         }
-        Ok(elapsed)
     }
 
-    /// A token bucket for `rate` frames per second holding 16 frames or 80 µs of traffic,
-    /// whichever is more: frames leave in small bunches, not in the one-second bursts of
-    /// trafgen's own `--rate`. (A smaller bucket makes the qdisc re-arm its timer for nearly
-    /// every frame, which on a virtual machine caps the generator near 100 kpps.)
+    /// Sends `count` frames at `rate` frames per second, paced as told. Frames still in the
+    /// qdisc when this returns (a millisecond's worth) leave shortly after; the caller waits
+    /// for the interface counter.
+    pub fn send(&self, rate: f64, count: u64, pacing: Pacing) -> anyhow::Result<Sent> {
+        if pacing == Pacing::Tbf {
+            self.pace(rate)?;
+        }
+        // A thread of its own, so the priority it raises is not inherited by the processes the
+        // benchmark starts.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    raise_priority()?;
+                    let cpu_before = thread_cpu_time()?;
+                    let elapsed = self.paced(pacing, rate, count)?;
+                    Ok(Sent {
+                        elapsed,
+                        pacing,
+                        busy: thread_cpu_time()?.saturating_sub(cpu_before),
+                    })
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the generator's thread panicked"))?
+        })
+    }
+
+    fn paced(&self, pacing: Pacing, rate: f64, count: u64) -> anyhow::Result<Duration> {
+        let (socket, lead) = match pacing {
+            Pacing::Tbf => (&self.through_tbf, TBF_LEAD),
+            Pacing::Generator => (&self.bypassing_qdisc, Duration::ZERO),
+        };
+        let mut sender = socket.sender(&self.frames);
+        let start = Instant::now();
+        // However slow the sender, a trial ends: four times its length and ten seconds more.
+        let deadline = start + Duration::from_secs_f64(4.0 * count as f64 / rate + 10.0);
+        let mut pacer = Pacer::new(rate, count, start, lead);
+        let mut sent = 0;
+        while !pacer.done() {
+            let now = Instant::now();
+            if now > deadline {
+                bail!("sent only {sent} of {count} frames on {}", self.interface);
+            }
+            match pacer.next(now) {
+                Step::Send(frames) => {
+                    let taken = sender.send_round_robin(sent, frames)?;
+                    if taken == 0 && pacing == Pacing::Tbf {
+                        std::thread::sleep(QDISC_FULL_WAIT);
+                    }
+                    pacer.sent(taken);
+                    sent += taken as u64;
+                }
+                Step::WaitUntil(then) => wait_until(then, pacing == Pacing::Generator),
+            }
+        }
+        // The qdisc releases the last frames on the schedule, after the generator has queued
+        // them; without it, the last frame left when it was sent, at the end of its slot.
+        let end = pacer.schedule_end().max(Instant::now());
+        Ok(end.saturating_duration_since(start))
+    }
+
+    /// A token bucket for `rate` frames per second holding the generator's bucket
+    /// ([`super::pacing::BUCKET_TIME`] of traffic, at least 16 frames): frames leave in small bunches. (A smaller bucket makes
+    /// the qdisc re-arm its timer for nearly every frame, which on a virtual machine caps the
+    /// generator near 100 kpps.) Its queue holds twice what the generator keeps in it (the lead
+    /// and a bucket): a generator ahead of that is told to wait.
     fn pace(&self, rate: f64) -> anyhow::Result<()> {
         let frame_bits = (self.frame_len * 8) as f64;
         let bits_per_second = (rate * frame_bits).round().max(8_000.0);
-        let frames_per_bucket = (rate * 80e-6).ceil().max(16.0);
-        let burst = (frames_per_bucket * self.frame_len as f64).round();
+        let burst = bucket_frames(rate) as f64 * self.frame_len as f64;
+        let queued = rate * TBF_LEAD.as_secs_f64() * self.frame_len as f64;
         run_tc(&[
             "-n",
             &self.netns,
@@ -168,11 +212,89 @@ impl Generator {
             "burst",
             &format!("{burst:.0}"),
             "limit",
-            "8388608",
+            &format!("{:.0}", 2.0 * (burst + queued)),
         ])
     }
 }
 
+#[derive(Deserialize)]
+struct IpLinkAddress {
+    address: String,
+}
+
+/// The MAC address in `ip -j link show <interface>` output.
+fn mac_address(json: &str) -> anyhow::Result<[u8; 6]> {
+    let links: Vec<IpLinkAddress> = serde_json::from_str(json).context("parsing ip -j link")?;
+    let link = links.first().context("no such link")?;
+    let bytes: Vec<u8> = link
+        .address
+        .split(':')
+        .map(|byte| u8::from_str_radix(byte, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC address {}", link.address))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC address {} is not six bytes", link.address))
+}
+
+/// The calling thread's run time so far, as the scheduler counts it (nanoseconds, exact).
+fn thread_cpu_time() -> anyhow::Result<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .context("reading /proc/thread-self/schedstat")?;
+    let nanos = text
+        .split_whitespace()
+        .next()
+        .and_then(|ns| ns.parse().ok())
+        .context("parsing /proc/thread-self/schedstat")?;
+    Ok(Duration::from_nanos(nanos))
+}
+
+/// Sleeps until `then`, or until shortly before it and spins the rest.
+fn wait_until(then: Instant, spin: bool) {
+    loop {
+        let left = then.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        if !spin {
+            std::thread::sleep(left);
+        } else if left > SPIN_BELOW {
+            std::thread::sleep(left.saturating_sub(SPIN_BELOW));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Makes the calling thread the generator CPU's first claim: nice −20 (as trafgen's
+/// `--prio-high`, short of its real-time class, which would starve the sink's receive
+/// processing on the same CPU whenever the generator runs flat out), and wake-ups on time.
+fn raise_priority() -> anyhow::Result<()> {
+    // SAFETY: plain system call on the calling thread (`who` 0), no memory handed over.
+    let result = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, -20) };
+    nix::errno::Errno::result(result).context("raising the generator thread's priority")?;
+    // The sender sleeps between batches tens of microseconds apart; the default timer slack
+    // (50 µs) would stretch every one of those sleeps.
+    nix::sys::prctl::set_timerslack(1).context("setting the timer slack")?;
+    Ok(())
+}
+
 fn run_tc(args: &[&str]) -> anyhow::Result<()> {
     super::process::run("tc", args).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_mac_address_of_a_link() {
+        let json = r#"[{"ifindex":2,"ifname":"gen0","address":"1a:55:79:a5:53:28"}]"#;
+        assert_eq!(
+            mac_address(json).expect("a MAC"),
+            [0x1a, 0x55, 0x79, 0xa5, 0x53, 0x28]
+        );
+        assert!(mac_address(r#"[{"address":"1a:55"}]"#).is_err());
+        assert!(mac_address("[]").is_err());
+    }
 }

@@ -3,20 +3,27 @@
 //!
 //! Each scenario builds a chain of namespaces (generator → relay hops → sink, see
 //! `topology.rs`), then for each relay: starts it, runs one trial at a fixed offered rate for
-//! the CPU figures, searches for the highest lossless rate, runs one overloaded trial, and stops
-//! it. trafgen generates (`generator.rs`), nftables counts at the sink (`sink.rs`), every
-//! counter on the way is read around each trial (`trial.rs`). The results go to
-//! `target/bench/` as Markdown, JSON and an SVG chart (`report.rs`, `chart.rs`).
+//! the CPU figures, searches for the highest lossless rate, runs trials at 1.5×, 2× and 4× that
+//! rate (`overload.rs`), and stops it. The benchmark sends the frames itself (`generator.rs`),
+//! nftables counts at the sink (`sink.rs`), every counter on the way is read around each trial
+//! (`trial.rs`). The results go to `target/bench/` as Markdown, JSON and an SVG chart
+//! (`report.rs`, `targets.rs`, `chart.rs`).
 
 mod chart;
 mod cpu;
+mod frame;
 mod generator;
+mod generator_check;
+mod overload;
+mod pacing;
+mod packet_socket;
 mod process;
 mod relay;
 mod report;
 mod scenario;
 mod search;
 mod sink;
+mod targets;
 mod topology;
 mod trial;
 
@@ -36,11 +43,12 @@ use nix::{
 };
 
 use self::{
-    generator::Generator,
+    generator::{Generator, Pacing},
+    overload::OverloadPoint,
     relay::{Relay, RelayEnv, RelayKind},
     report::{OneHopCheck, RelayResult, Report, ScenarioResult},
     scenario::Scenario,
-    search::{Bound, Probe, SearchParams},
+    search::{Probe, SearchParams},
     sink::Sink,
     topology::{CpuPlan, Topology},
     trial::{Bench, Trial},
@@ -55,7 +63,7 @@ pub struct BenchArgs {
     /// streams50-512, 3hop-512).
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
-    /// Run only these relays (comma-separated: mcr, mcr-2w, kernel, socat).
+    /// Run only these relays (comma-separated: mcr, mcr-2w, mcr-kernel, kernel, socat).
     #[arg(long, value_delimiter = ',')]
     pub relay: Vec<String>,
     /// Offered rate (input packets per second) of the trial the CPU figures come from.
@@ -64,13 +72,18 @@ pub struct BenchArgs {
     /// Where results.md, results.json and the chart go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
+    /// Measure the generator: what it offers at a ladder of rates, paced by the tbf qdisc and
+    /// with the qdisc bypassed, with no relay running (or with the relays --relay names), in
+    /// 1to1-512 unless --scenario says others; writes generator.md and generator.json.
+    #[arg(long)]
+    pub generator: bool,
 }
 
 /// How long and how finely the benchmark measures.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Settings {
     pub mode: &'static str,
-    /// Length of each search and overload trial.
+    /// Length of each search trial and overload point.
     pub trial_s: f64,
     /// Length of the trial at the CPU rate.
     pub cpu_trial_s: f64,
@@ -89,7 +102,7 @@ impl Settings {
             Self {
                 mode: "quick",
                 trial_s: 0.4,
-                cpu_trial_s: 1.0,
+                cpu_trial_s: 0.5,
                 cpu_rate_pps: cpu_rate,
                 search_start_pps: 50_000.0,
                 search_min_pps: 5_000.0,
@@ -131,31 +144,27 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark creates network namespaces: run it as root");
     }
-    for tool in [
-        "trafgen",
-        "tc",
-        "nft",
-        "smcrouted",
-        "socat",
-        "taskset",
-        "nsenter",
-        "ip",
-    ] {
-        if crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
-            bail!("{tool} is missing (cargo xtask setup installs it)");
-        }
-    }
+    check_tools()?;
     let settings = Settings::new(args.quick, args.cpu_rate);
     let scenarios = select(args)?;
-    let needs_mcr = scenarios
-        .iter()
-        .any(|s| s.relays.iter().any(|relay| relay.is_mcr()));
+    let generator_relays = generator_check_relays(args);
+    let needs_mcr = if args.generator {
+        generator_relays.iter().any(|relay| relay.is_mcr())
+    } else {
+        scenarios
+            .iter()
+            .any(|s| s.relays.iter().any(|relay| relay.is_mcr()))
+    };
     let mcr = if needs_mcr {
         crate::run(Command::new("cargo").args(["build", "--release", "--package", "mcr"]))?;
         crate::workspace_root().join("target/release/mcr")
     } else {
         PathBuf::new()
     };
+
+    if args.generator {
+        return check_generator(args, &settings, scenarios, &generator_relays, &mcr);
+    }
 
     // The time a run reports is measurement only; building MCR comes first and is reported
     // apart (it dominates a quick run on a clean checkout).
@@ -228,6 +237,62 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The relays `--generator` runs with: those `--relay` names, none without it.
+fn generator_check_relays(args: &BenchArgs) -> Vec<RelayKind> {
+    RelayKind::ALL
+        .into_iter()
+        .filter(|kind| args.relay.contains(&kind.label()))
+        .collect()
+}
+
+/// `--generator`: the generator's ladder (1to1-512 unless scenarios were named), with no relay
+/// or with the relays `--relay` names.
+fn check_generator(
+    args: &BenchArgs,
+    settings: &Settings,
+    mut scenarios: Vec<Scenario>,
+    relays: &[RelayKind],
+    mcr: &Path,
+) -> anyhow::Result<()> {
+    if args.scenario.is_empty() {
+        scenarios = scenario::all()
+            .into_iter()
+            .filter(|s| s.name == "1to1-512")
+            .collect();
+    }
+    catch_interrupts()?;
+    cpu::set_quiet_budget(Duration::from_secs(if args.quick { 20 } else { 180 }));
+    topology::sweep_stale();
+    let cpus = cpu_plan()?;
+    pin_to(cpus.generator)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let out = args
+        .out
+        .canonicalize()
+        .context("resolving the output directory")?;
+    generator_check::run(&scenarios, relays, settings, &cpus, mcr, &out)?;
+    check_interrupted()
+}
+
+/// Fails naming the first tool the benchmark needs that is missing.
+fn check_tools() -> anyhow::Result<()> {
+    for tool in [
+        "tc",
+        "nft",
+        "smcrouted",
+        "socat",
+        "taskset",
+        "nsenter",
+        "ip",
+    ] {
+        if crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
+            bail!("{tool} is missing (cargo xtask setup installs it)");
+        }
+    }
+    Ok(())
+}
+
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -243,9 +308,10 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Scenario>> {
             bail!("no scenario {name}");
         }
     }
+    let known: Vec<String> = RelayKind::ALL.iter().map(|kind| kind.label()).collect();
     for name in &args.relay {
-        if !["mcr", "mcr-2w", "kernel", "socat"].contains(&name.as_str()) {
-            bail!("no relay {name} (mcr, mcr-2w, kernel, socat)");
+        if !known.contains(name) {
+            bail!("no relay {name} ({})", known.join(", "));
         }
     }
     if !args.scenario.is_empty() {
@@ -255,8 +321,7 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Scenario>> {
             .collect();
         if args.quick {
             for s in &mut scenarios {
-                s.relays
-                    .retain(|relay| *relay != RelayKind::Mcr { workers: 2 });
+                s.relays.retain(|relay| *relay != relay::MCR_2W);
             }
         }
     }
@@ -344,8 +409,7 @@ fn run_scenario(
     let dir = run_dir.join(&scenario.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let topology = Topology::build(scenario.hops, scenario.fanout, cpus)?;
-    let mut generator = Generator::new(&topology, &scenario.generated()?, scenario.payload, &dir)?;
-    generator.calibrate()?;
+    let generator = Generator::new(&topology, &scenario.generated()?, scenario.payload)?;
 
     let copies = scenario.fanout as u64;
 
@@ -359,6 +423,7 @@ fn run_scenario(
             sink: &sink,
             cpus,
             copies,
+            pacing: None,
         };
         let trial = bench.run(None, settings.cpu_rate_pps, settings.cpu_trial_s, true)?;
         eprintln!("bench:   baseline (no relay) {}", describe(&trial));
@@ -418,6 +483,7 @@ fn run_relay(
         sink: &sink,
         cpus: env.cpus,
         copies: scenario.fanout as u64,
+        pacing: None,
     };
     let plans = scenario.hop_plans(topology, kind)?;
     let mut relay = Relay::start(kind, &plans, env)?;
@@ -468,7 +534,6 @@ fn run_relay(
     let found = found?;
 
     let bound = found.bound;
-    let lossy = found.lossy_pps;
     result.search = Some(found);
     eprintln!(
         "bench:   {label} highest lossless rate: {} offered ({bound:?})",
@@ -477,13 +542,8 @@ fn run_relay(
             .map_or_else(|| "none".to_owned(), report::rate),
     );
 
-    if matches!(bound, Bound::Relay | Bound::NoneLossless | Bound::Trials) {
-        let rate = lossy
-            .map_or(settings.search_start_pps, |lossy| lossy * 2.0)
-            .min(settings.search_max_pps);
-        let trial = bench.run(Some(&mut relay), rate, settings.trial_s, false)?;
-        eprintln!("bench:   {label} overload {}", describe(&trial));
-        result.overload = Some(trial);
+    if let Some(lossless) = result.lossless_offered() {
+        result.overload = overload_points(&bench, &mut relay, lossless, settings, &label)?;
     }
 
     if let Some(reference) = &scenario.one_hop_reference {
@@ -509,11 +569,37 @@ fn run_relay(
     Ok(())
 }
 
+/// One trial at each overload factor of the lossless rate.
+fn overload_points(
+    bench: &Bench,
+    relay: &mut Relay,
+    lossless: f64,
+    settings: &Settings,
+    label: &str,
+) -> anyhow::Result<Vec<OverloadPoint>> {
+    let mut points = Vec::new();
+    for factor in overload::FACTORS {
+        let rate = OverloadPoint::requested(factor, lossless, settings.search_max_pps);
+        let trial = bench.run(Some(&mut *relay), rate, settings.trial_s, false)?;
+        eprintln!(
+            "bench:   {label} at {factor}× its lossless rate {}",
+            describe(&trial)
+        );
+        points.push(OverloadPoint::new(factor, lossless, bench.copies, trial));
+    }
+    Ok(points)
+}
+
 fn describe(trial: &Trial) -> String {
     format!(
-        "{} pps offered ({:.3} s), {} delivered/s, loss {:.3} %{}{}",
+        "{} pps offered ({:.3} s, {}, generator {:.0} % busy), {} delivered/s, loss {:.3} %{}{}",
         report::rate(trial.offered_pps),
         trial.seconds,
+        match trial.pacing {
+            Pacing::Tbf => "paced by tbf",
+            Pacing::Generator => "qdisc bypassed",
+        },
+        100.0 * trial.generator_busy_s / trial.seconds,
         report::rate(trial.delivered_pps),
         trial.loss_pct,
         if trial.generator_limited {

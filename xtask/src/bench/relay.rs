@@ -2,7 +2,9 @@
 //! when their guard drops:
 //!
 //! - **MCR**: `mcr run` (release build) with a rules file per hop, its own pin directory and
-//!   control socket under the `mcrb-` prefix; workers pinned to the relay CPUs.
+//!   control socket under the `mcrb-` prefix; workers pinned to the relay CPUs. The rules file
+//!   names the path (`settings.path`), and the relay counts as started only when every rule
+//!   is active on that path, so a row labelled `mcr-kernel` is never the worker path.
 //! - **kernel**: the kernel's multicast forwarding, programmed by `smcrouted` with static
 //!   (S,G) routes. It cannot change the group or port, so its streams arrive unchanged.
 //! - **socat**: one `socat -u UDP4-RECV … UDP4-SENDTO …` per stream and hop, the plain
@@ -29,16 +31,69 @@ use super::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayKind {
-    Mcr { workers: usize },
+    Mcr { workers: usize, path: McrPath },
     Kernel,
     Socat,
 }
 
+/// Which of MCR's paths writes the outputs (`settings.path` in the rules file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum McrPath {
+    /// The workers: the classifier steers each packet to a worker process.
+    Worker,
+    /// The classifier rewrites and clones the packet itself.
+    Kernel,
+}
+
+impl McrPath {
+    /// The word MCR uses, in the rules file and in `mcr stats --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Worker => "worker",
+            Self::Kernel => "kernel",
+        }
+    }
+}
+
+/// MCR on the worker path, one worker.
+pub const MCR: RelayKind = RelayKind::Mcr {
+    workers: 1,
+    path: McrPath::Worker,
+};
+/// MCR on the worker path, two workers.
+pub const MCR_2W: RelayKind = RelayKind::Mcr {
+    workers: 2,
+    path: McrPath::Worker,
+};
+/// MCR on the kernel path.
+pub const MCR_KERNEL: RelayKind = RelayKind::Mcr {
+    workers: 1,
+    path: McrPath::Kernel,
+};
+
 impl RelayKind {
+    /// Every relay the benchmark knows.
+    pub const ALL: [Self; 5] = [MCR, MCR_2W, MCR_KERNEL, Self::Kernel, Self::Socat];
+
     pub fn label(self) -> String {
         match self {
-            Self::Mcr { workers: 1 } => "mcr".to_owned(),
-            Self::Mcr { workers } => format!("mcr-{workers}w"),
+            Self::Mcr {
+                workers: 1,
+                path: McrPath::Worker,
+            } => "mcr".to_owned(),
+            Self::Mcr {
+                workers,
+                path: McrPath::Worker,
+            } => format!("mcr-{workers}w"),
+            Self::Mcr {
+                workers: 1,
+                path: McrPath::Kernel,
+            } => "mcr-kernel".to_owned(),
+            Self::Mcr {
+                workers,
+                path: McrPath::Kernel,
+            } => format!("mcr-kernel-{workers}w"),
             Self::Kernel => "kernel".to_owned(),
             Self::Socat => "socat".to_owned(),
         }
@@ -56,8 +111,17 @@ impl RelayKind {
     /// What this relay's loss column "relay socket" means.
     pub fn socket_drops_source(self) -> &'static str {
         match self {
-            Self::Mcr { .. } => {
+            Self::Mcr {
+                path: McrPath::Worker,
+                ..
+            } => {
                 "MCR's own counters: workers' kernel_drops (AF_PACKET) + rules' queue_full and send_errors"
+            }
+            Self::Mcr {
+                path: McrPath::Kernel,
+                ..
+            } => {
+                "MCR's own counters: rules' send_errors (copies the kernel refused to send), plus what the workers dropped of packets handed to them (kernel_drops, queue_full)"
             }
             Self::Kernel => "none (no socket)",
             Self::Socat => "Udp RcvbufErrors of the relay namespace (/proc/net/snmp)",
@@ -143,7 +207,9 @@ impl Relay {
         for (index, hop) in hops.iter().enumerate() {
             let tag = format!("{PREFIX}{}-{}-h{}", std::process::id(), unique(), index + 1);
             match kind {
-                RelayKind::Mcr { workers } => relay.start_mcr(hop, workers, &tag, env)?,
+                RelayKind::Mcr { workers, path } => {
+                    relay.start_mcr(hop, workers, path, &tag, env)?;
+                }
                 RelayKind::Kernel => relay.start_kernel(hop, &tag, env)?,
                 RelayKind::Socat => relay.start_socat(hop, &tag, env)?,
             }
@@ -155,12 +221,14 @@ impl Relay {
         &mut self,
         hop: &HopPlan,
         workers: usize,
+        path: McrPath,
         tag: &str,
         env: &RelayEnv,
     ) -> anyhow::Result<()> {
         let mut yaml = format!(
-            "# written by cargo xtask bench\nsettings:\n  workers: {workers}\n  cpus: [{}]\nrules:\n",
-            env.cpus.relay_list()
+            "# written by cargo xtask bench\nsettings:\n  workers: {workers}\n  cpus: [{}]\n  path: {}\nrules:\n",
+            env.cpus.relay_list(),
+            path.name()
         );
         for (i, route) in hop.routes.iter().enumerate() {
             write!(
@@ -216,19 +284,20 @@ impl Relay {
             );
         }
         self.mcr_sockets.push(socket.clone());
-        // Rules become active once the workers and the classifier are in place.
+        // Rules become active once the workers and the classifier are in place, and take
+        // the kernel path once MCR has found every output's MAC.
         let mcr = self.mcr.clone();
-        let active = wait_for(Duration::from_secs(10), || {
+        let ready = wait_for(Duration::from_secs(10), || {
             let rules = mcr_json(&mcr, &socket, false).ok()?;
-            let rules = rules.as_array()?;
-            (!rules.is_empty() && rules.iter().all(|rule| rule["state"] == "active")).then_some(())
+            all_active_on(&rules, path).then_some(())
         });
-        if active.is_none() {
+        if ready.is_none() {
             let states = mcr_json(&self.mcr, &socket, false)
-                .map_or_else(|error| format!("{error:#}"), |rules| rules.to_string());
-            eprintln!(
-                "bench: warning: mcr rules in {} not all active: {states}",
-                hop.netns
+                .map_or_else(|error| format!("{error:#}"), |rules| rule_states(&rules));
+            bail!(
+                "mcr's rules in {} are not all active on the {} path after 10 s: {states}",
+                hop.netns,
+                path.name()
             );
         }
         Ok(())
@@ -362,12 +431,15 @@ impl Relay {
     }
 
     /// How long the relay's own counters may lag behind: MCR's supervisor reads the kernel's
-    /// per-socket drop counts once a second.
+    /// per-socket drop counts of its workers once a second. (Rule and output counters, the
+    /// kernel path's included, are read when asked.)
     pub fn counters_lag(&self) -> Duration {
-        if self.kind.is_mcr() {
-            Duration::from_millis(1_100)
-        } else {
-            Duration::ZERO
+        match self.kind {
+            RelayKind::Mcr {
+                path: McrPath::Worker,
+                ..
+            } => Duration::from_millis(1_100),
+            _ => Duration::ZERO,
         }
     }
 
@@ -444,6 +516,41 @@ impl Relay {
         }
         text
     }
+}
+
+/// Whether `mcr stats --json` shows rules, all of them active on `path`.
+fn all_active_on(rules: &serde_json::Value, path: McrPath) -> bool {
+    rules.as_array().is_some_and(|rules| {
+        !rules.is_empty()
+            && rules
+                .iter()
+                .all(|rule| rule["state"] == "active" && rule["path"] == path.name())
+    })
+}
+
+/// Each rule's name, state, path and reason, from `mcr stats --json`.
+fn rule_states(rules: &serde_json::Value) -> String {
+    let Some(rules) = rules.as_array().filter(|rules| !rules.is_empty()) else {
+        return format!("no rules ({rules})");
+    };
+    let field =
+        |rule: &serde_json::Value, key: &str| rule[key].as_str().unwrap_or("none").to_owned();
+    rules
+        .iter()
+        .map(|rule| {
+            let mut text = format!(
+                "{}: {}, path {}",
+                field(rule, "name"),
+                field(rule, "state"),
+                field(rule, "path")
+            );
+            if let Some(reason) = rule["reason"].as_str() {
+                write!(text, " ({reason})").unwrap_or_default();
+            }
+            text
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A number no other relay of this run uses.
@@ -538,4 +645,41 @@ fn mroute_counters(netns: &str, in_interface: &str) -> anyhow::Result<(u64, u64)
         }
     }
     Ok((received, sent))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_relay_is_ready_when_every_rule_is_active_on_its_path() {
+        let kernel = json!([
+            {"name": "s0", "state": "active", "path": "kernel"},
+            {"name": "s1", "state": "active", "path": "kernel"},
+        ]);
+        assert!(all_active_on(&kernel, McrPath::Kernel));
+        assert!(!all_active_on(&kernel, McrPath::Worker));
+        let mixed = json!([
+            {"name": "s0", "state": "active", "path": "kernel"},
+            {"name": "s1", "state": "active", "path": "worker",
+             "reason": "out0 is not an Ethernet interface"},
+        ]);
+        assert!(!all_active_on(&mixed, McrPath::Kernel));
+        let waiting = json!([{"name": "s0", "state": "waiting", "reason": "no in0"}]);
+        assert!(!all_active_on(&waiting, McrPath::Worker));
+        assert!(!all_active_on(&json!([]), McrPath::Worker));
+        assert_eq!(
+            rule_states(&mixed),
+            "s0: active, path kernel; s1: active, path worker (out0 is not an Ethernet interface)"
+        );
+        assert_eq!(rule_states(&waiting), "s0: waiting, path none (no in0)");
+    }
+
+    #[test]
+    fn labels_name_the_path_and_the_workers() {
+        let labels: Vec<String> = RelayKind::ALL.iter().map(|kind| kind.label()).collect();
+        assert_eq!(labels, ["mcr", "mcr-2w", "mcr-kernel", "kernel", "socat"]);
+    }
 }

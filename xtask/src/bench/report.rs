@@ -1,5 +1,6 @@
-//! The results of a run, as JSON (everything measured) and as Markdown (the figures the issue
-//! asks for, the MCR/kernel and MCR/socat ratios, and the targets).
+//! The results of a run, as JSON (everything measured) and as Markdown (per scenario and relay
+//! the lossless rate, the CPU per packet and the overload points; the ratios of MCR's paths to
+//! the kernel and socat; the targets of `targets.rs`).
 
 use std::fmt::Write as _;
 
@@ -7,9 +8,11 @@ use serde::Serialize;
 
 use super::{
     Settings,
-    relay::RelayKind,
+    overload::{FACTORS, OverloadPoint},
+    relay::{MCR, MCR_KERNEL, RelayKind},
     scenario::Scenario,
     search::{Bound, SearchResult},
+    targets::{Target, targets},
     topology::CpuPlan,
     trial::Trial,
 };
@@ -53,7 +56,7 @@ impl ScenarioResult {
         }
     }
 
-    fn relay(&self, kind: RelayKind) -> Option<&RelayResult> {
+    pub fn relay(&self, kind: RelayKind) -> Option<&RelayResult> {
         self.relays.iter().find(|r| r.kind == kind)
     }
 }
@@ -70,8 +73,8 @@ pub struct RelayResult {
     pub search: Option<SearchResult>,
     /// Every trial of the search, in order.
     pub trials: Vec<Trial>,
-    /// One trial well above the highest lossless rate.
-    pub overload: Option<Trial>,
+    /// Trials at 1.5×, 2× and 4× the highest lossless rate.
+    pub overload: Vec<OverloadPoint>,
     pub at_one_hop_rate: Option<OneHopCheck>,
     /// Derived figures (also in the Markdown).
     pub figures: Option<Figures>,
@@ -107,7 +110,7 @@ impl RelayResult {
             at_cpu_rate: None,
             search: None,
             trials: Vec::new(),
-            overload: None,
+            overload: Vec::new(),
             at_one_hop_rate: None,
             figures: None,
             error: None,
@@ -135,31 +138,23 @@ impl RelayResult {
         }
     }
 
-    fn figures(&self) -> Figures {
+    pub fn figures(&self) -> Figures {
         self.figures
             .clone()
             .unwrap_or_else(|| self.compute_figures())
     }
 
-    /// Every trial with traffic worth plotting: search, CPU rate and overload.
+    /// Every trial with traffic worth plotting: search, CPU rate and overload points.
     pub fn curve(&self) -> Vec<&Trial> {
         let mut trials: Vec<&Trial> = self
             .trials
             .iter()
             .chain(&self.at_cpu_rate)
-            .chain(&self.overload)
+            .chain(self.overload.iter().map(|point| &point.trial))
             .collect();
         trials.sort_by(|a, b| a.offered_pps.total_cmp(&b.offered_pps));
         trials
     }
-}
-
-#[derive(Serialize)]
-pub struct Target {
-    pub goal: String,
-    pub scenario: String,
-    pub figures: String,
-    pub verdict: String,
 }
 
 impl Report {
@@ -243,14 +238,20 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "Rates are input packets per second offered by the generator (trafgen, paced by a \
-             tbf qdisc); delivered counts every copy at the sink (nftables counters). Lossless \
+            "Rates are input packets per second offered by the generator (the benchmark's own \
+             sender: paced by a tbf qdisc below {} pps, by itself with the qdisc bypassed from \
+             there up); delivered counts every copy at the sink (nftables counters). Lossless \
              means loss under {} %. The search steps ×{} from {}, then bisects to within \
              ×{}; each search trial is {} s. CPU figures come from one {} s trial at {} pps \
              offered to every relay: **relay CPUs** is the busy time (wall − idle) of the CPUs \
              reserved for relays, so it includes the kernel's softirq work and is the only \
              figure the kernel's forwarding has; **processes** is the relay processes' own run \
-             time. Both in CPU seconds per million delivered packets (= µs per packet).\n",
+             time. Both in CPU seconds per million delivered packets (= µs per packet). \
+             **Overload** points offer {} the relay's lossless rate; each shows what was \
+             delivered per second (in input packets, so fan-out does not count four times) and, \
+             in brackets, that over the lossless rate: 1.00 is a plateau at the lossless rate, \
+             less a relay that delivers less when offered more.\n",
+            rate(super::generator::TBF_MAX_PPS),
             meta.loss_threshold_pct,
             settings.search_step,
             rate(settings.search_start_pps),
@@ -258,6 +259,7 @@ impl Report {
             settings.trial_s,
             settings.cpu_trial_s,
             rate(settings.cpu_rate_pps),
+            factors_text(),
         );
         for scenario in &self.scenarios {
             self.scenario_markdown(&mut md, scenario);
@@ -277,11 +279,7 @@ impl Report {
         }
         let _ = writeln!(md);
         let _ = writeln!(md, "## Where the relay-socket column comes from\n");
-        for kind in [
-            RelayKind::Mcr { workers: 1 },
-            RelayKind::Kernel,
-            RelayKind::Socat,
-        ] {
+        for kind in [MCR, MCR_KERNEL, RelayKind::Kernel, RelayKind::Socat] {
             let _ = writeln!(md, "- {}: {}", kind.label(), kind.socket_drops_source());
         }
         let failures = self.failures();
@@ -302,15 +300,26 @@ impl Report {
             let _ = writeln!(md, "Failed: {}\n", error.replace('\n', " "));
             return;
         }
+        let overload_columns: Vec<String> = FACTORS
+            .iter()
+            .map(|factor| format!("{factor}× lossless: delivered/s (÷ lossless)"))
+            .collect();
         let _ = writeln!(
             md,
-            "| relay | highest lossless rate | at {cpu_rate} pps: delivered/s | loss | CPU s/M (relay CPUs) | CPU s/M (processes) | overload: offered → delivered/s | loss | lost where |"
+            "| relay | highest lossless rate | at {cpu_rate} pps: delivered/s | loss | CPU s/M (relay CPUs) | CPU s/M (processes) | {} | lost where at {}× |",
+            overload_columns.join(" | "),
+            FACTORS[FACTORS.len() - 1]
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "|---|---|---|---|---|---|{}---|",
+            "---|".repeat(FACTORS.len())
+        );
         for relay in &result.relays {
             let _ = writeln!(md, "{}", relay_row(relay));
         }
         let _ = writeln!(md);
+        overload_notes(md, result);
         if let Some(baseline) = &result.baseline
             && let Some(cpu) = &baseline.cpu
         {
@@ -363,36 +372,38 @@ impl Report {
     }
 
     fn ratios_markdown(&self, md: &mut String) {
-        let mcr = RelayKind::Mcr { workers: 1 };
         let _ = writeln!(md, "## Ratios (same run)\n");
         let _ = writeln!(
             md,
-            "| scenario | lossless rate MCR/kernel | CPU per packet MCR/kernel | lossless rate MCR/socat | CPU per packet MCR/socat |\n|---|---|---|---|---|"
+            "| scenario | MCR relay | lossless rate /kernel | CPU per packet /kernel | lossless rate /socat | CPU per packet /socat |\n|---|---|---|---|---|---|"
         );
         for result in &self.scenarios {
-            let Some(ours) = result.relay(mcr) else {
-                continue;
-            };
-            let ratio = |other: RelayKind, pick: fn(&Figures) -> Option<f64>| -> String {
-                let Some(theirs) = result.relay(other) else {
-                    return "—".to_owned();
+            for ours in [MCR, MCR_KERNEL]
+                .iter()
+                .filter_map(|&kind| result.relay(kind))
+            {
+                let ratio = |other: RelayKind, pick: fn(&Figures) -> Option<f64>| -> String {
+                    let Some(theirs) = result.relay(other) else {
+                        return "—".to_owned();
+                    };
+                    match (pick(&ours.figures()), pick(&theirs.figures())) {
+                        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                        _ => "n/a".to_owned(),
+                    }
                 };
-                match (pick(&ours.figures()), pick(&theirs.figures())) {
-                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                    _ => "n/a".to_owned(),
-                }
-            };
-            let lossless: fn(&Figures) -> Option<f64> = |f| f.lossless_pps;
-            let cpu: fn(&Figures) -> Option<f64> = |f| f.cpu_s_per_m_delivered;
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {} |",
-                result.scenario.name,
-                ratio(RelayKind::Kernel, lossless),
-                ratio(RelayKind::Kernel, cpu),
-                ratio(RelayKind::Socat, lossless),
-                ratio(RelayKind::Socat, cpu),
-            );
+                let lossless: fn(&Figures) -> Option<f64> = |f| f.lossless_pps;
+                let cpu: fn(&Figures) -> Option<f64> = |f| f.cpu_s_per_m_delivered;
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    result.scenario.name,
+                    ours.relay,
+                    ratio(RelayKind::Kernel, lossless),
+                    ratio(RelayKind::Kernel, cpu),
+                    ratio(RelayKind::Socat, lossless),
+                    ratio(RelayKind::Socat, cpu),
+                );
+            }
         }
         let _ = writeln!(
             md,
@@ -403,131 +414,43 @@ impl Report {
     }
 }
 
-/// The targets of the issue, judged on this run's figures (reported, not enforced).
-fn targets(scenarios: &[ScenarioResult]) -> Vec<Target> {
-    let mut targets = against_the_kernel(scenarios);
-    targets.extend(scaling(scenarios));
-    targets
-}
-
-const MCR: RelayKind = RelayKind::Mcr { workers: 1 };
-
-fn verdict(ok: bool) -> String {
-    if ok { "met" } else { "not met" }.to_owned()
-}
-
-/// Lossless wherever the kernel is; CPU per packet within 2× the kernel's.
-fn against_the_kernel(scenarios: &[ScenarioResult]) -> Vec<Target> {
-    let mcr = MCR;
-    let find = |name: &str| scenarios.iter().find(|s| s.scenario.name == name);
-    let mut targets = Vec::new();
-    for result in scenarios {
-        let (Some(ours), Some(kernel)) = (result.relay(mcr), result.relay(RelayKind::Kernel))
-        else {
-            continue;
-        };
-        let (a, b) = (ours.figures().lossless_pps, kernel.figures().lossless_pps);
-        targets.push(Target {
-            goal: "MCR lossless wherever the kernel is".to_owned(),
-            scenario: result.scenario.name.clone(),
-            figures: format!("MCR {}, kernel {}", opt_rate(a), opt_rate(b)),
-            verdict: match (a, b) {
-                (_, None) => "n/a".to_owned(),
-                (None, Some(_)) => "not met".to_owned(),
-                // Within the search's precision of the kernel's rate.
-                (Some(a), Some(b)) => verdict(a >= 0.9 * b),
-            },
-        });
-    }
-    for name in ["1to1-64", "1to1-512", "1to1-1400"] {
-        let Some(result) = find(name) else { continue };
-        let (Some(ours), Some(kernel)) = (result.relay(mcr), result.relay(RelayKind::Kernel))
-        else {
-            continue;
-        };
-        let (a, b) = (
-            ours.figures().cpu_s_per_m_delivered,
-            kernel.figures().cpu_s_per_m_delivered,
+/// The overload points the generator could not offer, named under a scenario's table.
+fn overload_notes(md: &mut String, result: &ScenarioResult) {
+    let bounded: Vec<String> = result
+        .relays
+        .iter()
+        .flat_map(|relay| {
+            relay
+                .overload
+                .iter()
+                .filter(|point| point.generator_bounded)
+                .map(move |point| {
+                    format!(
+                        "{} at {} (asked {}, offered {})",
+                        relay.relay,
+                        point.label(),
+                        rate(point.requested_pps),
+                        rate(point.trial.offered_pps)
+                    )
+                })
+        })
+        .collect();
+    if !bounded.is_empty() {
+        let _ = writeln!(
+            md,
+            "‡ bounded by the generator, which offered less than the point stands for: {}.\n",
+            bounded.join("; ")
         );
-        targets.push(Target {
-            goal: "CPU per packet within 2× the kernel's".to_owned(),
-            scenario: name.to_owned(),
-            figures: format!("MCR {} s/M, kernel {} s/M", seconds(a), seconds(b)),
-            verdict: match (a, b) {
-                (Some(a), Some(b)) => verdict(a <= 2.0 * b),
-                _ => "n/a".to_owned(),
-            },
-        });
     }
-    targets
 }
 
-/// Fan-out, 50 streams, and the 3-hop chain.
-fn scaling(scenarios: &[ScenarioResult]) -> Vec<Target> {
-    let mcr = MCR;
-    let find = |name: &str| scenarios.iter().find(|s| s.scenario.name == name);
-    let mut targets = Vec::new();
-    let per_input =
-        |name: &str, kind: RelayKind| find(name)?.relay(kind)?.figures().cpu_s_per_m_input;
-    if find("fanout4-512").is_some() {
-        let (one, four) = (per_input("1to1-512", mcr), per_input("fanout4-512", mcr));
-        let kernel = per_input("fanout4-512", RelayKind::Kernel)
-            .zip(per_input("1to1-512", RelayKind::Kernel))
-            .map_or_else(
-                || "n/a".to_owned(),
-                |(four, one)| format!("{:.2}×", four / one),
-            );
-        targets.push(Target {
-            goal: "CPU per input packet grows less than linearly with fan-out".to_owned(),
-            scenario: "fanout4-512 vs 1to1-512".to_owned(),
-            figures: format!(
-                "MCR {} → {} s per M input packets ({}); kernel {kernel}",
-                seconds(one),
-                seconds(four),
-                one.zip(four).map_or_else(
-                    || "n/a".to_owned(),
-                    |(one, four)| format!("{:.2}×", four / one)
-                )
-            ),
-            verdict: one
-                .zip(four)
-                .map_or_else(|| "n/a".to_owned(), |(one, four)| verdict(four < 4.0 * one)),
-        });
+/// `1.5×, 2× and 4×`.
+fn factors_text() -> String {
+    let labels: Vec<String> = FACTORS.iter().map(|factor| format!("{factor}×")).collect();
+    match labels.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => labels.join(""),
     }
-    let delivered = |name: &str| find(name)?.relay(mcr)?.figures().cpu_s_per_m_delivered;
-    if find("streams50-512").is_some() {
-        let (one, fifty) = (delivered("1to1-512"), delivered("streams50-512"));
-        targets.push(Target {
-            goal: "50 streams as cheap per packet as 1".to_owned(),
-            scenario: "streams50-512 vs 1to1-512".to_owned(),
-            figures: format!("MCR {} vs {} s/M", seconds(fifty), seconds(one)),
-            // Within 10 %: the figures of two trials on a shared machine differ that much.
-            verdict: one.zip(fifty).map_or_else(
-                || "n/a".to_owned(),
-                |(one, fifty)| verdict(fifty <= 1.1 * one),
-            ),
-        });
-    }
-    if let Some(result) = find("3hop-512") {
-        for relay in &result.relays {
-            let check = relay.at_one_hop_rate.as_ref();
-            targets.push(Target {
-                goal: "3-hop chain loses nothing at the 1-hop lossless rate".to_owned(),
-                scenario: format!("3hop-512, {}", relay.relay),
-                figures: check.map_or_else(
-                    || "no 1-hop lossless rate".to_owned(),
-                    |c| format!("{} at {} pps", percent(c.trial.loss_pct), rate(c.rate_pps)),
-                ),
-                verdict: match check {
-                    Some(c) if relay.kind.is_mcr() => verdict(c.trial.lossless()),
-                    Some(_) => "(reference)".to_owned(),
-                    None if relay.kind.is_mcr() => "not met".to_owned(),
-                    None => "n/a".to_owned(),
-                },
-            });
-        }
-    }
-    targets
 }
 
 /// One relay's line of a scenario table.
@@ -551,22 +474,32 @@ fn relay_row(relay: &RelayResult) -> String {
             (rate(t.delivered_pps), percent(t.loss_pct), flags)
         },
     );
-    let (overload, overload_loss, where_lost) = relay
-        .overload
-        .as_ref()
-        .or(relay.at_cpu_rate.as_ref().filter(|t| !t.lossless()))
-        .map_or_else(
-            || ("—".to_owned(), "—".to_owned(), "—".to_owned()),
-            |t| {
-                (
-                    format!("{} → {}", rate(t.offered_pps), rate(t.delivered_pps)),
-                    percent(t.loss_pct),
-                    where_lost(t),
+    let overload: Vec<String> = FACTORS
+        .iter()
+        .map(|&factor| {
+            relay
+                .overload
+                .iter()
+                .find(|point| (point.factor - factor).abs() < 1e-9)
+                .map_or_else(
+                    || "—".to_owned(),
+                    |point| {
+                        format!(
+                            "{} ({:.2}){}",
+                            rate(point.delivered_input_pps),
+                            point.delivered_over_lossless,
+                            if point.generator_bounded { " ‡" } else { "" }
+                        )
+                    },
                 )
-            },
-        );
+        })
+        .collect();
+    let where_lost_at_most = relay
+        .overload
+        .last()
+        .map_or_else(|| "—".to_owned(), |point| where_lost(&point.trial));
     format!(
-        "| {} | {} | {} | {} | {}{} | {}{} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {}{} | {}{} | {} | {} |",
         relay.relay,
         lossless,
         cpu_delivered,
@@ -575,9 +508,8 @@ fn relay_row(relay: &RelayResult) -> String {
         cpu_flags,
         seconds(figures.process_cpu_s_per_m_delivered),
         cpu_flags,
-        overload,
-        overload_loss,
-        where_lost,
+        overload.join(" | "),
+        where_lost_at_most,
     )
 }
 
@@ -606,10 +538,6 @@ pub fn rate(pps: f64) -> String {
     }
 }
 
-fn opt_rate(pps: Option<f64>) -> String {
-    pps.map_or_else(|| "none".to_owned(), rate)
-}
-
 fn bounded(bound: Bound, lossless: Option<f64>) -> String {
     match (lossless, bound) {
         (None, _) => "none".to_owned(),
@@ -619,7 +547,7 @@ fn bounded(bound: Bound, lossless: Option<f64>) -> String {
     }
 }
 
-fn percent(value: f64) -> String {
+pub fn percent(value: f64) -> String {
     if value == 0.0 {
         "0 %".to_owned()
     } else if value.abs() < 0.01 {
@@ -629,7 +557,7 @@ fn percent(value: f64) -> String {
     }
 }
 
-fn seconds(value: Option<f64>) -> String {
+pub fn seconds(value: Option<f64>) -> String {
     value.map_or_else(|| "—".to_owned(), |v| format!("{v:.2}"))
 }
 

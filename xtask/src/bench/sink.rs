@@ -1,6 +1,8 @@
 //! The sink: nftables counters on the ingress hook of every sink interface, one per expected
 //! destination (interface, group, port) and one for everything the interface received. The
 //! kernel counts, so nothing at the sink can drop for lack of CPU the way an application can.
+//! Counted packets are dropped there: the sink shares the generator's CPU, and a packet that
+//! went on into the sink's IP stack would take CPU time the generator needs.
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
@@ -50,7 +52,7 @@ impl<'a> Sink<'a> {
             writeln!(
                 text,
                 "  chain ingress_{j} {{\n    type filter hook ingress device \"{interface}\" \
-                 priority 0; policy accept;"
+                 priority 0; policy drop;"
             )?;
             for (i, destination) in destinations.iter().enumerate() {
                 if &destination.interface == interface {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{
     cpu::{self, CpuStat},
-    generator::Generator,
+    generator::{Generator, Pacing},
     process::process_tree,
     relay::{Relay, RelayCounters},
     sink::{Sink, SinkCounts},
@@ -63,6 +63,10 @@ pub struct Trial {
     pub seconds: f64,
     /// Input packets per second the generator achieved (`packets / seconds`).
     pub offered_pps: f64,
+    /// What paced the frames: the `tbf` qdisc, or the generator with the qdisc bypassed.
+    pub pacing: Pacing,
+    /// CPU time of the generator's thread while it sent (near `seconds` when it sent flat out).
+    pub generator_busy_s: f64,
     /// Deliveries expected at the sink: packets × outputs per packet.
     pub expected: u64,
     pub delivered: u64,
@@ -102,6 +106,8 @@ pub struct Bench<'a> {
     pub cpus: &'a CpuPlan,
     /// Deliveries per input packet (the fan-out).
     pub copies: u64,
+    /// What paces the frames; `None`: whatever suits the rate ([`Generator::pacing_for`]).
+    pub pacing: Option<Pacing>,
 }
 
 struct Snapshot {
@@ -142,7 +148,8 @@ impl Bench<'_> {
             .then(|| -> anyhow::Result<_> { Ok((CpuStat::read()?, cpu::run_time(&relay_pids))) })
             .transpose()?;
 
-        let elapsed = self.generator.send(rate, packets)?;
+        let pacing = self.pacing.unwrap_or_else(|| Generator::pacing_for(rate));
+        let sent = self.generator.send(rate, packets, pacing)?;
         self.drain(&before, packets)?;
         if let Some(relay) = relay.as_deref() {
             let delivered = self
@@ -180,8 +187,10 @@ impl Bench<'_> {
             relay.check_running()?;
         }
         let after = self.snapshot(relay.as_deref())?;
-        let mut trial = self.account(rate, packets, elapsed, &before, &after, cpu_use);
+        let mut trial = self.account(rate, packets, sent.elapsed, &before, &after, cpu_use);
         trial.others_s = others_s;
+        trial.pacing = sent.pacing;
+        trial.generator_busy_s = sent.busy.as_secs_f64();
         Ok(trial)
     }
 
@@ -324,6 +333,8 @@ impl Bench<'_> {
             packets,
             seconds,
             offered_pps: packets as f64 / seconds,
+            pacing: Pacing::Tbf,
+            generator_busy_s: 0.0,
             expected,
             delivered,
             delivered_pps: delivered as f64 / seconds,
