@@ -9,6 +9,7 @@
 //! (`trial.rs`). The results go to `target/bench/` as Markdown, JSON and an SVG chart
 //! (`report.rs`, `targets.rs`, `chart.rs`).
 
+mod backlog;
 mod chart;
 mod cpu;
 mod frame;
@@ -173,6 +174,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     catch_interrupts()?;
     cpu::set_quiet_budget(Duration::from_secs(if args.quick { 20 } else { 180 }));
     topology::sweep_stale();
+    let _backlog = backlog::DeepBacklog::raise()?;
     let cpus = cpu_plan()?;
     pin_to(cpus.generator)?;
     let out = &args.out;
@@ -263,6 +265,7 @@ fn check_generator(
     catch_interrupts()?;
     cpu::set_quiet_budget(Duration::from_secs(if args.quick { 20 } else { 180 }));
     topology::sweep_stale();
+    let _backlog = backlog::DeepBacklog::raise()?;
     let cpus = cpu_plan()?;
     pin_to(cpus.generator)?;
     std::fs::create_dir_all(&args.out)
