@@ -89,6 +89,49 @@ impl RuleKey {
     }
 }
 
+/// Name of the hash map from [`RuleKey6`] to [`RuleSlot`]: the IPv6 rules.
+pub const MAP_RULES6: &str = "MCR_RULES6";
+
+/// What an IPv6 rule matches: a UDP packet arriving on `ifindex` for `group:port`, from
+/// `source` (or from anyone when `source` is `::`). Slots, counters and steering are shared
+/// with the IPv4 rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub struct RuleKey6 {
+    pub ifindex: u32,
+    /// In host byte order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
+    pub group: [u8; 16],
+    pub source: [u8; 16],
+}
+
+/// A source of `::` in a [`RuleKey6`]: the rule accepts any sender.
+pub const ANY_SOURCE6: [u8; 16] = [0; 16];
+
+impl RuleKey6 {
+    pub const fn new(ifindex: u32, group: [u8; 16], source: [u8; 16], port: u16) -> Self {
+        Self {
+            ifindex,
+            port,
+            pad: 0,
+            group,
+            source,
+        }
+    }
+
+    /// The same key for any sender.
+    #[must_use]
+    pub const fn any_source(self) -> Self {
+        Self {
+            source: ANY_SOURCE6,
+            ..self
+        }
+    }
+}
+
 /// What the classifier needs to know about a matched rule.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,8 +210,12 @@ pub struct SkipCounters {
     pub bad_checksum: u64,
     /// TTL 0: no router may have passed it on.
     pub ttl_zero: u64,
-    /// A source no sender can have: 0.0.0.0/8, 127.0.0.0/8, multicast, 255.255.255.255.
+    /// A source no sender can have: 0.0.0.0/8, 127.0.0.0/8, multicast, 255.255.255.255; for
+    /// IPv6 `::`, `::1` and multicast.
     pub bad_source: u64,
+    /// IPv6 extension headers chained deeper than the classifier follows (hop-by-hop,
+    /// routing and destination options, at most four), or ones it does not know.
+    pub extension_headers: u64,
 }
 
 impl core::ops::Add for SkipCounters {
@@ -183,6 +230,7 @@ impl core::ops::Add for SkipCounters {
             bad_checksum: self.bad_checksum + other.bad_checksum,
             ttl_zero: self.ttl_zero + other.ttl_zero,
             bad_source: self.bad_source + other.bad_source,
+            extension_headers: self.extension_headers + other.extension_headers,
         }
     }
 }
@@ -270,9 +318,10 @@ pub struct KernelOutput {
     pub destination_mac: [u8; 6],
     /// Ethernet source: the output interface's MAC.
     pub source_mac: [u8; 6],
-    /// IPv4 source: the output interface's address.
-    pub source: [u8; 4],
-    pub destination: [u8; 4],
+    /// Source address: the output interface's (an IPv4 address in the first four bytes; the
+    /// kernel path writes outputs of the input's own family only).
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
     pub port: u16,
     pub ttl: u8,
     /// DSCP (0-63) of the copies, or [`KEEP_DSCP`] to carry the input's. The ECN bits are
@@ -333,8 +382,9 @@ mod tests {
 
     #[test]
     fn kernel_outputs_have_no_hidden_padding() {
-        assert_eq!(size_of::<KernelOutput>(), 32);
-        assert_eq!(size_of::<KernelOutputs>(), 8 + 32 * MAX_RULE_OUTPUTS);
+        assert_eq!(size_of::<KernelOutput>(), 56);
+        assert_eq!(size_of::<KernelOutputs>(), 8 + 56 * MAX_RULE_OUTPUTS);
+        assert_eq!(size_of::<RuleKey6>(), 40);
         assert_eq!(size_of::<OutputCounters>(), 24);
         assert_eq!(size_of::<WorkerLoad>(), WORKER_LOAD_SIZE);
     }
@@ -349,6 +399,7 @@ mod tests {
             bad_checksum: 5,
             ttl_zero: 6,
             bad_source: 7,
+            extension_headers: 8,
         };
         let doubled = SkipCounters {
             malformed: 2,
@@ -358,6 +409,7 @@ mod tests {
             bad_checksum: 10,
             ttl_zero: 12,
             bad_source: 14,
+            extension_headers: 16,
         };
         assert_eq!(a + a, doubled);
         let r = RuleCounters {
@@ -387,6 +439,8 @@ mod user {
     unsafe impl aya::Pod for super::RuleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RuleKey6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleCounters {}
     // SAFETY: as above.

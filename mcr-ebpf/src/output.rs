@@ -73,8 +73,18 @@ impl Fields {
             macs,
             version_tos: [version_ihl, tos],
             ttl_protocol: [output.ttl, input.ttl_protocol[1]],
-            source: output.source,
-            destination: output.destination,
+            source: [
+                output.source[0],
+                output.source[1],
+                output.source[2],
+                output.source[3],
+            ],
+            destination: [
+                output.destination[0],
+                output.destination[1],
+                output.destination[2],
+                output.destination[3],
+            ],
             port: output.port.to_be_bytes(),
         }
     }

@@ -129,6 +129,7 @@ pub struct Skipped {
     pub bad_checksum: u64,
     pub ttl_zero: u64,
     pub bad_source: u64,
+    pub extension_headers: u64,
 }
 
 impl From<SkipCounters> for Skipped {
@@ -141,6 +142,7 @@ impl From<SkipCounters> for Skipped {
             bad_checksum,
             ttl_zero,
             bad_source,
+            extension_headers,
         } = counters;
         Self {
             malformed,
@@ -150,13 +152,14 @@ impl From<SkipCounters> for Skipped {
             bad_checksum,
             ttl_zero,
             bad_source,
+            extension_headers,
         }
     }
 }
 
 impl Skipped {
     /// Each reason with its count, in the order of the pinned map.
-    pub fn reasons(&self) -> [(&'static str, u64); 7] {
+    pub fn reasons(&self) -> [(&'static str, u64); 8] {
         [
             ("malformed", self.malformed),
             ("fragments", self.fragments),
@@ -165,6 +168,7 @@ impl Skipped {
             ("bad_checksum", self.bad_checksum),
             ("ttl_zero", self.ttl_zero),
             ("bad_source", self.bad_source),
+            ("extension_headers", self.extension_headers),
         ]
     }
 }
@@ -541,6 +545,7 @@ mod tests {
                 bad_checksum: 5,
                 ttl_zero: 6,
                 bad_source: 7,
+                extension_headers: 8,
             },
         }
     }
@@ -641,7 +646,7 @@ mod tests {
         assert!(
             table.ends_with(
                 "malformed 1, fragments 2, vlan 3, other_host 4, bad_checksum 5, ttl_zero 6, \
-                 bad_source 7\n"
+                 bad_source 7, extension_headers 8\n"
             ),
             "{table}"
         );

@@ -155,8 +155,8 @@ impl Planner {
             counter,
             destination_mac: routes::multicast_mac(output.destination),
             source_mac,
-            source: origin.address.octets(),
-            destination: output.destination.octets(),
+            source: address(origin.address),
+            destination: address(output.destination),
             port: output.port,
             ttl: output.ttl,
             dscp: output.dscp.unwrap_or(KEEP_DSCP),
@@ -201,14 +201,21 @@ impl Planner {
             counter,
             destination_mac: next_hop.destination_mac,
             source_mac,
-            source: origin.map_or(next_hop.source, |o| o.address).octets(),
-            destination: output.destination.octets(),
+            source: address(origin.map_or(next_hop.source, |o| o.address)),
+            destination: address(output.destination),
             port: output.port,
             ttl: output.ttl,
             dscp: output.dscp.unwrap_or(KEEP_DSCP),
         };
         Ok((written, next_hop.mtu()))
     }
+}
+
+/// An IPv4 address as a kernel output holds it: in the first four of sixteen bytes.
+fn address(address: std::net::Ipv4Addr) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[..4].copy_from_slice(&address.octets());
+    bytes
 }
 
 /// Ethernet header length: a frame may be this much longer than the interface's MTU.
