@@ -7,9 +7,10 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
 };
 
-use mcr_common::RuleKey;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
+
+use crate::flow::FlowKey;
 
 /// The largest command message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -17,15 +18,29 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 pub const MAX_FDS: usize = mcr_common::MAX_RULE_OUTPUTS;
 
 /// What a worker needs to build the frames of a multicast output itself: the link-layer
-/// destination and the fields of the IPv4 and UDP headers that do not change per packet.
+/// destination and the fields of the IP and UDP headers that do not change per packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameHeader {
     pub ifindex: u32,
     pub mac: [u8; 6],
-    pub source: [u8; 4],
-    pub destination: [u8; 4],
+    pub addresses: FrameAddresses,
     pub port: u16,
+    /// IPv4 TTL, or IPv6 hop limit.
     pub ttl: u8,
+}
+
+/// The source and destination of a framed output, which also say its family: an IPv4 or an
+/// IPv6 header, whatever the family of the input packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FrameAddresses {
+    V4 {
+        source: [u8; 4],
+        destination: [u8; 4],
+    },
+    V6 {
+        source: [u8; 16],
+        destination: [u8; 16],
+    },
 }
 
 /// One output of a rule as a worker sees it.
@@ -37,6 +52,9 @@ pub struct OutputSpec {
     pub frame: Option<FrameHeader>,
     /// DSCP to set on the output's packets; `None` carries the input packet's.
     pub dscp: Option<u8>,
+    /// The output sends IPv6: a socket output's DSCP/ECN byte goes in an `IPV6_TCLASS`
+    /// control message rather than `IP_TOS`. Always that of `frame`'s addresses when framed.
+    pub ipv6: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +85,7 @@ pub enum Command {
     /// attached in order. Replaces the rule's outputs if `slot` is already known.
     AddRule {
         slot: u32,
-        key: RuleKey,
+        key: FlowKey,
         outputs: Vec<OutputSpec>,
     },
     RemoveRule {

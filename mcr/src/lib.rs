@@ -5,6 +5,7 @@ pub mod command;
 pub mod config;
 pub mod control;
 pub mod counters;
+pub mod flow;
 pub mod metrics;
 pub mod packet;
 pub mod sockets;

@@ -21,12 +21,13 @@ use aya::{
     },
 };
 use mcr_common::{
-    MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAP_WORKER_LOAD,
-    MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey, RuleSlot,
-    SkipCounters, WorkerLoad,
+    MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_RULES6, MAP_SKIPS,
+    MAP_WORKER_LOAD, MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey,
+    RuleSlot, SkipCounters, WorkerLoad,
 };
 
 use self::outputs::KernelPathMaps;
+use crate::flow::FlowKey;
 use nix::{
     mount::{MsFlags, mount},
     sys::statfs::{BPF_FS_MAGIC, statfs},
@@ -296,19 +297,30 @@ impl Classifier {
 
     /// Starts matching `key` as `value` says (its counter slot keeps counting from where it
     /// is), or replaces the entry of `key` in one step.
-    pub fn insert_rule(&mut self, key: &RuleKey, value: RuleSlot) -> Result<(), BpfError> {
-        self.rules
-            .insert(key, value, 0)
-            .map_err(map_error(MAP_RULES))
+    pub fn insert_rule(&mut self, key: &FlowKey, value: RuleSlot) -> Result<(), BpfError> {
+        match key {
+            FlowKey::V4(key) => self
+                .rules
+                .insert(key, value, 0)
+                .map_err(map_error(MAP_RULES)),
+            FlowKey::V6(_) => Err(BpfError::Missing(MAP_RULES6)),
+        }
     }
 
     /// The map entry of `key`, if the classifier has one.
-    pub fn rule(&self, key: &RuleKey) -> Option<RuleSlot> {
-        self.rules.get(key, 0).ok()
+    pub fn rule(&self, key: &FlowKey) -> Option<RuleSlot> {
+        match key {
+            FlowKey::V4(key) => self.rules.get(key, 0).ok(),
+            FlowKey::V6(_) => None,
+        }
     }
 
-    pub fn remove_rule(&mut self, key: &RuleKey) -> Result<(), BpfError> {
-        match self.rules.remove(key) {
+    pub fn remove_rule(&mut self, key: &FlowKey) -> Result<(), BpfError> {
+        let result = match key {
+            FlowKey::V4(key) => self.rules.remove(key),
+            FlowKey::V6(_) => Ok(()),
+        };
+        match result {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(error) => Err(map_error(MAP_RULES)(error)),
         }

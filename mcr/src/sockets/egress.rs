@@ -11,7 +11,10 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::{command::FrameHeader, config::Output};
+use crate::{
+    command::{FrameAddresses, FrameHeader},
+    config::Output,
+};
 
 /// Send buffer of each output socket.
 const SEND_BUFFER: usize = 4 * 1024 * 1024;
@@ -58,8 +61,10 @@ pub fn frame_header(output: &Output, origin: &Origin) -> FrameHeader {
     FrameHeader {
         ifindex: origin.ifindex,
         mac: super::routes::multicast_mac(output.destination),
-        source: origin.address.octets(),
-        destination: output.destination.octets(),
+        addresses: FrameAddresses::V4 {
+            source: origin.address.octets(),
+            destination: output.destination.octets(),
+        },
         port: output.port,
         ttl: output.ttl,
     }

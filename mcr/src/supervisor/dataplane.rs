@@ -14,14 +14,13 @@ use std::{
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
-use mcr_common::RuleKey;
-
 use super::workers::{Executable, Progress, Worker, WorkerEvent};
 use crate::{
     bpf::Classifier,
     command::{Command, OutputSpec},
     config::{Rule, Settings},
     counters::{MAX_OUTPUTS, OutputTotals},
+    flow::FlowKey,
     sockets::{
         egress::{self, Origin},
         igmp::{Membership, Memberships},
@@ -84,7 +83,7 @@ struct EgressState {
 }
 
 struct RouteState {
-    key: RuleKey,
+    key: FlowKey,
     worker: usize,
     membership: Membership,
     outputs: Vec<EgressState>,
@@ -171,7 +170,7 @@ impl Dataplane {
         classifier: &Classifier,
         slot: u32,
         rule: &Rule,
-        key: RuleKey,
+        key: FlowKey,
         origins: &[Option<Origin>],
         counters: &[u32],
     ) -> Result<usize, StartError> {
@@ -186,6 +185,7 @@ impl Dataplane {
                         counter,
                         frame: Some(egress::frame_header(output, origin)),
                         dscp: output.dscp,
+                        ipv6: false,
                     },
                     socket: None,
                 },
@@ -194,6 +194,7 @@ impl Dataplane {
                         counter,
                         frame: None,
                         dscp: output.dscp,
+                        ipv6: false,
                     },
                     socket: Some(egress::open(output, origin.as_ref()).map_err(|source| {
                         StartError::OutputSocket {
@@ -206,9 +207,9 @@ impl Dataplane {
             outputs.push(egress);
         }
         let worker = self.worker_for(slot);
-        self.open_input(classifier, &rule.input.interface, key.ifindex)?;
+        self.open_input(classifier, &rule.input.interface, key.ifindex())?;
         let membership = Membership {
-            ifindex: key.ifindex,
+            ifindex: key.ifindex(),
             group: rule.input.group,
             source: rule.input.source,
         };
@@ -266,7 +267,7 @@ impl Dataplane {
         if let Err(error) = self.memberships.leave(route.membership) {
             tracing::warn!(%error, "cannot leave {}", route.membership.group);
         }
-        self.close_input_ref(route.key.ifindex);
+        self.close_input_ref(route.key.ifindex());
         drop(route.outputs);
     }
 

@@ -12,8 +12,7 @@ use std::{
 };
 
 use mcr_common::{
-    ANY_SOURCE, KernelOutputs, MAX_RULES, PATH_KERNEL, PATH_WORKER, RULE_LOCAL_DELIVERY, RuleKey,
-    RuleSlot,
+    KernelOutputs, MAX_RULES, PATH_KERNEL, PATH_WORKER, RULE_LOCAL_DELIVERY, RuleSlot,
 };
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +25,7 @@ use crate::{
     },
     config::{Config, Input, Output, PathChoice, Rule},
     counters::{MAX_OUTPUTS, OutputTotals},
+    flow::FlowKey,
     sockets::{egress::Origin, interfaces},
     state::{ForwardingPath, RuleState, StartError, Waiting},
     stats::{OutputStats, RateMeter, RuleDrops, RuleStats, StatsReport},
@@ -58,7 +58,7 @@ struct Entry {
     /// One per output of `rule`, in the same order.
     outputs: Vec<OutputCounter>,
     /// Present while the rule is in the classifier map (and so forwarding).
-    key: Option<RuleKey>,
+    key: Option<FlowKey>,
     /// The outputs the data plane runs, and the interfaces their sockets were opened on.
     running_outputs: Vec<Output>,
     origins: Vec<Option<Origin>>,
@@ -118,7 +118,7 @@ impl RuleTable {
         }
         // Keys of rules that keep running: a renamed rule takes its old key over, which the
         // old entry's removal must not delete.
-        let mut running: HashSet<RuleKey> = HashSet::new();
+        let mut running: HashSet<FlowKey> = HashSet::new();
         self.planner.begin();
         for index in 0..self.entries.len() {
             self.bring_up(classifier, dataplane, index);
@@ -317,7 +317,7 @@ impl RuleTable {
         classifier: &mut Classifier,
         dataplane: &mut Dataplane,
         mut entry: Entry,
-        running: &HashSet<RuleKey>,
+        running: &HashSet<FlowKey>,
     ) {
         stop(classifier, dataplane, &mut entry, Some(running));
         self.slots.free(entry.slot);
@@ -447,12 +447,12 @@ fn start(
     classifier: &mut Classifier,
     dataplane: &mut Dataplane,
     entry: &mut Entry,
-    key: RuleKey,
+    key: FlowKey,
     origins: Vec<Option<Origin>>,
 ) {
     let result = (|| {
         classifier
-            .attach(&entry.rule.input.interface, key.ifindex)
+            .attach(&entry.rule.input.interface, key.ifindex())
             .map_err(StartError::Attach)?;
         let counters: Vec<u32> = entry.outputs.iter().map(|o| o.counter).collect();
         dataplane.start_rule(
@@ -621,7 +621,7 @@ fn stop(
     classifier: &mut Classifier,
     dataplane: &mut Dataplane,
     entry: &mut Entry,
-    keep: Option<&HashSet<RuleKey>>,
+    keep: Option<&HashSet<FlowKey>>,
 ) {
     let Some(key) = entry.key.take() else {
         return;
@@ -643,15 +643,17 @@ fn stop(
 }
 
 /// The map key of `input`, or why it cannot have one yet.
-fn resolve(input: &Input) -> Result<RuleKey, Waiting> {
+fn resolve(input: &Input) -> Result<FlowKey, Waiting> {
     let ifindex = interfaces::index(&input.interface)
         .ok_or_else(|| Waiting::InputInterface(input.interface.clone()))?;
-    Ok(RuleKey::new(
+    Ok(FlowKey::V4(mcr_common::RuleKey::new(
         ifindex,
         input.group.octets(),
-        input.source.map_or(ANY_SOURCE, |source| source.octets()),
+        input
+            .source
+            .map_or(mcr_common::ANY_SOURCE, |source| source.octets()),
         input.port,
-    ))
+    )))
 }
 
 /// Hands out the numbers `0..LIMIT`; a freed number is reused last-freed-first.

@@ -17,7 +17,6 @@ use io_uring::{
     IoUring, Submitter, cqueue, opcode, squeue,
     types::{self, Fd},
 };
-use mcr_common::RuleKey;
 
 use super::{
     buffers::{Buffer, Buffers, Ring},
@@ -27,6 +26,7 @@ use super::{
 use crate::{
     command::{self, Command, MAX_MESSAGE},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
+    flow::FlowKey,
     packet::{self, ParseError},
 };
 
@@ -115,7 +115,7 @@ pub struct Forwarder {
     /// This worker's page of the classifier's load map.
     load: LoadPage,
     inputs: Vec<Input>,
-    routes: HashMap<RuleKey, Route>,
+    routes: HashMap<FlowKey, Route>,
     in_flight: usize,
     running: bool,
 }
@@ -295,12 +295,12 @@ impl Forwarder {
                 return Ok(());
             }
         };
-        let key = RuleKey::new(
+        let key = FlowKey::V4(mcr_common::RuleKey::new(
             self.inputs[input].ifindex,
             datagram.destination.octets(),
             datagram.source.octets(),
             datagram.destination_port,
-        );
+        ));
         // Source-specific rules first, then the rule for any sender.
         let route = if let Some(route) = self.routes.get(&key) {
             route

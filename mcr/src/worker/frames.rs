@@ -29,8 +29,14 @@ impl Frame {
         template[0] = 0x45; // version 4, 5 words of header
         template[8] = header.ttl;
         template[9] = 17; // UDP
-        template[12..16].copy_from_slice(&header.source);
-        template[16..20].copy_from_slice(&header.destination);
+        if let crate::command::FrameAddresses::V4 {
+            source,
+            destination,
+        } = header.addresses
+        {
+            template[12..16].copy_from_slice(&source);
+            template[16..20].copy_from_slice(&destination);
+        }
         // The source port is the destination port, as most multicast senders do.
         template[20..22].copy_from_slice(&header.port.to_be_bytes());
         template[22..24].copy_from_slice(&header.port.to_be_bytes());
@@ -212,8 +218,10 @@ mod tests {
         Frame::new(&FrameHeader {
             ifindex: 3,
             mac: [1, 0, 0x5e, 2, 2, 1],
-            source: [10, 2, 0, 1],
-            destination: [239, 2, 2, 1],
+            addresses: crate::command::FrameAddresses::V4 {
+                source: [10, 2, 0, 1],
+                destination: [239, 2, 2, 1],
+            },
             port: 6000,
             ttl: 7,
         })
