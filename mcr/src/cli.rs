@@ -166,8 +166,11 @@ impl Cli {
                 crate::worker::run()?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Check { config } => match config::load(&config) {
-                Ok(config) => {
+            Command::Check { config } => match config::check_file(&config) {
+                Ok((config, warnings)) => {
+                    for warning in warnings.lines() {
+                        eprintln!("warning: {warning}");
+                    }
                     println!("OK: {} rules", config.rules.len());
                     Ok(ExitCode::SUCCESS)
                 }

@@ -1,10 +1,43 @@
 //! What a rule matches, in either address family: the key of the classifier's rule maps
 //! (`MCR_RULES` for IPv4, `MCR_RULES6` for IPv6) and of the workers' route tables.
 
-use std::net::IpAddr;
+use std::{fmt, net::IpAddr};
 
 use mcr_common::{ANY_SOURCE, ANY_SOURCE6, RuleKey, RuleKey6};
 use serde::{Deserialize, Serialize};
+
+/// An address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const fn of(address: IpAddr) -> Self {
+        match address {
+            IpAddr::V4(_) => Self::Ipv4,
+            IpAddr::V6(_) => Self::Ipv6,
+        }
+    }
+
+    /// The Ethernet protocol number of the family's packets, in host byte order.
+    pub const fn ethertype(self) -> u16 {
+        match self {
+            Self::Ipv4 => 0x0800,
+            Self::Ipv6 => 0x86dd,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        })
+    }
+}
 
 /// A rule's stream: UDP to `group:port` arriving on an interface, from one sender or any.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -55,6 +88,13 @@ impl FlowKey {
 
     pub const fn is_ipv6(&self) -> bool {
         matches!(self, Self::V6(_))
+    }
+
+    pub const fn family(&self) -> Family {
+        match self {
+            Self::V4(_) => Family::Ipv4,
+            Self::V6(_) => Family::Ipv6,
+        }
     }
 
     /// The same key for any sender: what a packet falls back to when no rule names its source.

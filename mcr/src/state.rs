@@ -7,7 +7,15 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bpf::BpfError;
+use crate::{bpf::BpfError, flow::Family};
+
+fn beyond_link(routable: bool) -> &'static str {
+    if routable {
+        " beyond link-local (a link-local source is not routed off the link)"
+    } else {
+        ""
+    }
+}
 
 /// Where a rule stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,8 +96,16 @@ pub enum Waiting {
     InputInterface(String),
     #[error("output interface {0} does not exist")]
     OutputInterface(String),
-    #[error("output interface {0} has no IPv4 address")]
-    OutputAddress(String),
+    /// Not reached from a checked rules file, which refuses a sender of the other family.
+    #[error("input {0}: its sender and group are of different families")]
+    MixedFamilies(String),
+    #[error("output interface {interface} has no {family} address{}", beyond_link(*.routable))]
+    OutputAddress {
+        interface: String,
+        family: Family,
+        /// A link-local address would do for this output's destination.
+        routable: bool,
+    },
 }
 
 /// Why a rule whose interfaces exist could not start.
@@ -101,9 +117,10 @@ pub enum StartError {
     NoOutputCounter(usize),
     #[error("cannot attach the classifier: {0}")]
     Attach(#[source] BpfError),
-    #[error("packet sockets on {interface}: {source}")]
+    #[error("{family} packet sockets on {interface}: {source}")]
     InputSockets {
         interface: String,
+        family: Family,
         source: std::io::Error,
     },
     #[error("output {output}: {source}")]

@@ -74,7 +74,7 @@ impl OutputStats {
     pub fn new(output: &Output, totals: OutputTotals) -> Self {
         Self {
             interface: output.interface.clone(),
-            destination: format!("{}:{}", output.destination, output.port),
+            destination: std::net::SocketAddr::new(output.destination, output.port).to_string(),
             ttl: output.ttl,
             dscp: output.dscp,
             tx_packets: totals.packets,

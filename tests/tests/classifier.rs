@@ -233,7 +233,7 @@ fn a_bad_rules_file_is_rejected_with_its_line_and_nothing_is_attached() -> anyho
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let expected = format!(
-        "{}:7: rules[1].input.group: 10.1.1.2 is not an IPv4 multicast group (224.0.0.0/4)",
+        "{}:7: rules[1].input.group: 10.1.1.2 is not a multicast group (224.0.0.0/4 or ff00::/8)",
         rules.display()
     );
     assert_eq!(stderr.trim(), expected);

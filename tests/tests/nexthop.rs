@@ -8,7 +8,10 @@
 //!  out1 10.3.0.1/24 ---------------- sink1 10.3.0.2/24   (second sink)
 //! ```
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use anyhow::{Context as _, ensure};
 use mcr::sockets::{
@@ -101,9 +104,10 @@ fn ifindex(netns: &Netns, name: &str) -> anyhow::Result<u32> {
 
 fn next_hop(
     netns: &Netns,
-    destination: Ipv4Addr,
+    destination: impl Into<IpAddr>,
     interface: Option<u32>,
 ) -> anyhow::Result<Result<routes::NextHop, NextHopError>> {
+    let destination = destination.into();
     in_netns(netns, move || routes::next_hop(destination, interface))
 }
 
@@ -133,7 +137,7 @@ fn a_direct_next_hop_resolves_with_the_peers_mac_after_solicit() -> anyhow::Resu
         other => panic!("expected the sink to be unresolved before anything was sent: {other:?}"),
     }
 
-    in_netns(relay, move || routes::solicit(SINK, out0))??;
+    in_netns(relay, move || routes::solicit(SINK.into(), out0))??;
 
     // The sink saw the relay's ARP request: it learned the relay's address from it.
     let relay_mac = mac_of(relay, "out0")?;
@@ -152,7 +156,7 @@ fn a_direct_next_hop_resolves_with_the_peers_mac_after_solicit() -> anyhow::Resu
     .context("the sink never resolved")?;
     assert_eq!(mac_text(resolved.destination_mac), mac_of(sink, "sink0")?);
     assert_eq!(resolved.gateway, None);
-    assert_eq!(resolved.source, RELAY_OUT0);
+    assert_eq!(resolved.source, IpAddr::V4(RELAY_OUT0));
     assert_eq!(resolved.egress.name, "out0");
     assert_eq!(resolved.egress.ifindex, out0);
     assert_eq!(resolved.egress.mac.map(mac_text), Some(relay_mac));
@@ -168,7 +172,7 @@ fn an_unanswered_next_hop_is_solicited_and_stays_unresolved() -> anyhow::Result<
     let out0 = ifindex(relay, "out0")?;
     let nobody = Ipv4Addr::new(10, 2, 0, 9);
 
-    in_netns(relay, move || routes::solicit(nobody, out0))??;
+    in_netns(relay, move || routes::solicit(nobody.into(), out0))??;
     let (state, _) = neighbour(relay, nobody, "out0")?.context("solicit created no entry")?;
     assert_eq!(state, "INCOMPLETE", "ARP resolution did not start");
 
@@ -212,9 +216,9 @@ fn a_gateway_route_gives_the_gateways_mac_and_follows_its_changes() -> anyhow::R
     let destination = Ipv4Addr::new(10, 9, 1, 1);
 
     let first = next_hop(relay, destination, None)??;
-    assert_eq!(first.gateway, Some(GATEWAY));
+    assert_eq!(first.gateway, Some(IpAddr::V4(GATEWAY)));
     assert_eq!(first.destination_mac, GATEWAY_MAC);
-    assert_eq!(first.source, RELAY_OUT0);
+    assert_eq!(first.source, IpAddr::V4(RELAY_OUT0));
     assert_eq!(first.egress.name, "out0");
     assert_eq!(first.route_mtu, None);
     assert_eq!(first.mtu(), 1500);
@@ -233,7 +237,7 @@ fn solicit_leaves_a_static_entry_as_it_was() -> anyhow::Result<()> {
     static_gateway(relay, GATEWAY_MAC)?;
     let out0 = ifindex(relay, "out0")?;
 
-    in_netns(relay, move || routes::solicit(GATEWAY, out0))??;
+    in_netns(relay, move || routes::solicit(GATEWAY.into(), out0))??;
 
     assert_eq!(
         neighbour(relay, GATEWAY, "out0")?,
@@ -269,7 +273,7 @@ fn solicit_reconfirms_a_stale_entry() -> anyhow::Result<()> {
         Some("STALE".to_owned())
     );
 
-    in_netns(relay, move || routes::solicit(SINK, out0))??;
+    in_netns(relay, move || routes::solicit(SINK.into(), out0))??;
 
     let reachable = wait_for(Duration::from_secs(4), || {
         let (state, _) = neighbour(relay, SINK, "out0").ok()??;
@@ -300,7 +304,7 @@ fn the_routes_preferred_source_is_the_source() -> anyhow::Result<()> {
     static_gateway(relay, GATEWAY_MAC)?;
 
     let hop = next_hop(relay, Ipv4Addr::new(10, 8, 0, 1), None)??;
-    assert_eq!(hop.source, Ipv4Addr::new(10, 7, 7, 7));
+    assert_eq!(hop.source, IpAddr::V4(Ipv4Addr::new(10, 7, 7, 7)));
     assert_eq!(hop.egress.name, "out0");
     Ok(())
 }
@@ -332,7 +336,7 @@ fn policy_rules_and_other_tables_are_followed() -> anyhow::Result<()> {
     ])?;
 
     let hop = next_hop(relay, Ipv4Addr::new(10, 6, 0, 1), None)??;
-    assert_eq!(hop.gateway, Some(other_gateway));
+    assert_eq!(hop.gateway, Some(IpAddr::V4(other_gateway)));
     assert_eq!(hop.destination_mac, other_mac);
     assert_eq!(hop.egress.name, "out1");
     assert_eq!(hop.source, Ipv4Addr::new(10, 3, 0, 1));
@@ -353,7 +357,7 @@ fn destinations_without_a_route_say_so() -> anyhow::Result<()> {
 
     // Through out0 the route applies; through out1 there is none.
     let through_out0 = next_hop(relay, destination, Some(out0))??;
-    assert_eq!(through_out0.gateway, Some(GATEWAY));
+    assert_eq!(through_out0.gateway, Some(IpAddr::V4(GATEWAY)));
     match next_hop(relay, destination, Some(out1))? {
         Err(error @ NextHopError::NoRoute { .. }) => {
             assert_eq!(error.to_string(), "no route to 10.9.1.1 through out1");

@@ -843,7 +843,7 @@ fn under_systemd_each_log_line_carries_its_journal_priority() -> anyhow::Result<
     };
     assert_eq!(at("rules file rejected"), Some(3), "{log}");
     // The problems listed under it are errors too, not info lines of their own.
-    assert_eq!(at("is not an IPv4 multicast group"), Some(3), "{log}");
+    assert_eq!(at("is not a multicast group"), Some(3), "{log}");
     assert_eq!(at("port 0"), Some(3), "{log}");
     assert_eq!(at("running"), Some(6), "{log}");
     assert_eq!(at("DEBUG "), Some(7), "{log}");

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
@@ -21,6 +21,7 @@ use mcr_common::{
 use super::{BpfError, map_error};
 use crate::{
     config::{Output, Rule},
+    flow::Family,
     sockets::{
         egress::Origin,
         interfaces::{self, Link, LinkError},
@@ -79,6 +80,15 @@ pub enum NotInKernel {
     NotEthernet(String),
     #[error(transparent)]
     NextHop(#[from] NextHopError),
+    #[error(
+        "output {output} is {output_family} and the input {input_family}: translating between \
+         the families runs on the workers"
+    )]
+    Translation {
+        output: String,
+        output_family: Family,
+        input_family: Family,
+    },
     #[error("cannot write the kernel path's output set: {0}")]
     Map(#[source] BpfError),
 }
@@ -92,7 +102,7 @@ pub struct Planner {
     /// Next hops MCR asked the kernel to resolve and that have not resolved since. Each is
     /// solicited once: after that, the rule's worker sends keep asking, as any sender's do,
     /// and a next hop that never answers costs no more than that.
-    solicited: HashSet<(Ipv4Addr, u32)>,
+    solicited: HashSet<(IpAddr, u32)>,
 }
 
 impl Planner {
@@ -111,6 +121,18 @@ impl Planner {
         origins: &[Option<Origin>],
         counters: &[u32],
     ) -> Result<KernelOutputs, NotInKernel> {
+        let input_family = Family::of(rule.input.group);
+        if let Some(output) = rule
+            .outputs
+            .iter()
+            .find(|output| Family::of(output.destination) != input_family)
+        {
+            return Err(NotInKernel::Translation {
+                output: output.to_string(),
+                output_family: Family::of(output.destination),
+                input_family,
+            });
+        }
         let mut set = KernelOutputs::default();
         let mut smallest_mtu = u32::MAX;
         for (index, ((output, origin), &counter)) in
@@ -211,11 +233,17 @@ impl Planner {
     }
 }
 
-/// An IPv4 address as a kernel output holds it: in the first four of sixteen bytes.
-fn address(address: std::net::Ipv4Addr) -> [u8; 16] {
-    let mut bytes = [0; 16];
-    bytes[..4].copy_from_slice(&address.octets());
-    bytes
+/// An address as a kernel output holds it: an IPv4 address in the first four of sixteen
+/// bytes, an IPv6 address in all sixteen.
+fn address(address: IpAddr) -> [u8; 16] {
+    match address {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 /// Ethernet header length: a frame may be this much longer than the interface's MTU.

@@ -12,7 +12,7 @@ mod shape;
 use std::{
     collections::HashMap,
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -105,14 +105,14 @@ pub struct Rule {
     pub local_delivery: bool,
 }
 
-/// Where a rule's stream arrives.
+/// Where a rule's stream arrives: an IPv4 or an IPv6 group.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Input {
     pub interface: String,
-    pub group: Ipv4Addr,
+    pub group: IpAddr,
     pub port: u16,
-    /// Only this sender, for source-specific rules.
-    pub source: Option<Ipv4Addr>,
+    /// Only this sender, for source-specific rules; of the group's family.
+    pub source: Option<IpAddr>,
 }
 
 /// Where a rule's stream is re-published.
@@ -120,8 +120,11 @@ pub struct Input {
 pub struct Output {
     /// Interface to send on; required for multicast destinations, optional for unicast.
     pub interface: Option<String>,
-    pub destination: Ipv4Addr,
+    /// Of either family, whatever the input's: the output is sent from the output interface's
+    /// address of the destination's family.
+    pub destination: IpAddr,
     pub port: u16,
+    /// IPv4 TTL or IPv6 hop limit (`ttl` or `hop_limit` in the file).
     pub ttl: u8,
     /// DSCP (0-63) of the relayed packets; `None` carries the input packet's. The ECN bits
     /// are always the input's.
@@ -130,22 +133,20 @@ pub struct Output {
 
 impl fmt::Display for Input {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stream = SocketAddr::new(self.group, self.port);
         match self.source {
-            Some(source) => write!(
-                f,
-                "{}:{}:{} from {source}",
-                self.interface, self.group, self.port
-            ),
-            None => write!(f, "{}:{}:{}", self.interface, self.group, self.port),
+            Some(source) => write!(f, "{}:{stream} from {source}", self.interface),
+            None => write!(f, "{}:{stream}", self.interface),
         }
     }
 }
 
 impl fmt::Display for Output {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let destination = SocketAddr::new(self.destination, self.port);
         match &self.interface {
-            Some(interface) => write!(f, "{interface}:{}:{}", self.destination, self.port),
-            None => write!(f, "{}:{}", self.destination, self.port),
+            Some(interface) => write!(f, "{interface}:{destination}"),
+            None => write!(f, "{destination}"),
         }
     }
 }
@@ -210,6 +211,53 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         problems,
     })
+}
+
+/// What `mcr check` says of the file at `path`: the validated rules and the warnings about
+/// this host (see [`host_warnings`]), or why the file cannot be used.
+pub fn check_file(path: &Path) -> Result<(Config, String), ConfigError> {
+    let text = read::read_text(path)?;
+    let config = parse(&text).map_err(|problems| ConfigError::Invalid {
+        path: path.to_owned(),
+        problems,
+    })?;
+    let warnings = host_warnings(&text, &config);
+    Ok((config, render_problems(path, &warnings)))
+}
+
+/// What would keep valid rules waiting on this host now: an output interface that exists but
+/// has no address of its output's family to send from. Not an error, since addresses come and
+/// go (an IPv6 address appears after duplicate address detection, or with router
+/// advertisements) and the rule starts by itself when one does; `mcr run` shows the rule as
+/// waiting, with this reason.
+fn host_warnings(text: &str, config: &Config) -> Vec<Problem> {
+    let index = LineIndex::new(text);
+    let mut warnings = Vec::new();
+    for (i, rule) in config.rules.iter().enumerate() {
+        for (j, output) in rule.outputs.iter().enumerate() {
+            let Some(interface) = &output.interface else {
+                continue;
+            };
+            if crate::sockets::interfaces::index(interface).is_none()
+                || crate::sockets::interfaces::source_address(interface, output.destination)
+                    .is_some()
+            {
+                continue;
+            }
+            let field = format!("rules[{i}].outputs[{j}].interface");
+            warnings.push(Problem {
+                line: index.line_of(&field),
+                field,
+                message: format!(
+                    "{interface} has no {} address here to send to {} from: the rule waits \
+                     until it has one",
+                    family_name(output.destination),
+                    output.destination
+                ),
+            });
+        }
+    }
+    warnings
 }
 
 /// Validates the text of a rules file.
@@ -307,19 +355,25 @@ struct RawRule {
 #[serde(deny_unknown_fields)]
 struct RawInput {
     interface: String,
-    group: Ipv4Addr,
+    /// Addresses are read as text and parsed in the checks, whose errors name the line of
+    /// the field and the text that is not an address.
+    group: String,
     port: u16,
-    source: Option<Ipv4Addr>,
+    source: Option<String>,
     min_ttl: Option<i64>,
+    /// `min_ttl` under its IPv6 name.
+    min_hop_limit: Option<i64>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOutput {
     interface: Option<String>,
-    destination: Ipv4Addr,
+    destination: String,
     port: u16,
     ttl: Option<i64>,
+    /// `ttl` under its IPv6 name.
+    hop_limit: Option<i64>,
     dscp: Option<i64>,
 }
 
@@ -552,50 +606,39 @@ impl Checker<'_> {
             );
         }
         self.check_interface(&format!("{at}.input.interface"), &raw.input.interface);
-        if !raw.input.group.is_multicast() {
-            self.problem(
-                format!("{at}.input.group"),
-                format!(
-                    "{} is not an IPv4 multicast group (224.0.0.0/4)",
-                    raw.input.group
-                ),
-            );
-        } else if is_link_local_group(raw.input.group) {
-            self.problem(
-                format!("{at}.input.group"),
-                format!(
-                    "{} is a link-local group (224.0.0.0/24): these belong to routing and \
-                     discovery protocols such as OSPF, PIM and IGMP and never leave their link",
-                    raw.input.group
-                ),
-            );
+        let group = self.address(&format!("{at}.input.group"), &raw.input.group);
+        if let Some(group) = group {
+            self.check_input_group(&format!("{at}.input.group"), group);
         }
         if raw.input.port == 0 {
             self.problem(format!("{at}.input.port"), "port 0: use 1 to 65535");
         }
-        if let Some(source) = raw.input.source
-            && (source.is_multicast() || source.is_unspecified() || source.is_broadcast())
-        {
-            self.problem(
-                format!("{at}.input.source"),
-                format!("{source} cannot be a sender: give the sender's unicast address"),
-            );
-        }
-        let min_ttl = raw.input.min_ttl.and_then(|min_ttl| {
-            let valid = u8::try_from(min_ttl).ok().filter(|ttl| *ttl >= 1);
-            if valid.is_none() {
-                self.problem(
-                    format!("{at}.input.min_ttl"),
-                    format!("minimum TTL {min_ttl}: use 1 to 255"),
-                );
+        let source = raw.input.source.as_deref().and_then(|source| {
+            let field = format!("{at}.input.source");
+            let source = self.address(&field, source)?;
+            if let Some(group) = group {
+                self.check_input_source(&field, group, source);
             }
-            valid
+            Some(source)
         });
+        let min_ttl = match (raw.input.min_ttl, raw.input.min_hop_limit) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    format!("{at}.input.min_hop_limit"),
+                    "min_ttl and min_hop_limit are the same setting: give one",
+                );
+                None
+            }
+            (Some(value), None) => self.check_min_ttl(&format!("{at}.input.min_ttl"), value),
+            (None, Some(value)) => self.check_min_ttl(&format!("{at}.input.min_hop_limit"), value),
+            (None, None) => None,
+        };
         let input = Input {
             interface: raw.input.interface,
-            group: raw.input.group,
+            // A file with a problem is refused whole: the placeholder goes no further.
+            group: group.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             port: raw.input.port,
-            source: raw.input.source,
+            source,
         };
         if raw.outputs.is_empty() {
             self.problem(
@@ -632,19 +675,12 @@ impl Checker<'_> {
         if let Some(interface) = &raw.interface {
             self.check_interface(&format!("{at}.interface"), interface);
         }
-        let destination = raw.destination;
-        if destination.is_unspecified() || destination.is_broadcast() {
-            self.problem(
-                format!("{at}.destination"),
-                format!("{destination} cannot be a destination"),
-            );
-        }
-        if destination.is_multicast() && raw.interface.is_none() {
-            self.problem(
-                format!("{at}.interface"),
-                format!("multicast destination {destination} needs an interface to send on"),
-            );
-        }
+        let destination = self
+            .address(&format!("{at}.destination"), &raw.destination)
+            .inspect(|&destination| {
+                self.check_destination(at, destination, raw.interface.is_some());
+            })
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         if raw.port == 0 {
             self.problem(format!("{at}.port"), "port 0: use 1 to 65535");
         }
@@ -655,20 +691,23 @@ impl Checker<'_> {
             self.problem(
                 at.to_owned(),
                 format!(
-                    "output {destination}:{} on {} is the rule's own input: it would loop forever",
-                    raw.port, input.interface
+                    "output {} on {} is the rule's own input: it would loop forever",
+                    SocketAddr::new(destination, raw.port),
+                    input.interface
                 ),
             );
         }
-        let ttl = match raw.ttl {
-            None => DEFAULT_TTL,
-            Some(ttl) => u8::try_from(ttl)
-                .ok()
-                .filter(|ttl| *ttl >= 1)
-                .unwrap_or_else(|| {
-                    self.problem(format!("{at}.ttl"), format!("TTL {ttl}: use 1 to 255"));
-                    DEFAULT_TTL
-                }),
+        let ttl = match (raw.ttl, raw.hop_limit) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    format!("{at}.hop_limit"),
+                    "ttl and hop_limit are the same setting: give one",
+                );
+                DEFAULT_TTL
+            }
+            (Some(ttl), None) => self.check_ttl(&format!("{at}.ttl"), "TTL", ttl),
+            (None, Some(limit)) => self.check_ttl(&format!("{at}.hop_limit"), "hop limit", limit),
+            (None, None) => DEFAULT_TTL,
         };
         let dscp = raw.dscp.and_then(|dscp| {
             let valid = u8::try_from(dscp).ok().filter(|dscp| *dscp <= MAX_DSCP);
@@ -687,6 +726,158 @@ impl Checker<'_> {
             ttl,
             dscp,
         }
+    }
+
+    /// The IPv4 or IPv6 address written in `field`.
+    fn address(&mut self, field: &str, text: &str) -> Option<IpAddr> {
+        let parsed = text.parse().ok();
+        if parsed.is_none() {
+            self.problem(
+                field.to_owned(),
+                format!(
+                    "{} is not an IP address: write one such as 239.1.1.1 or ff3e::1",
+                    Quoted(text)
+                ),
+            );
+        }
+        parsed
+    }
+
+    /// An input group: multicast, and one whose packets a relay may take (not a group that
+    /// belongs to the link's own protocols, nor one that never leaves a host).
+    fn check_input_group(&mut self, field: &str, group: IpAddr) {
+        match group {
+            IpAddr::V4(group) if !group.is_multicast() => self.problem(
+                field.to_owned(),
+                format!("{group} is not a multicast group (224.0.0.0/4 or ff00::/8)"),
+            ),
+            IpAddr::V4(group) if is_link_local_group(group) => self.problem(
+                field.to_owned(),
+                format!(
+                    "{group} is a link-local group (224.0.0.0/24): these belong to routing and \
+                     discovery protocols such as OSPF, PIM and IGMP and never leave their link"
+                ),
+            ),
+            IpAddr::V4(_) => {}
+            IpAddr::V6(group) if !group.is_multicast() => self.problem(
+                field.to_owned(),
+                format!("{group} is not a multicast group (224.0.0.0/4 or ff00::/8)"),
+            ),
+            IpAddr::V6(group) => {
+                if let Some(reason) = unusable_ipv6_scope(group) {
+                    self.problem(field.to_owned(), format!("{group} {reason}"));
+                } else if is_ipv6_protocol_group(group) {
+                    self.problem(
+                        field.to_owned(),
+                        format!(
+                            "{group} belongs to the link's own protocols (all nodes, all \
+                             routers, MLDv2 reports, solicited-node neighbour discovery): \
+                             such packets are not a stream to relay"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A source-specific input's sender: a unicast address of the group's family.
+    fn check_input_source(&mut self, field: &str, group: IpAddr, source: IpAddr) {
+        let usable = match source {
+            IpAddr::V4(source) => {
+                !(source.is_multicast() || source.is_unspecified() || source.is_broadcast())
+            }
+            IpAddr::V6(source) => {
+                !(source.is_multicast() || source.is_unspecified() || source.is_loopback())
+            }
+        };
+        if !usable {
+            self.problem(
+                field.to_owned(),
+                format!("{source} cannot be a sender: give the sender's unicast address"),
+            );
+        } else if source.is_ipv4() != group.is_ipv4() {
+            self.problem(
+                field.to_owned(),
+                format!(
+                    "sender {source} is {} but group {group} is {}: a packet's source and \
+                     destination are of one family",
+                    family_name(source),
+                    family_name(group)
+                ),
+            );
+        }
+    }
+
+    /// An output's destination: a multicast group (with an interface to send on) or a unicast
+    /// host, of either family.
+    fn check_destination(&mut self, at: &str, destination: IpAddr, has_interface: bool) {
+        let field = format!("{at}.destination");
+        match destination {
+            IpAddr::V4(address) if address.is_unspecified() || address.is_broadcast() => {
+                self.problem(field, format!("{address} cannot be a destination"));
+                return;
+            }
+            IpAddr::V6(address) if address.is_unspecified() => {
+                self.problem(field, format!("{address} cannot be a destination"));
+                return;
+            }
+            IpAddr::V6(address) if address.to_ipv4_mapped().is_some() => {
+                self.problem(
+                    field,
+                    format!(
+                        "{address} is an IPv4-mapped address: write the IPv4 address {} itself",
+                        address
+                            .to_ipv4_mapped()
+                            .map_or_else(String::new, |v4| v4.to_string())
+                    ),
+                );
+                return;
+            }
+            IpAddr::V6(address) if address.is_multicast() => {
+                if let Some(reason) = unusable_ipv6_scope(address) {
+                    self.problem(field, format!("{address} {reason}"));
+                    return;
+                }
+            }
+            IpAddr::V6(address) if address.is_unicast_link_local() && !has_interface => {
+                self.problem(
+                    format!("{at}.interface"),
+                    format!(
+                        "link-local destination {address} needs an interface: the same \
+                         address can be on every link"
+                    ),
+                );
+                return;
+            }
+            IpAddr::V4(_) | IpAddr::V6(_) => {}
+        }
+        if destination.is_multicast() && !has_interface {
+            self.problem(
+                format!("{at}.interface"),
+                format!("multicast destination {destination} needs an interface to send on"),
+            );
+        }
+    }
+
+    fn check_ttl(&mut self, field: &str, what: &str, value: i64) -> u8 {
+        u8::try_from(value)
+            .ok()
+            .filter(|ttl| *ttl >= 1)
+            .unwrap_or_else(|| {
+                self.problem(field.to_owned(), format!("{what} {value}: use 1 to 255"));
+                DEFAULT_TTL
+            })
+    }
+
+    fn check_min_ttl(&mut self, field: &str, value: i64) -> Option<u8> {
+        let valid = u8::try_from(value).ok().filter(|ttl| *ttl >= 1);
+        if valid.is_none() {
+            self.problem(
+                field.to_owned(),
+                format!("minimum TTL {value}: use 1 to 255"),
+            );
+        }
+        valid
     }
 
     /// The kernel's own rules for a device name (`dev_valid_name`): a rule that names an
@@ -740,6 +931,34 @@ fn usable_cpus(requested: &[u64]) -> Vec<u64> {
 /// 224.0.0.0/24, the Local Network Control Block (RFC 5771): routers never forward it.
 fn is_link_local_group(group: Ipv4Addr) -> bool {
     matches!(group.octets(), [224, 0, 0, _])
+}
+
+/// Why an IPv6 group's scope (RFC 4291 §2.7) cannot be relayed, if it cannot: scope 0 is
+/// reserved, and interface-local groups (`ff01::/16`, `ff11::/16`…) never leave the host.
+fn unusable_ipv6_scope(group: Ipv6Addr) -> Option<&'static str> {
+    match group.segments()[0] & 0x000f {
+        0 => Some("has the reserved scope 0: no packet is sent to it"),
+        1 => Some(
+            "is interface-local (scope 1, like ff01::/16): its packets never leave the host \
+             that sends them",
+        ),
+        _ => None,
+    }
+}
+
+/// The link-local groups IPv6 itself uses (RFC 4291, RFC 3810): all nodes `ff02::1`, all
+/// routers `ff02::2`, MLDv2-capable routers `ff02::16`, and the solicited-node groups
+/// `ff02::1:ff00:0/104` of neighbour discovery.
+fn is_ipv6_protocol_group(group: Ipv6Addr) -> bool {
+    match group.segments() {
+        [0xff02, 0, 0, 0, 0, 0, 0, 1 | 2 | 0x16] => true,
+        [0xff02, 0, 0, 0, 0, 1, high, _] => high & 0xff00 == 0xff00,
+        _ => false,
+    }
+}
+
+fn family_name(address: IpAddr) -> &'static str {
+    if address.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// A value from the file as an error message quotes it: whole when short, cut when long, so that

@@ -49,7 +49,7 @@ fn accepts_the_documented_schema() {
     let rule = &config.rules[0];
     assert_eq!(rule.name, "camera-1");
     assert_eq!(rule.input.group, Ipv4Addr::new(239, 1, 1, 1));
-    assert_eq!(rule.input.source, Some(Ipv4Addr::new(10, 0, 0, 5)));
+    assert_eq!(rule.input.source, Some(Ipv4Addr::new(10, 0, 0, 5).into()));
     assert_eq!(rule.outputs[0].ttl, 8);
     assert_eq!(rule.outputs[1].ttl, DEFAULT_TTL);
     assert_eq!(rule.outputs[1].interface, None);
@@ -83,7 +83,7 @@ fn malformed_address() {
     assert_eq!(problem.line, Some(7));
     assert_eq!(problem.field, "rules[0].input.group");
     assert!(
-        problem.message.contains("invalid IPv4 address"),
+        problem.message.contains("\"239.1.1\" is not an IP address"),
         "{problem:?}"
     );
 }
@@ -93,7 +93,12 @@ fn input_group_must_be_multicast() {
     let problem = only_problem(&good_with("group: 239.1.1.1", "group: 10.1.1.1"));
     assert_eq!(problem.line, Some(7));
     assert_eq!(problem.field, "rules[0].input.group");
-    assert!(problem.message.contains("not an IPv4 multicast group"));
+    assert!(
+        problem
+            .message
+            .contains("10.1.1.1 is not a multicast group (224.0.0.0/4 or ff00::/8)"),
+        "{problem:?}"
+    );
 }
 
 #[test]
@@ -822,6 +827,210 @@ fn metrics_listen_refuses_host_names_port_zero_and_unknown_keys() {
     ));
     assert!(
         problem.message.contains("unknown field `address`"),
+        "{problem:?}"
+    );
+}
+
+const IPV6: &str = "\
+rules:
+  - name: studio-v6
+    input:
+      interface: eth0
+      group: ff3e::8000:1
+      port: 5000
+      source: fd00:1::5
+      min_hop_limit: 2
+    outputs:
+      - interface: eth1
+        destination: ff3e::8000:2
+        port: 6000
+        hop_limit: 8
+      - interface: eth1
+        destination: 239.2.2.2
+        port: 6001
+      - destination: fd00:9::9
+        port: 7000
+";
+
+#[test]
+fn ipv6_groups_sources_and_mixed_outputs_are_accepted() {
+    let config = parse(IPV6).expect("valid");
+    let rule = &config.rules[0];
+    assert_eq!(
+        rule.input.group,
+        "ff3e::8000:1".parse::<IpAddr>().expect("address")
+    );
+    assert_eq!(
+        rule.input.source,
+        Some("fd00:1::5".parse().expect("address"))
+    );
+    assert_eq!(
+        rule.min_ttl,
+        Some(2),
+        "min_hop_limit is min_ttl's IPv6 name"
+    );
+    assert_eq!(rule.outputs[0].ttl, 8, "hop_limit is ttl's IPv6 name");
+    assert!(
+        rule.outputs[1].destination.is_ipv4(),
+        "an IPv4 output of an IPv6 input"
+    );
+    assert_eq!(rule.outputs[2].interface, None);
+    assert_eq!(
+        rule.input.to_string(),
+        "eth0:[ff3e::8000:1]:5000 from fd00:1::5"
+    );
+    assert_eq!(rule.outputs[0].to_string(), "eth1:[ff3e::8000:2]:6000");
+}
+
+/// `IPV6` with the first occurrence of `from` replaced by `to`, which must be refused with one
+/// problem in `field` whose message contains `expected`.
+fn ipv6_refused(from: &str, to: &str, field: &str, expected: &str) {
+    assert!(IPV6.contains(from), "{from:?} is not in the sample");
+    let problem = only_problem(&IPV6.replacen(from, to, 1));
+    assert_eq!(problem.field, field, "{problem:?}");
+    assert!(problem.message.contains(expected), "{problem:?}");
+    assert!(problem.line.is_some(), "{problem:?}");
+}
+
+#[test]
+fn ipv6_groups_that_cannot_be_relayed_are_refused() {
+    let group = "rules[0].input.group";
+    ipv6_refused(
+        "group: ff3e::8000:1",
+        "group: fd00::1",
+        group,
+        "not a multicast group",
+    );
+    ipv6_refused(
+        "group: ff3e::8000:1",
+        "group: ff01::1234",
+        group,
+        "interface-local",
+    );
+    ipv6_refused(
+        "group: ff3e::8000:1",
+        "group: ff10::1234",
+        group,
+        "reserved scope 0",
+    );
+    for protocol in ["ff02::1", "ff02::2", "ff02::16", "ff02::1:ff00:1234"] {
+        ipv6_refused(
+            "group: ff3e::8000:1",
+            &format!("group: {protocol}"),
+            group,
+            "the link's own protocols",
+        );
+    }
+    // A link-scope group of an application is a stream like any other.
+    let link_scope = IPV6.replacen("group: ff3e::8000:1", "group: ff02::1234", 1);
+    parse(&link_scope).expect("ff02::1234 is an application's group");
+}
+
+#[test]
+fn ipv6_sources_are_unicast_senders_of_the_group_family() {
+    let source = "rules[0].input.source";
+    ipv6_refused(
+        "source: fd00:1::5",
+        "source: 10.0.0.5",
+        source,
+        "of one family",
+    );
+    ipv6_refused(
+        "source: fd00:1::5",
+        "source: ff3e::9",
+        source,
+        "cannot be a sender",
+    );
+    ipv6_refused(
+        "source: fd00:1::5",
+        "source: '::'",
+        source,
+        "cannot be a sender",
+    );
+    ipv6_refused(
+        "source: fd00:1::5",
+        "source: ::1",
+        source,
+        "cannot be a sender",
+    );
+    ipv6_refused(
+        "source: fd00:1::5",
+        "source: fd00:1::zz",
+        source,
+        "is not an IP address",
+    );
+}
+
+#[test]
+fn ipv6_destinations_need_their_scope_and_an_interface() {
+    let destination = "rules[0].outputs[0].destination";
+    ipv6_refused(
+        "destination: ff3e::8000:2",
+        "destination: ff01::2",
+        destination,
+        "interface-local",
+    );
+    ipv6_refused(
+        "destination: ff3e::8000:2",
+        "destination: '::'",
+        destination,
+        "cannot be a destination",
+    );
+    ipv6_refused(
+        "destination: fd00:9::9",
+        "destination: ::ffff:10.9.9.9",
+        "rules[0].outputs[2].destination",
+        "write the IPv4 address 10.9.9.9 itself",
+    );
+    ipv6_refused(
+        "destination: fd00:9::9",
+        "destination: ff02::5",
+        "rules[0].outputs[2].interface",
+        "needs an interface",
+    );
+    ipv6_refused(
+        "destination: fd00:9::9",
+        "destination: fe80::9",
+        "rules[0].outputs[2].interface",
+        "link-local destination fe80::9 needs an interface",
+    );
+}
+
+#[test]
+fn ttl_and_hop_limit_are_one_setting() {
+    ipv6_refused(
+        "hop_limit: 8",
+        "hop_limit: 8\n        ttl: 8",
+        "rules[0].outputs[0].hop_limit",
+        "the same setting",
+    );
+    ipv6_refused(
+        "hop_limit: 8",
+        "hop_limit: 0",
+        "rules[0].outputs[0].hop_limit",
+        "hop limit 0: use 1 to 255",
+    );
+    ipv6_refused(
+        "min_hop_limit: 2",
+        "min_hop_limit: 2\n      min_ttl: 2",
+        "rules[0].input.min_hop_limit",
+        "the same setting",
+    );
+}
+
+#[test]
+fn an_ipv6_output_on_its_own_input_loops() {
+    let looped = IPV6.replacen(
+        "      - interface: eth1\n        destination: ff3e::8000:2\n        port: 6000",
+        "      - interface: eth0\n        destination: ff3e::8000:1\n        port: 5000",
+        1,
+    );
+    let problem = only_problem(&looped);
+    assert_eq!(problem.field, "rules[0].outputs[0]");
+    assert!(
+        problem
+            .message
+            .contains("output [ff3e::8000:1]:5000 on eth0 is the rule's own input"),
         "{problem:?}"
     );
 }

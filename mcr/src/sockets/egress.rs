@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV6},
     os::fd::{AsFd as _, OwnedFd},
 };
 
@@ -19,12 +19,13 @@ use crate::{
 /// Send buffer of each output socket.
 const SEND_BUFFER: usize = 4 * 1024 * 1024;
 
-/// Where an output sends from: its interface and that interface's address.
+/// Where an output sends from: its interface and that interface's address of the output's
+/// family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
     pub interface: String,
     pub ifindex: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
 /// Send buffer of a worker's link-layer socket, shared by all its multicast outputs.
@@ -56,44 +57,91 @@ fn enlarge_send_buffer(socket: &Socket, bytes: usize) {
     }
 }
 
-/// The fixed header fields of a multicast output the worker frames itself.
-pub fn frame_header(output: &Output, origin: &Origin) -> FrameHeader {
-    FrameHeader {
+/// The fixed header fields of a multicast output the worker frames itself; `None` when the
+/// origin's address is not of the destination's family (`resolve_origins` picks one that is).
+pub fn frame_header(output: &Output, origin: &Origin) -> Option<FrameHeader> {
+    let addresses = match (origin.address, output.destination) {
+        (IpAddr::V4(source), IpAddr::V4(destination)) => FrameAddresses::V4 {
+            source: source.octets(),
+            destination: destination.octets(),
+        },
+        (IpAddr::V6(source), IpAddr::V6(destination)) => FrameAddresses::V6 {
+            source: source.octets(),
+            destination: destination.octets(),
+        },
+        _ => return None,
+    };
+    Some(FrameHeader {
         ifindex: origin.ifindex,
         mac: super::routes::multicast_mac(output.destination),
-        addresses: FrameAddresses::V4 {
-            source: origin.address.octets(),
-            destination: output.destination.octets(),
-        },
+        addresses,
         port: output.port,
         ttl: output.ttl,
-    }
+    })
 }
 
+/// A connected UDP socket of the destination's family for `output`, sending from `origin`
+/// when given (else from the address the kernel's routing picks).
 pub fn open(output: &Output, origin: Option<&Origin>) -> io::Result<OwnedFd> {
+    let domain = if output.destination.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
     let socket = Socket::new(
-        Domain::IPV4,
+        domain,
         Type::DGRAM.nonblocking().cloexec(),
         Some(Protocol::UDP),
     )?;
     if let Some(origin) = origin {
-        socket.bind_device(Some(origin.interface.as_bytes()))?;
-        socket.bind(&SocketAddrV4::new(origin.address, 0).into())?;
-    }
-    if output.destination.is_multicast() {
-        let origin = origin.ok_or_else(|| {
-            io::Error::new(
+        if origin.address.is_ipv4() != output.destination.is_ipv4() {
+            return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "multicast output without an interface",
-            )
-        })?;
-        socket.set_multicast_if_v4(&origin.address)?;
-        socket.set_multicast_ttl_v4(u32::from(output.ttl))?;
-        socket.set_multicast_loop_v4(false)?;
-    } else {
-        socket.set_ttl_v4(u32::from(output.ttl))?;
+                "the output interface's address is of the other family",
+            ));
+        }
+        socket.bind_device(Some(origin.interface.as_bytes()))?;
+        socket.bind(&scoped(origin.address, 0, origin.ifindex).into())?;
+    }
+    let ttl = u32::from(output.ttl);
+    match output.destination {
+        IpAddr::V4(_) if output.destination.is_multicast() => {
+            if let IpAddr::V4(address) = required(origin)?.address {
+                socket.set_multicast_if_v4(&address)?;
+            }
+            socket.set_multicast_ttl_v4(ttl)?;
+            socket.set_multicast_loop_v4(false)?;
+        }
+        IpAddr::V4(_) => socket.set_ttl_v4(ttl)?,
+        IpAddr::V6(_) if output.destination.is_multicast() => {
+            socket.set_multicast_if_v6(required(origin)?.ifindex)?;
+            socket.set_multicast_hops_v6(ttl)?;
+            socket.set_multicast_loop_v6(false)?;
+        }
+        IpAddr::V6(_) => socket.set_unicast_hops_v6(ttl)?,
     }
     enlarge_send_buffer(&socket, SEND_BUFFER);
-    socket.connect(&SocketAddrV4::new(output.destination, output.port).into())?;
+    let zone = origin.map_or(0, |origin| origin.ifindex);
+    socket.connect(&scoped(output.destination, output.port, zone).into())?;
     Ok(socket.into())
+}
+
+fn required(origin: Option<&Origin>) -> io::Result<&Origin> {
+    origin.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "multicast output without an interface",
+        )
+    })
+}
+
+/// `address:port`, with the interface `ifindex` as its zone when it is an IPv6 address that
+/// needs one (link-local addresses exist on every link).
+fn scoped(address: IpAddr, port: u16, ifindex: u32) -> SocketAddr {
+    match address {
+        IpAddr::V6(v6) if super::interfaces::is_link_scoped(v6) => {
+            SocketAddr::V6(SocketAddrV6::new(v6, port, 0, ifindex))
+        }
+        other => SocketAddr::new(other, port),
+    }
 }

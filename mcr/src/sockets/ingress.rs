@@ -1,4 +1,4 @@
-//! The `AF_PACKET` sockets of one input interface: one per worker, joined in one
+//! The `AF_PACKET` sockets of one input interface and family: one per worker, joined in one
 //! `PACKET_FANOUT_EBPF` group whose program (`mcr_steer`) picks the worker named in the
 //! packet's mark, each behind the `mcr_admit` filter so only classified packets get through.
 
@@ -11,7 +11,7 @@ use mcr_common::SHED_WINDOW;
 use nix::libc;
 
 use super::{get_option, set_option};
-use crate::bpf::Classifier;
+use crate::{bpf::Classifier, flow::Family};
 
 /// Receive buffer of each socket, at least: room for bursts while a worker is busy or
 /// restarting.
@@ -46,6 +46,7 @@ impl FanoutGroup {
     /// join in worker order, so a socket's place in the group is its worker's index.
     pub fn open(
         ifindex: u32,
+        family: Family,
         mtu: u32,
         workers: usize,
         classifier: &Classifier,
@@ -54,7 +55,7 @@ impl FanoutGroup {
         let mut group_id = None;
         let receive_buffer = i32::try_from(receive_buffer(mtu)).map_err(io::Error::other)?;
         for _ in 0..workers {
-            let socket = packet_socket(ifindex, receive_buffer)?;
+            let socket = packet_socket(ifindex, family, receive_buffer)?;
             let id = join_fanout(&socket, group_id)?;
             group_id = Some(id);
             sockets.push(socket);
@@ -108,11 +109,10 @@ impl FanoutGroup {
     }
 }
 
-/// A cooked (`SOCK_DGRAM`) IPv4 packet socket on `ifindex` that receives nothing yet.
-fn packet_socket(ifindex: u32, receive_buffer: i32) -> io::Result<OwnedFd> {
-    let protocol = u16::try_from(libc::ETH_P_IP)
-        .map_err(io::Error::other)?
-        .to_be();
+/// A cooked (`SOCK_DGRAM`) packet socket for `family`'s packets on `ifindex` that receives
+/// nothing yet.
+fn packet_socket(ifindex: u32, family: Family, receive_buffer: i32) -> io::Result<OwnedFd> {
+    let protocol = family.ethertype().to_be();
     // SAFETY: plain socket(2) call; the result is checked before it is wrapped.
     let fd = unsafe {
         libc::socket(

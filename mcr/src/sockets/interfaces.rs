@@ -1,6 +1,9 @@
 //! Interface facts the supervisor looks up when a rule starts (never per packet).
 
-use std::{io, net::Ipv4Addr};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use rtnetlink::packet_route::{
     RouteNetlinkMessage,
@@ -25,6 +28,54 @@ pub fn ipv4_address(name: &str) -> Option<Ipv4Addr> {
             .as_sockaddr_in()
             .map(nix::sys::socket::SockaddrIn::ip)
     })
+}
+
+/// The first IPv6 address of `name` that is not link-local, if `routable`; else its
+/// link-local one, or any.
+fn ipv6_address(name: &str, routable: bool) -> Option<Ipv6Addr> {
+    let addresses: Vec<Ipv6Addr> = nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|ifaddr| ifaddr.interface_name == name)
+        .filter_map(|ifaddr| {
+            ifaddr
+                .address?
+                .as_sockaddr_in6()
+                .map(nix::sys::socket::SockaddrIn6::ip)
+        })
+        .collect();
+    let wider = addresses
+        .iter()
+        .find(|address| !address.is_unicast_link_local() && !address.is_loopback());
+    if routable {
+        wider.copied()
+    } else {
+        addresses
+            .iter()
+            .find(|address| address.is_unicast_link_local())
+            .or(wider)
+            .copied()
+    }
+}
+
+/// The address of `name` that packets to `destination` are sent from: of the destination's
+/// family; for IPv6, a global or unique-local one unless the destination is on the link only
+/// (a link-local address, or a group of link-local scope), for which the link-local address is
+/// the one receivers expect. A link-local source would not be routed beyond the link.
+pub fn source_address(name: &str, destination: IpAddr) -> Option<IpAddr> {
+    match destination {
+        IpAddr::V4(_) => ipv4_address(name).map(IpAddr::V4),
+        IpAddr::V6(destination) => ipv6_address(name, !is_link_scoped(destination)).map(IpAddr::V6),
+    }
+}
+
+/// Whether packets to `destination` stay on one link: a link-local unicast address, or a
+/// group of interface- or link-local scope (RFC 4291 §2.7).
+pub fn is_link_scoped(destination: Ipv6Addr) -> bool {
+    if destination.is_multicast() {
+        destination.segments()[0] & 0x000f <= 2
+    } else {
+        destination.is_unicast_link_local()
+    }
 }
 
 /// What an interface is and whether it can send now, as the kernel reports it.

@@ -1,11 +1,11 @@
 //! Every socket the supervisor creates for the data plane: the `AF_PACKET` fanout groups that
-//! feed the workers, the UDP sockets they send from, and the IGMP memberships; and the interface,
+//! feed the workers, the UDP sockets they send from, and the IGMP and MLD memberships; and the interface,
 //! route and neighbour facts outputs need (`interfaces`, `routes`).
 
 pub mod egress;
-pub mod igmp;
 pub mod ingress;
 pub mod interfaces;
+pub mod memberships;
 mod netlink;
 pub mod routes;
 

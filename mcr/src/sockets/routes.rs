@@ -3,7 +3,7 @@
 //! source address, and the next hop's MAC from the neighbour table. Looked up when a rule
 //! starts, never per packet. [`solicit`] makes the kernel resolve a next hop it does not know.
 
-use std::{io, net::Ipv4Addr};
+use std::{io, net::IpAddr};
 
 use rtnetlink::{
     packet_core::{NLM_F_ACK, NLM_F_CREATE},
@@ -30,10 +30,11 @@ pub struct NextHop {
     /// its MTU.
     pub egress: Link,
     /// The router the route goes through; `None` when the destination is on the link.
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// The source address the kernel would pick: the route's preferred source, else the
-    /// egress interface's first IPv4 address.
-    pub source: Ipv4Addr,
+    /// egress interface's address of the destination's family (see
+    /// [`interfaces::source_address`]).
+    pub source: IpAddr,
     /// The Ethernet destination: the next hop's MAC from the neighbour table, the group's MAC
     /// for a multicast destination, `ff:ff:ff:ff:ff:ff` for a broadcast one.
     pub destination_mac: [u8; 6],
@@ -46,7 +47,7 @@ impl NextHop {
         self.egress.ifindex
     }
 
-    /// The largest IPv4 packet that may leave: the interface's MTU, or the route's if lower.
+    /// The largest IP packet that may leave: the interface's MTU, or the route's if lower.
     pub fn mtu(&self) -> u32 {
         self.route_mtu
             .map_or(self.egress.mtu, |route| route.min(self.egress.mtu))
@@ -58,31 +59,34 @@ impl NextHop {
 pub enum NextHopError {
     #[error("no route to {destination}{}", through(interface.as_deref()))]
     NoRoute {
-        destination: Ipv4Addr,
+        destination: IpAddr,
         /// The interface the lookup was restricted to.
         interface: Option<String>,
     },
     #[error("{destination} is an address of this host")]
-    Local { destination: Ipv4Addr },
+    Local { destination: IpAddr },
     #[error("next hop {next_hop} not resolved on {interface}")]
     NotResolved {
-        next_hop: Ipv4Addr,
+        next_hop: IpAddr,
         interface: String,
         /// For [`solicit`].
         ifindex: u32,
     },
     #[error("{interface} is not an Ethernet interface")]
     NotEthernet { interface: String },
-    #[error("{interface} has no IPv4 address to send from")]
-    NoSourceAddress { interface: String },
+    #[error("{interface} has no {family} address to send from")]
+    NoSourceAddress {
+        interface: String,
+        family: crate::flow::Family,
+    },
     #[error("the route to {destination} {what}")]
     Unsupported {
-        destination: Ipv4Addr,
+        destination: IpAddr,
         what: &'static str,
     },
     #[error("looking up the next hop to {destination}: {source}")]
     Netlink {
-        destination: Ipv4Addr,
+        destination: IpAddr,
         #[source]
         source: io::Error,
     },
@@ -101,7 +105,7 @@ fn through(interface: Option<&str>) -> String {
 ///
 /// With an interface given and no route through it, the kernel itself would assume that a
 /// unicast destination is on that link; this lookup says [`NextHopError::NoRoute`] instead.
-pub fn next_hop(destination: Ipv4Addr, interface: Option<u32>) -> Result<NextHop, NextHopError> {
+pub fn next_hop(destination: IpAddr, interface: Option<u32>) -> Result<NextHop, NextHopError> {
     let netlink_error = |source: io::Error| NextHopError::Netlink {
         destination,
         source,
@@ -146,9 +150,10 @@ pub fn next_hop(destination: Ipv4Addr, interface: Option<u32>) -> Result<NextHop
     }
     let source = route
         .preferred_source
-        .or_else(|| interfaces::ipv4_address(&egress.name))
+        .or_else(|| interfaces::source_address(&egress.name, destination))
         .ok_or_else(|| NextHopError::NoSourceAddress {
             interface: egress.name.clone(),
+            family: crate::flow::Family::of(destination),
         })?;
     let destination_mac = match route.kind {
         RouteType::Multicast => multicast_mac(destination),
@@ -177,7 +182,7 @@ pub fn next_hop(destination: Ipv4Addr, interface: Option<u32>) -> Result<NextHop
 }
 
 /// Makes the kernel resolve `next_hop` on interface `ifindex` as a send to it would: an ARP
-/// request leaves, the entry shows as `INCOMPLETE` and turns `REACHABLE` when the neighbour
+/// request (IPv4) or a neighbour solicitation (IPv6) leaves, the entry shows as `INCOMPLETE` and turns `REACHABLE` when the neighbour
 /// answers (or `FAILED` when nobody does). No data is sent. A `STALE` entry is re-confirmed
 /// the same way. Returns once the kernel has started; watch the entry or call [`next_hop`]
 /// again for the outcome.
@@ -186,7 +191,7 @@ pub fn next_hop(destination: Ipv4Addr, interface: Option<u32>) -> Result<NextHop
 /// `NOARP`) and those another program keeps (externally learned or managed), because the
 /// request (`RTM_NEWNEIGH` with `NTF_USE`) is an administrative update that would clear
 /// `PERMANENT` and those flags.
-pub fn solicit(next_hop: Ipv4Addr, ifindex: u32) -> io::Result<()> {
+pub fn solicit(next_hop: IpAddr, ifindex: u32) -> io::Result<()> {
     let mut netlink = Rtnetlink::open()?;
     if let Some(entry) = neighbour(&mut netlink, next_hop, ifindex)?
         && !wants_resolving(&entry)
@@ -194,14 +199,12 @@ pub fn solicit(next_hop: Ipv4Addr, ifindex: u32) -> io::Result<()> {
         return Ok(());
     }
     let mut request = NeighbourMessage::default();
-    request.header.family = AddressFamily::Inet;
+    request.header.family = address_family(next_hop);
     request.header.ifindex = ifindex;
     request.header.flags = NeighbourFlags::Use;
     request
         .attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            next_hop,
-        )));
+        .push(NeighbourAttribute::Destination(neighbour_address(next_hop)));
     match netlink.request(
         RouteNetlinkMessage::NewNeighbour(request),
         NLM_F_CREATE | NLM_F_ACK,
@@ -214,10 +217,40 @@ pub fn solicit(next_hop: Ipv4Addr, ifindex: u32) -> io::Result<()> {
     }
 }
 
-/// RFC 1112: `01:00:5e` and the low 23 bits of the group.
-pub fn multicast_mac(group: Ipv4Addr) -> [u8; 6] {
-    let [_, b, c, d] = group.octets();
-    [0x01, 0x00, 0x5e, b & 0x7f, c, d]
+/// The Ethernet address of a group: `01:00:5e` and the low 23 bits of an IPv4 group (RFC
+/// 1112), `33:33` and the low 32 bits of an IPv6 group (RFC 2464).
+pub fn multicast_mac(group: IpAddr) -> [u8; 6] {
+    match group {
+        IpAddr::V4(group) => {
+            let [_, b, c, d] = group.octets();
+            [0x01, 0x00, 0x5e, b & 0x7f, c, d]
+        }
+        IpAddr::V6(group) => {
+            let octets = group.octets();
+            [0x33, 0x33, octets[12], octets[13], octets[14], octets[15]]
+        }
+    }
+}
+
+fn address_family(address: IpAddr) -> AddressFamily {
+    match address {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn neighbour_address(address: IpAddr) -> NeighbourAddress {
+    match address {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
+fn route_address(address: IpAddr) -> RouteAddress {
+    match address {
+        IpAddr::V4(v4) => RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+    }
 }
 
 /// The MAC of a neighbour entry, if its state makes it usable for sending (the kernel's
@@ -275,8 +308,8 @@ struct Route {
     /// the destination is on the requested interface.
     table: Option<u32>,
     oif: Option<u32>,
-    gateway: Option<Ipv4Addr>,
-    preferred_source: Option<Ipv4Addr>,
+    gateway: Option<IpAddr>,
+    preferred_source: Option<IpAddr>,
     mtu: Option<u32>,
     /// What this route does that a frame written by MCR would not.
     unsupported: Option<&'static str>,
@@ -284,18 +317,18 @@ struct Route {
 
 fn route_to(
     netlink: &mut Rtnetlink,
-    destination: Ipv4Addr,
+    destination: IpAddr,
     interface: Option<u32>,
 ) -> Result<Route, RequestError> {
     let mut request = RouteMessage::default();
-    request.header.address_family = AddressFamily::Inet;
-    request.header.destination_prefix_length = 32;
+    request.header.address_family = address_family(destination);
+    request.header.destination_prefix_length = if destination.is_ipv4() { 32 } else { 128 };
     // Without this flag the kernel reports the main table for every answer; with it, the
     // table the route came from, and 0 when no route matched at all.
     request.header.flags = RouteFlags::LookupTable;
     request
         .attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(destination)));
+        .push(RouteAttribute::Destination(route_address(destination)));
     if let Some(ifindex) = interface {
         request.attributes.push(RouteAttribute::Oif(ifindex));
     }
@@ -317,9 +350,17 @@ fn route_from(message: &RouteMessage) -> Route {
         match attribute {
             RouteAttribute::Table(table) => route.table = Some(*table),
             RouteAttribute::Oif(ifindex) => route.oif = Some(*ifindex),
-            RouteAttribute::Gateway(RouteAddress::Inet(gateway)) => route.gateway = Some(*gateway),
+            RouteAttribute::Gateway(RouteAddress::Inet(gateway)) => {
+                route.gateway = Some(IpAddr::V4(*gateway));
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet6(gateway)) => {
+                route.gateway = Some(IpAddr::V6(*gateway));
+            }
             RouteAttribute::PrefSource(RouteAddress::Inet(source)) => {
-                route.preferred_source = Some(*source);
+                route.preferred_source = Some(IpAddr::V4(*source));
+            }
+            RouteAttribute::PrefSource(RouteAddress::Inet6(source)) => {
+                route.preferred_source = Some(IpAddr::V6(*source));
             }
             RouteAttribute::Metrics(metrics) => {
                 route.mtu = metrics.iter().find_map(|metric| match metric {
@@ -351,11 +392,7 @@ fn means_no_route(error: &RequestError) -> bool {
     }
 }
 
-fn no_route(
-    netlink: &mut Rtnetlink,
-    destination: Ipv4Addr,
-    interface: Option<u32>,
-) -> NextHopError {
+fn no_route(netlink: &mut Rtnetlink, destination: IpAddr, interface: Option<u32>) -> NextHopError {
     let interface = interface.map(|ifindex| {
         interfaces::link_by_index_on(netlink, ifindex)
             .map_or_else(|_| format!("interface index {ifindex}"), |link| link.name)
@@ -369,17 +406,15 @@ fn no_route(
 /// The neighbour entry of `address` on `ifindex`, if there is one.
 fn neighbour(
     netlink: &mut Rtnetlink,
-    address: Ipv4Addr,
+    address: IpAddr,
     ifindex: u32,
 ) -> Result<Option<NeighbourMessage>, RequestError> {
     let mut request = NeighbourMessage::default();
-    request.header.family = AddressFamily::Inet;
+    request.header.family = address_family(address);
     request.header.ifindex = ifindex;
     request
         .attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            address,
-        )));
+        .push(NeighbourAttribute::Destination(neighbour_address(address)));
     match netlink.request(RouteNetlinkMessage::GetNeighbour(request), 0) {
         Ok(Reply::Message(RouteNetlinkMessage::NewNeighbour(entry))) => Ok(Some(entry)),
         Err(error) if error.errno() == Some(nix::libc::ENOENT) => Ok(None),
@@ -396,6 +431,8 @@ mod tests {
         neighbour::NeighbourState,
         route::{RouteMessage, RouteVia},
     };
+
+    use std::net::Ipv4Addr;
 
     use super::*;
 
@@ -511,8 +548,8 @@ mod tests {
                 kind: RouteType::Unicast,
                 table: Some(100),
                 oif: Some(4),
-                gateway: Some(Ipv4Addr::new(10, 2, 0, 254)),
-                preferred_source: Some(Ipv4Addr::new(10, 7, 7, 7)),
+                gateway: Some(Ipv4Addr::new(10, 2, 0, 254).into()),
+                preferred_source: Some(Ipv4Addr::new(10, 7, 7, 7).into()),
                 mtu: Some(1400),
                 unsupported: None,
             }
@@ -557,8 +594,13 @@ mod tests {
     #[test]
     fn the_group_mac_keeps_the_low_23_bits() {
         assert_eq!(
-            multicast_mac(Ipv4Addr::new(239, 129, 2, 3)),
+            multicast_mac(Ipv4Addr::new(239, 129, 2, 3).into()),
             [0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]
+        );
+        assert_eq!(
+            multicast_mac("ff3e::8000:1:2".parse().expect("group")),
+            [0x33, 0x33, 0x00, 0x01, 0x00, 0x02],
+            "the low 32 bits behind 33:33"
         );
     }
 
@@ -574,7 +616,7 @@ mod tests {
                 up: true,
             },
             gateway: None,
-            source: Ipv4Addr::new(10, 2, 0, 1),
+            source: Ipv4Addr::new(10, 2, 0, 1).into(),
             destination_mac: MAC,
             route_mtu: Some(1400),
         };
@@ -589,7 +631,7 @@ mod tests {
     #[test]
     fn errors_name_the_next_hop_and_the_interface() {
         let not_resolved = NextHopError::NotResolved {
-            next_hop: Ipv4Addr::new(10, 2, 0, 9),
+            next_hop: Ipv4Addr::new(10, 2, 0, 9).into(),
             interface: "out1".to_owned(),
             ifindex: 4,
         };
@@ -598,12 +640,12 @@ mod tests {
             "next hop 10.2.0.9 not resolved on out1"
         );
         let no_route = NextHopError::NoRoute {
-            destination: Ipv4Addr::new(10, 9, 9, 9),
+            destination: Ipv4Addr::new(10, 9, 9, 9).into(),
             interface: Some("out1".to_owned()),
         };
         assert_eq!(no_route.to_string(), "no route to 10.9.9.9 through out1");
         let anywhere = NextHopError::NoRoute {
-            destination: Ipv4Addr::new(10, 9, 9, 9),
+            destination: Ipv4Addr::new(10, 9, 9, 9).into(),
             interface: None,
         };
         assert_eq!(anywhere.to_string(), "no route to 10.9.9.9");

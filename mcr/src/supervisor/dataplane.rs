@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     os::fd::{AsFd, OwnedFd},
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -20,12 +21,12 @@ use crate::{
     command::{Command, OutputSpec},
     config::{Rule, Settings},
     counters::{MAX_OUTPUTS, OutputTotals},
-    flow::FlowKey,
+    flow::{Family, FlowKey},
     sockets::{
         egress::{self, Origin},
-        igmp::{Membership, Memberships},
         ingress::FanoutGroup,
         interfaces,
+        memberships::{Membership, Memberships},
     },
     state::{StartError, Waiting},
     stats::WorkerStats,
@@ -53,8 +54,17 @@ pub fn resolve_origins(rule: &Rule) -> Result<Vec<Option<Origin>>, Waiting> {
             };
             let ifindex = interfaces::index(interface)
                 .ok_or_else(|| Waiting::OutputInterface(interface.clone()))?;
-            let address = interfaces::ipv4_address(interface)
-                .ok_or_else(|| Waiting::OutputAddress(interface.clone()))?;
+            let address =
+                interfaces::source_address(interface, output.destination).ok_or_else(|| {
+                    Waiting::OutputAddress {
+                        interface: interface.clone(),
+                        family: Family::of(output.destination),
+                        routable: match output.destination {
+                            IpAddr::V4(_) => false,
+                            IpAddr::V6(destination) => !interfaces::is_link_scoped(destination),
+                        },
+                    }
+                })?;
             Ok(Some(Origin {
                 interface: interface.clone(),
                 ifindex,
@@ -101,8 +111,9 @@ pub struct Dataplane {
     stall_timeout: Duration,
     user: (u32, u32),
     events: mpsc::Sender<WorkerEvent>,
-    /// By interface index: an interface deleted and created again is a new input.
-    inputs: HashMap<u32, InputState>,
+    /// By interface index (an interface deleted and created again is a new input) and family
+    /// (each family's packets have their own sockets).
+    inputs: HashMap<(u32, Family), InputState>,
     routes: HashMap<u32, RouteState>,
     memberships: Memberships,
     next_input: u32,
@@ -179,22 +190,27 @@ impl Dataplane {
             if counter as usize >= MAX_OUTPUTS {
                 return Err(StartError::NoOutputCounter(MAX_OUTPUTS));
             }
-            let egress = match origin {
-                Some(origin) if output.destination.is_multicast() => EgressState {
+            let ipv6 = output.destination.is_ipv6();
+            let frame = origin
+                .as_ref()
+                .filter(|_| output.destination.is_multicast())
+                .and_then(|origin| egress::frame_header(output, origin));
+            let egress = match frame {
+                Some(frame) => EgressState {
                     spec: OutputSpec {
                         counter,
-                        frame: Some(egress::frame_header(output, origin)),
+                        frame: Some(frame),
                         dscp: output.dscp,
-                        ipv6: false,
+                        ipv6,
                     },
                     socket: None,
                 },
-                _ => EgressState {
+                None => EgressState {
                     spec: OutputSpec {
                         counter,
                         frame: None,
                         dscp: output.dscp,
-                        ipv6: false,
+                        ipv6,
                     },
                     socket: Some(egress::open(output, origin.as_ref()).map_err(|source| {
                         StartError::OutputSocket {
@@ -207,7 +223,12 @@ impl Dataplane {
             outputs.push(egress);
         }
         let worker = self.worker_for(slot);
-        self.open_input(classifier, &rule.input.interface, key.ifindex())?;
+        self.open_input(
+            classifier,
+            &rule.input.interface,
+            key.ifindex(),
+            key.family(),
+        )?;
         let membership = Membership {
             ifindex: key.ifindex(),
             group: rule.input.group,
@@ -267,7 +288,7 @@ impl Dataplane {
         if let Err(error) = self.memberships.leave(route.membership) {
             tracing::warn!(%error, "cannot leave {}", route.membership.group);
         }
-        self.close_input_ref(route.key.ifindex());
+        self.close_input_ref((route.key.ifindex(), route.key.family()));
         drop(route.outputs);
     }
 
@@ -276,8 +297,9 @@ impl Dataplane {
         classifier: &Classifier,
         interface: &str,
         ifindex: u32,
+        family: Family,
     ) -> Result<(), StartError> {
-        if let Some(input) = self.inputs.get_mut(&ifindex) {
+        if let Some(input) = self.inputs.get_mut(&(ifindex, family)) {
             input.rules += 1;
             return Ok(());
         }
@@ -285,12 +307,11 @@ impl Dataplane {
         // big ones, and bigger socket buffers; when the MTU cannot be read, the usual one is
         // assumed.
         let mtu = interfaces::link_by_index(ifindex).map_or(1500, |link| link.mtu);
-        let group =
-            FanoutGroup::open(ifindex, mtu, self.workers.len(), classifier).map_err(|source| {
-                StartError::InputSockets {
-                    interface: interface.to_owned(),
-                    source,
-                }
+        let group = FanoutGroup::open(ifindex, family, mtu, self.workers.len(), classifier)
+            .map_err(|source| StartError::InputSockets {
+                interface: interface.to_owned(),
+                family,
+                source,
             })?;
         let id = self.next_input;
         self.next_input += 1;
@@ -306,11 +327,12 @@ impl Dataplane {
         }
         tracing::info!(
             interface,
+            %family,
             workers = self.workers.len(),
             "packet sockets opened"
         );
         self.inputs.insert(
-            ifindex,
+            (ifindex, family),
             InputState {
                 id,
                 ifindex,
@@ -324,19 +346,22 @@ impl Dataplane {
         Ok(())
     }
 
-    fn close_input_ref(&mut self, ifindex: u32) {
-        let Some(input) = self.inputs.get_mut(&ifindex) else {
+    fn close_input_ref(&mut self, input: (u32, Family)) {
+        let key = input;
+        let Some(input) = self.inputs.get_mut(&key) else {
             return;
         };
         input.rules -= 1;
         if input.rules > 0 {
             return;
         }
-        let input = self.inputs.remove(&ifindex).expect("present above");
+        let Some(input) = self.inputs.remove(&key) else {
+            return;
+        };
         for worker in &self.workers {
             let _ = worker.send(&Command::RemoveInput { input: input.id }, &[]);
         }
-        tracing::info!(interface = %input.interface, "packet sockets closed");
+        tracing::info!(interface = %input.interface, family = %key.1, "packet sockets closed");
     }
 
     /// Handles a worker event; returns a restart to schedule.

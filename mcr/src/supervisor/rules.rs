@@ -646,14 +646,8 @@ fn stop(
 fn resolve(input: &Input) -> Result<FlowKey, Waiting> {
     let ifindex = interfaces::index(&input.interface)
         .ok_or_else(|| Waiting::InputInterface(input.interface.clone()))?;
-    Ok(FlowKey::V4(mcr_common::RuleKey::new(
-        ifindex,
-        input.group.octets(),
-        input
-            .source
-            .map_or(mcr_common::ANY_SOURCE, |source| source.octets()),
-        input.port,
-    )))
+    FlowKey::new(ifindex, input.group, input.source, input.port)
+        .ok_or_else(|| Waiting::MixedFamilies(input.to_string()))
 }
 
 /// Hands out the numbers `0..LIMIT`; a freed number is reused last-freed-first.

@@ -22,9 +22,9 @@ use tokio::sync::Notify;
 pub enum Change {
     /// The rules file was written, replaced or renamed over.
     RulesFile,
-    /// A link or an IPv4 address appeared, changed or went away.
+    /// A link or an address appeared, changed or went away.
     Interfaces,
-    /// An IPv4 route or a neighbour entry changed: next hops may have moved.
+    /// A route or a neighbour entry changed: next hops may have moved.
     Routes,
 }
 
@@ -95,12 +95,14 @@ const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
 
 const fn group_bit(group: u32) -> u32 {
     1 << (group - 1)
 }
 
-/// Subscribes to link, IPv4 address, IPv4 route and neighbour events and reports each as
+/// Subscribes to link, address, route (IPv4 and IPv6) and neighbour events and reports each as
 /// [`Change::Interfaces`] or [`Change::Routes`].
 pub fn watch_interfaces(changes: Arc<Changes>) -> anyhow::Result<()> {
     let (mut connection, _handle, mut messages) =
@@ -113,7 +115,9 @@ pub fn watch_interfaces(changes: Arc<Changes>) -> anyhow::Result<()> {
             group_bit(RTNLGRP_LINK)
                 | group_bit(RTNLGRP_IPV4_IFADDR)
                 | group_bit(RTNLGRP_NEIGH)
-                | group_bit(RTNLGRP_IPV4_ROUTE),
+                | group_bit(RTNLGRP_IPV4_ROUTE)
+                | group_bit(RTNLGRP_IPV6_IFADDR)
+                | group_bit(RTNLGRP_IPV6_ROUTE),
         ))
         .context("subscribing to link, address, route and neighbour events")?;
     tokio::spawn(connection);

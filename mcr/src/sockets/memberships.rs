@@ -1,27 +1,36 @@
-//! IGMP memberships of the input groups, so switches and routers deliver the streams.
+//! Memberships of the input groups, so switches and routers deliver the streams: IGMP for
+//! IPv4 groups, MLD for IPv6 ones (the kernel sends `MLDv2` reports, source-specific when the
+//! rule names a sender).
 //!
-//! The kernel limits memberships per socket (`net.ipv4.igmp_max_memberships`, 20 by default),
-//! so memberships are spread over as many sockets as needed. A socket holds at most one
-//! membership per group, which also keeps source-specific joins clear of the per-group source
-//! limit (`igmp_max_msf`).
+//! The kernel limits IPv4 memberships per socket (`net.ipv4.igmp_max_memberships`, 20 by
+//! default) and charges IPv6 ones to the socket's option memory (`net.core.optmem_max`), so
+//! memberships are spread over as many sockets as needed, the same number per socket in both
+//! families. A socket holds at most one membership per group, which also keeps
+//! source-specific joins clear of the per-group source limits (`igmp_max_msf`,
+//! `mld_max_msf`).
 //!
 //! Several rules can need one membership (the same group on other ports, or a renamed rule
 //! that starts before its old name stops), so memberships are counted: the group is left when
 //! the last rule that needs it lets go.
 
-use std::{collections::HashMap, io, net::Ipv4Addr, os::fd::AsFd};
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+};
 
 use nix::libc;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::set_option;
 
-/// One membership: a group on an interface, from one source or any.
+/// One membership: a group on an interface, from one source (of the group's family) or any.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Membership {
     pub ifindex: u32,
-    pub group: Ipv4Addr,
-    pub source: Option<Ipv4Addr>,
+    pub group: IpAddr,
+    pub source: Option<IpAddr>,
 }
 
 #[repr(C)]
@@ -37,24 +46,27 @@ struct GroupSourceReq {
     source: libc::sockaddr_storage,
 }
 
-fn storage(address: Ipv4Addr) -> libc::sockaddr_storage {
+fn storage(address: IpAddr) -> libc::sockaddr_storage {
+    let address = SockAddr::from(SocketAddr::new(address, 0));
     // SAFETY: sockaddr_storage is plain data; all-zero is valid.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits sa_family_t"),
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(address).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-    unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
+    let len = (address.len() as usize).min(size_of::<libc::sockaddr_storage>());
+    // SAFETY: both point to at least `len` bytes (a socket address is never longer than
+    // sockaddr_storage), and they do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            address.as_ptr().cast::<u8>(),
+            std::ptr::from_mut(&mut storage).cast::<u8>(),
+            len,
+        );
+    }
     storage
 }
 
 struct MemberSocket {
     socket: Socket,
+    /// An `AF_INET6` socket, for IPv6 groups; `AF_INET` for IPv4 ones.
+    ipv6: bool,
     members: Vec<Membership>,
 }
 
@@ -90,8 +102,10 @@ impl Memberships {
             joined.holders += 1;
             return Ok(());
         }
+        let ipv6 = membership.group.is_ipv6();
         let free = self.sockets.iter().position(|s| {
-            s.members.len() < self.limit
+            s.ipv6 == ipv6
+                && s.members.len() < self.limit
                 && !s
                     .members
                     .iter()
@@ -100,9 +114,11 @@ impl Memberships {
         let index = if let Some(index) = free {
             index
         } else {
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+            let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+            let socket = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
             self.sockets.push(MemberSocket {
                 socket,
+                ipv6,
                 members: Vec::new(),
             });
             self.sockets.len() - 1
@@ -149,8 +165,15 @@ impl Default for Memberships {
     }
 }
 
+/// Joins or leaves `membership` on `socket`, which is of the group's family. The
+/// protocol-independent requests (RFC 3678) serve both families, at their family's level.
 fn change(socket: &Socket, membership: Membership, join: bool) -> io::Result<()> {
     let fd = socket.as_fd();
+    let level = if membership.group.is_ipv6() {
+        libc::IPPROTO_IPV6
+    } else {
+        libc::IPPROTO_IP
+    };
     match membership.source {
         None => {
             let request = GroupReq {
@@ -162,7 +185,7 @@ fn change(socket: &Socket, membership: Membership, join: bool) -> io::Result<()>
             } else {
                 libc::MCAST_LEAVE_GROUP
             };
-            set_option(fd, libc::IPPROTO_IP, name, &request)
+            set_option(fd, level, name, &request)
         }
         Some(source) => {
             let request = GroupSourceReq {
@@ -175,7 +198,7 @@ fn change(socket: &Socket, membership: Membership, join: bool) -> io::Result<()>
             } else {
                 libc::MCAST_LEAVE_SOURCE_GROUP
             };
-            set_option(fd, libc::IPPROTO_IP, name, &request)
+            set_option(fd, level, name, &request)
         }
     }
 }
