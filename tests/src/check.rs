@@ -1,23 +1,70 @@
 //! Assertions on what a receiver got.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::ensure;
 
-use crate::{Datagram, Netns, Stream, send_udp};
+use crate::{Datagram, Datagram6, Netns, Stream, send_udp};
 
 /// What the relay should have put on the wire for a stream.
 #[derive(Clone, Copy, Debug)]
 pub struct Expected {
-    pub destination: Ipv4Addr,
-    pub source: Ipv4Addr,
+    pub destination: IpAddr,
+    pub source: IpAddr,
+    /// TTL, or hop limit.
     pub ttl: u8,
+}
+
+/// A datagram as a receiver of either family recorded it.
+pub trait Arrived {
+    fn sequence(&self) -> Option<u64>;
+    fn payload(&self) -> &[u8];
+    fn destination(&self) -> IpAddr;
+    fn source(&self) -> IpAddr;
+    /// TTL, or hop limit.
+    fn ttl(&self) -> u8;
+}
+
+impl Arrived for Datagram {
+    fn sequence(&self) -> Option<u64> {
+        Datagram::sequence(self)
+    }
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    fn destination(&self) -> IpAddr {
+        self.destination.into()
+    }
+    fn source(&self) -> IpAddr {
+        (*self.source.ip()).into()
+    }
+    fn ttl(&self) -> u8 {
+        self.ttl
+    }
+}
+
+impl Arrived for Datagram6 {
+    fn sequence(&self) -> Option<u64> {
+        Datagram6::sequence(self)
+    }
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    fn destination(&self) -> IpAddr {
+        self.destination.into()
+    }
+    fn source(&self) -> IpAddr {
+        (*self.source.ip()).into()
+    }
+    fn ttl(&self) -> u8 {
+        self.hop_limit
+    }
 }
 
 /// Checks that `received` is exactly `stream`: every datagram, in order, once, with the
 /// same payload, sent to `expected.destination` from `expected.source` with `expected.ttl`.
 pub fn assert_delivered(
-    received: &[Datagram],
+    received: &[impl Arrived],
     stream: &Stream,
     expected: Expected,
 ) -> anyhow::Result<()> {
@@ -35,23 +82,23 @@ pub fn assert_delivered(
             datagram.sequence()
         );
         ensure!(
-            datagram.payload == stream.payload(sequence),
+            datagram.payload() == stream.payload(sequence),
             "payload {sequence} differs"
         );
         ensure!(
-            datagram.destination == expected.destination,
+            datagram.destination() == expected.destination,
             "sent to {}",
-            datagram.destination
+            datagram.destination()
         );
         ensure!(
-            *datagram.source.ip() == expected.source,
+            datagram.source() == expected.source,
             "sent from {}",
-            datagram.source
+            datagram.source()
         );
         ensure!(
-            datagram.ttl == expected.ttl,
+            datagram.ttl() == expected.ttl,
             "TTL {} instead of {}",
-            datagram.ttl,
+            datagram.ttl(),
             expected.ttl
         );
     }

@@ -6,9 +6,13 @@
 //!       10.1.0.9         out0 10.2.0.1 ---- sink0 10.2.0.2
 //!                        out1 10.4.0.1 ---- sink1 10.4.0.2   (sink2)
 //! ```
+//!
+//! Every link is dual-stack: `fd01::1` (and `fd01::9`) on gen0, `fd01::2` on in0, `fd02::1`
+//! on out0, `fd02::2` on sink0, `fd04::1` on out1, `fd04::2` on sink1, each /64, besides the
+//! link-local addresses.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -21,6 +25,13 @@ pub const RELAY_OUT0: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
 pub const SINK: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
 pub const RELAY_OUT1: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 1);
 pub const SINK_2: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 2);
+pub const GENERATOR6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1);
+/// A second IPv6 sender on the generator's link, for source-specific rules.
+pub const GENERATOR6_2: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 9);
+pub const RELAY6_OUT0: Ipv6Addr = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 1);
+pub const SINK6: Ipv6Addr = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 2);
+pub const RELAY6_OUT1: Ipv6Addr = Ipv6Addr::new(0xfd04, 0, 0, 0, 0, 0, 0, 1);
+pub const SINK6_2: Ipv6Addr = Ipv6Addr::new(0xfd04, 0, 0, 0, 0, 0, 0, 2);
 
 pub struct Lab {
     pub generator: Netns,
@@ -46,6 +57,17 @@ impl Lab {
         relay.address("out1", "10.4.0.1/24")?;
         sink.address("sink0", "10.2.0.2/24")?;
         sink_2.address("sink1", "10.4.0.2/24")?;
+        for (netns, interface, address) in [
+            (&generator, "gen0", "fd01::1/64"),
+            (&generator, "gen0", "fd01::9/64"),
+            (&relay, "in0", "fd01::2/64"),
+            (&relay, "out0", "fd02::1/64"),
+            (&relay, "out1", "fd04::1/64"),
+            (&sink, "sink0", "fd02::2/64"),
+            (&sink_2, "sink1", "fd04::2/64"),
+        ] {
+            netns.ip(&["-6", "addr", "add", address, "dev", interface, "nodad"])?;
+        }
         Ok(Self {
             generator,
             relay,
@@ -75,6 +97,25 @@ impl Lab {
             }
         }
         Ok(groups)
+    }
+}
+
+impl Lab {
+    /// The IPv6 groups joined on `interface` inside the relay, from `/proc/net/igmp6`.
+    pub fn mld_groups(&self, interface: &str) -> anyhow::Result<Vec<Ipv6Addr>> {
+        let text = self.relay.exec("cat", &["/proc/net/igmp6"])?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.get(1) != Some(&interface) {
+                    return None;
+                }
+                u128::from_str_radix(fields.get(2)?, 16)
+                    .ok()
+                    .map(Ipv6Addr::from)
+            })
+            .collect())
     }
 }
 

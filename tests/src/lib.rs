@@ -12,15 +12,20 @@ mod mcr;
 mod netns;
 mod path;
 mod receiver;
+mod receiver6;
 mod traffic;
 
-pub use check::{Expected, assert_delivered, send_concurrently};
+pub use check::{Arrived, Expected, assert_delivered, send_concurrently};
 pub use frame::{ETH_P_8021AD, ETH_P_8021Q, Frame, OTHER_HOST_MAC, send_frames};
-pub use lab::{GENERATOR, GENERATOR_2, Lab, RELAY_OUT0, RELAY_OUT1, RulesFile, SINK, SINK_2};
+pub use lab::{
+    GENERATOR, GENERATOR_2, GENERATOR6, GENERATOR6_2, Lab, RELAY_OUT0, RELAY_OUT1, RELAY6_OUT0,
+    RELAY6_OUT1, RulesFile, SINK, SINK_2, SINK6, SINK6_2,
+};
 pub use mcr::{Launch, Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};
 pub use path::TestPath;
 pub use receiver::{Datagram, Receiver};
+pub use receiver6::{Datagram6, Receiver6};
 pub use traffic::{Stream, send_udp};
 
 /// Prefix of every namespace, pin directory and control socket the tests create.

@@ -44,6 +44,15 @@ impl Netns {
         let name = unique_name(label);
         run("ip", &["netns", "add", &name])?;
         let netns = Self { name };
+        // Interfaces created from here on use IPv6 addresses at once, instead of after a
+        // second or more of duplicate address detection: the namespace's links are the test's
+        // own veth pairs, where no address can clash.
+        for scope in ["all", "default"] {
+            netns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{scope}.accept_dad=0")],
+            )?;
+        }
         netns.ip(&["link", "set", "lo", "up"])?;
         Ok(netns)
     }

@@ -1,38 +1,48 @@
 //! Test traffic: UDP datagrams with known payloads, sent from inside a namespace.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
 use anyhow::Context as _;
 use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::{Netns, in_netns};
 
-/// A batch of identical datagrams: `count` times `payload_len` bytes to `group:port`, from
-/// `source` (the namespace's routing decides when `None`).
+/// A batch of identical datagrams: `count` times `payload_len` bytes to `group:port` (IPv4 or
+/// IPv6), from `source` (the namespace's routing decides when `None`).
 #[derive(Clone, Debug)]
 pub struct Stream {
-    pub source: Option<Ipv4Addr>,
-    pub destination: Ipv4Addr,
+    pub source: Option<IpAddr>,
+    pub destination: IpAddr,
     pub port: u16,
     pub payload_len: usize,
     pub count: u64,
     /// Pause after every 32 datagrams.
     pub gap: std::time::Duration,
-    /// The DSCP/ECN byte (IPv4 TOS) the datagrams are sent with.
+    /// The DSCP/ECN byte (IPv4 TOS, IPv6 traffic class) the datagrams are sent with.
     pub tos: u8,
+    /// TTL or hop limit of multicast datagrams.
+    pub ttl: u8,
 }
 
 impl Stream {
-    pub fn new(destination: Ipv4Addr, port: u16, payload_len: usize, count: u64) -> Self {
+    pub fn new(destination: impl Into<IpAddr>, port: u16, payload_len: usize, count: u64) -> Self {
         Self {
             source: None,
-            destination,
+            destination: destination.into(),
             port,
             payload_len,
             count,
             gap: std::time::Duration::from_millis(1),
             tos: 0,
+            ttl: 8,
         }
+    }
+
+    /// Sends multicast with TTL (hop limit) `ttl`.
+    #[must_use]
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
     }
 
     /// Spreads the stream out: a pause of `gap` after every 32 datagrams.
@@ -50,8 +60,8 @@ impl Stream {
     }
 
     #[must_use]
-    pub fn from(mut self, source: Ipv4Addr) -> Self {
-        self.source = Some(source);
+    pub fn from(mut self, source: impl Into<IpAddr>) -> Self {
+        self.source = Some(source.into());
         self
     }
 
@@ -70,13 +80,25 @@ impl Stream {
 /// of packets per second at most) so no queue on the way overflows.
 pub fn send_udp(netns: &Netns, stream: &Stream) -> anyhow::Result<()> {
     in_netns(netns, || -> anyhow::Result<()> {
-        let bind = SocketAddrV4::new(stream.source.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+        let unspecified = if stream.destination.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        let bind = SocketAddr::new(stream.source.unwrap_or(unspecified), 0);
         let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
-        socket.set_multicast_ttl_v4(8)?;
-        if stream.tos != 0 {
-            setsockopt(&socket, sockopt::Ipv4Tos, &i32::from(stream.tos))?;
+        if stream.destination.is_ipv4() {
+            socket.set_multicast_ttl_v4(u32::from(stream.ttl))?;
+            if stream.tos != 0 {
+                setsockopt(&socket, sockopt::Ipv4Tos, &i32::from(stream.tos))?;
+            }
+        } else {
+            setsockopt(&socket, sockopt::Ipv6MulticastHops, &i32::from(stream.ttl))?;
+            if stream.tos != 0 {
+                setsockopt(&socket, sockopt::Ipv6TClass, &i32::from(stream.tos))?;
+            }
         }
-        let destination = SocketAddrV4::new(stream.destination, stream.port);
+        let destination = SocketAddr::new(stream.destination, stream.port);
         for sequence in 0..stream.count {
             socket
                 .send_to(&stream.payload(sequence), destination)

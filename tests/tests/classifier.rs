@@ -506,8 +506,8 @@ fn frames_not_meant_for_this_host_and_link_are_left_alone_and_counted() -> anyho
         &relayed,
         &control,
         Expected {
-            destination: OUTPUT_GROUP,
-            source: RELAY_OUT0,
+            destination: OUTPUT_GROUP.into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         },
     ) {
@@ -588,8 +588,8 @@ rules:
         &receiver.finish()?,
         &relayed,
         Expected {
-            destination: OUTPUT_GROUP,
-            source: RELAY_OUT0,
+            destination: OUTPUT_GROUP.into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         },
     )

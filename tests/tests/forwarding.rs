@@ -12,8 +12,8 @@ use mcr_tests::{
 /// What a stream relayed to `destination` from `source` with `ttl` looks like.
 fn expected(destination: Ipv4Addr, source: Ipv4Addr, ttl: u8) -> Expected {
     Expected {
-        destination,
-        source,
+        destination: destination.into(),
+        source: source.into(),
         ttl,
     }
 }

@@ -74,8 +74,8 @@ fn a_rule_with_sixty_four_outputs_runs_in_the_kernel() -> anyhow::Result<()> {
     send_udp(&lab.generator, &stream)?;
     for (k, receiver) in (1..=OUTPUTS).zip(receivers) {
         let expected = Expected {
-            destination: group(k),
-            source: RELAY_OUT0,
+            destination: group(k).into(),
+            source: RELAY_OUT0.into(),
             ttl: k,
         };
         assert_delivered(&receiver.finish()?, &stream, expected)
@@ -167,8 +167,8 @@ fn each_rule_says_which_path_it_takes_and_why() -> anyhow::Result<()> {
         let stream = Stream::new(INPUT, 5002, 100, count);
         send_udp(&lab.generator, &stream)?;
         let expected = Expected {
-            destination: Ipv4Addr::new(10, 2, 0, 99),
-            source: RELAY_OUT0,
+            destination: Ipv4Addr::new(10, 2, 0, 99).into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         };
         assert_delivered(&receiver.finish()?, &stream, expected)
@@ -258,8 +258,8 @@ fn a_next_hop_that_changes_its_mac_is_followed() -> anyhow::Result<()> {
     let stream = Stream::new(INPUT, 5000, 100, 300);
     send_udp(&lab.generator, &stream)?;
     let expected = Expected {
-        destination: SINK,
-        source: RELAY_OUT0,
+        destination: SINK.into(),
+        source: RELAY_OUT0.into(),
         ttl: 5,
     };
     assert_delivered(&receiver.finish()?, &stream, expected)
@@ -333,8 +333,8 @@ fn a_packet_too_long_for_an_output_is_relayed_by_the_worker() -> anyhow::Result<
     let mcr = Mcr::start(&lab.relay, file.path())?;
     wait_for_rule_path(&mcr, "uni", "kernel")?;
     let expected = Expected {
-        destination: SINK,
-        source: RELAY_OUT0,
+        destination: SINK.into(),
+        source: RELAY_OUT0.into(),
         ttl: 16,
     };
     for (payload, count) in [(1200, 100), (500, 200)] {
@@ -375,8 +375,8 @@ fn local_delivery_gives_the_host_the_input_as_it_arrived() -> anyhow::Result<()>
         let stream = Stream::new(INPUT, 5000, 100, 200).from(GENERATOR);
         send_udp(&lab.generator, &stream)?;
         let relayed = Expected {
-            destination: Ipv4Addr::new(239, 2, 2, 1),
-            source: RELAY_OUT0,
+            destination: Ipv4Addr::new(239, 2, 2, 1).into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         };
         assert_delivered(&sink.finish()?, &stream, relayed)
@@ -386,8 +386,8 @@ fn local_delivery_gives_the_host_the_input_as_it_arrived() -> anyhow::Result<()>
             // The sender's headers, as they arrived: group, source and TTL 8 (the test
             // sender's multicast TTL).
             let original = Expected {
-                destination: INPUT,
-                source: GENERATOR,
+                destination: INPUT.into(),
+                source: GENERATOR.into(),
                 ttl: 8,
             };
             assert_delivered(&at_host, &stream, original)

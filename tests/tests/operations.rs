@@ -379,8 +379,8 @@ fn metrics_scraped_during_traffic_match_what_the_sink_received() -> anyhow::Resu
     for ((receiver, stream), group) in receivers.into_iter().zip(&streams).zip(groups) {
         let datagrams = receiver?.finish()?;
         let expected = Expected {
-            destination: group,
-            source: RELAY_OUT0,
+            destination: group.into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         };
         assert_delivered(&datagrams, stream, expected)
@@ -602,8 +602,8 @@ fn slow_huge_and_malformed_requests_do_not_disturb_forwarding() -> anyhow::Resul
         &receiver.finish()?,
         &stream,
         Expected {
-            destination: group,
-            source: RELAY_OUT0,
+            destination: group.into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         },
     )

@@ -39,8 +39,8 @@ fn assert_complete(received: &[Datagram], stream: &Stream, group: Ipv4Addr) -> a
         received,
         stream,
         Expected {
-            destination: group,
-            source: RELAY_OUT0,
+            destination: group.into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         },
     )
@@ -373,8 +373,8 @@ fn assert_relayed_to(
         &receiver.finish()?,
         &stream,
         Expected {
-            destination: output,
-            source: RELAY_OUT0,
+            destination: output.into(),
+            source: RELAY_OUT0.into(),
             ttl,
         },
     )

@@ -41,8 +41,8 @@ fn assert_camera_relayed(lab: &Lab) -> anyhow::Result<()> {
         &receiver.finish()?,
         &stream,
         Expected {
-            destination: Ipv4Addr::new(239, 2, 2, 1),
-            source: RELAY_OUT0,
+            destination: Ipv4Addr::new(239, 2, 2, 1).into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         },
     )
@@ -235,9 +235,9 @@ fn workers_forward_under_a_seccomp_filter_also_after_changes_and_restarts() -> a
     let unicast = Receiver::start(&lab.sink, None, SINK, 7007)?;
     let stream = Stream::new(Ipv4Addr::new(239, 1, 1, 7), 5007, 100, 300);
     send_udp(&lab.generator, &stream)?;
-    let expected = |destination| Expected {
-        destination,
-        source: RELAY_OUT0,
+    let expected = |destination: Ipv4Addr| Expected {
+        destination: destination.into(),
+        source: RELAY_OUT0.into(),
         ttl: 16,
     };
     assert_delivered(
@@ -515,8 +515,8 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
         &receiver.finish()?,
         &after,
         Expected {
-            destination: output,
-            source: RELAY_OUT0,
+            destination: output.into(),
+            source: RELAY_OUT0.into(),
             ttl: 16,
         },
     )?;
