@@ -27,14 +27,15 @@ use crate::{
     command::{self, Command, MAX_MESSAGE},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
     flow::FlowKey,
-    packet::{self, ParseError},
+    packet::{self, Addresses, Datagram, ParseError},
 };
 
 /// A worker that has had nothing to do for this long has nothing queued: it tells the
 /// classifier so (`LoadPage::forgive_backlog`).
 const IDLE: Duration = Duration::from_millis(100);
 
-/// The two ECN bits of the IPv4 DSCP/ECN byte: always the input packet's.
+/// The two ECN bits of the DSCP/ECN byte (IPv4 TOS, IPv6 traffic class): always the input
+/// packet's.
 const ECN_BITS: u8 = 0b11;
 
 /// Most sends in flight at once: keeps completions within the completion queue, so the kernel
@@ -295,12 +296,7 @@ impl Forwarder {
                 return Ok(());
             }
         };
-        let key = FlowKey::V4(mcr_common::RuleKey::new(
-            self.inputs[input].ifindex,
-            datagram.destination.octets(),
-            datagram.source.octets(),
-            datagram.destination_port,
-        ));
+        let key = flow_key(self.inputs[input].ifindex, &datagram);
         // Source-specific rules first, then the rule for any sender.
         let route = if let Some(route) = self.routes.get(&key) {
             route
@@ -329,20 +325,20 @@ impl Forwarder {
             self.buffers.recycle(buffer);
             return Ok(());
         }
-        let payload = &bytes[datagram.payload];
+        let payload = &bytes[datagram.payload.clone()];
         let mut queued = 0;
         for output in &route.outputs {
             // The input's DSCP/ECN byte, or the output's DSCP with the input's ECN bits.
-            let tos = output
-                .dscp
-                .map_or(datagram.tos, |dscp| (dscp << 2) | (datagram.tos & ECN_BITS));
+            let dscp_ecn = output.dscp.map_or(datagram.dscp_ecn, |dscp| {
+                (dscp << 2) | (datagram.dscp_ecn & ECN_BITS)
+            });
             let prepared = send_entry(
                 &mut self.frames,
                 self.frame_socket.as_ref(),
                 output,
                 buffer,
                 payload,
-                tos,
+                dscp_ecn,
             );
             let Some(send) = prepared else {
                 bump(
@@ -542,21 +538,46 @@ impl Forwarder {
     }
 }
 
-/// The send of `payload` (in receive buffer `buffer`) to `output` with DSCP/ECN byte `tos`,
-/// or `None` when no send slot is free. A full socket buffer fails a send at once
-/// (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow
-/// overtake it.
+/// The route key of `datagram`, received on interface `ifindex`: the key of its source-specific
+/// rule, whose `any_source` is the fallback.
+fn flow_key(ifindex: u32, datagram: &Datagram) -> FlowKey {
+    match datagram.addresses {
+        Addresses::V4 {
+            source,
+            destination,
+        } => FlowKey::V4(mcr_common::RuleKey::new(
+            ifindex,
+            destination.octets(),
+            source.octets(),
+            datagram.destination_port,
+        )),
+        Addresses::V6 {
+            source,
+            destination,
+        } => FlowKey::V6(mcr_common::RuleKey6::new(
+            ifindex,
+            destination.octets(),
+            source.octets(),
+            datagram.destination_port,
+        )),
+    }
+}
+
+/// The send of `payload` (in receive buffer `buffer`) to `output` with DSCP/ECN byte
+/// `dscp_ecn`, or `None` when no send slot is free. A full socket buffer fails a send at once
+/// (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow overtake
+/// it.
 fn send_entry(
     frames: &mut FrameSlab,
     frame_socket: Option<&OwnedFd>,
     output: &Output,
     buffer: Buffer,
     payload: &[u8],
-    tos: u8,
+    dscp_ecn: u8,
 ) -> Option<squeue::Entry> {
     let entry = match &output.egress {
         // The socket's own DSCP/ECN byte is 0: a plain send needs no control message.
-        Egress::Socket(socket) if tos == 0 => {
+        Egress::Socket(socket) if dscp_ecn == 0 => {
             let len = u32::try_from(payload.len()).expect("a payload fits a receive buffer");
             opcode::Send::new(Fd(socket.as_raw_fd()), payload.as_ptr(), len)
                 .flags(nix::libc::MSG_DONTWAIT)
@@ -564,7 +585,7 @@ fn send_entry(
                 .user_data(send_data(buffer, NO_SLOT, output.counter))
         }
         Egress::Socket(socket) => {
-            let (slot, message) = frames.prepare_datagram(payload, tos)?;
+            let (slot, message) = frames.prepare_datagram(payload, dscp_ecn)?;
             opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()
@@ -572,7 +593,7 @@ fn send_entry(
         }
         Egress::Framed(frame) => {
             let socket = frame_socket?;
-            let (slot, message) = frames.prepare(frame, payload, tos)?;
+            let (slot, message) = frames.prepare(frame, payload, dscp_ecn)?;
             opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()
@@ -596,4 +617,51 @@ fn push(
     // SAFETY: the entries pushed here (receive, poll, cancel) reference only descriptors the
     // forwarder owns for as long as the operation can run, and no memory.
     unsafe { sq.push(entry) }.map_err(|_| anyhow::anyhow!("submission queue full"))
+}
+
+#[cfg(test)]
+mod tests {
+    use mcr_common::{RuleKey, RuleKey6};
+
+    use super::*;
+
+    fn datagram(addresses: Addresses) -> Datagram {
+        Datagram {
+            addresses,
+            source_port: 4000,
+            destination_port: 5000,
+            dscp_ecn: 0,
+            udp_checksum: 0,
+            payload: 28..30,
+        }
+    }
+
+    #[test]
+    fn packets_find_the_rule_of_their_family() {
+        let v4 = datagram(Addresses::V4 {
+            source: [10, 1, 0, 1].into(),
+            destination: [239, 1, 1, 1].into(),
+        });
+        assert_eq!(
+            flow_key(3, &v4),
+            FlowKey::V4(RuleKey::new(3, [239, 1, 1, 1], [10, 1, 0, 1], 5000))
+        );
+        let source: std::net::Ipv6Addr = "fd00::1".parse().expect("address");
+        let group: std::net::Ipv6Addr = "ff3e::1:2".parse().expect("address");
+        let v6 = datagram(Addresses::V6 {
+            source,
+            destination: group,
+        });
+        let key = flow_key(4, &v6);
+        assert_eq!(
+            key,
+            FlowKey::V6(RuleKey6::new(4, group.octets(), source.octets(), 5000))
+        );
+        // The rule for any sender is the fallback, as written by the rules side.
+        let any = FlowKey::new(4, group.into(), None, 5000).expect("same family");
+        assert_eq!(key.any_source(), any);
+        let specific =
+            FlowKey::new(4, group.into(), Some(source.into()), 5000).expect("same family");
+        assert_eq!(key, specific);
+    }
 }
