@@ -3,8 +3,10 @@
 //!
 //! Per packet: one completion from a multishot receive (into a provided buffer), a parse, at
 //! most two hash lookups, one send submission per output straight from the receive buffer.
-//! No allocation, no logging, no system call of its own: submissions go to the kernel in one
-//! `io_uring_enter` per loop turn.
+//! IPv6 framed outputs need a UDP checksum: the payload's part of it is found once per packet,
+//! without reading the payload when the input carries a checksum, and each output adds its own
+//! header fields. No allocation, no logging, no system call of its own: submissions go to the
+//! kernel in one `io_uring_enter` per loop turn.
 
 use std::{
     collections::HashMap,
@@ -27,7 +29,7 @@ use crate::{
     command::{self, Command, MAX_MESSAGE},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
     flow::FlowKey,
-    packet::{self, Addresses, Datagram, ParseError},
+    packet::{self, Addresses, Datagram, OnesComplementSum, ParseError},
 };
 
 /// A worker that has had nothing to do for this long has nothing queued: it tells the
@@ -326,6 +328,9 @@ impl Forwarder {
             return Ok(());
         }
         let payload = &bytes[datagram.payload.clone()];
+        // Computed for the first IPv6 output that needs it, then shared by the others; a
+        // packet relayed to IPv4 outputs only never has it computed.
+        let mut payload_sum = None;
         let mut queued = 0;
         for output in &route.outputs {
             // The input's DSCP/ECN byte, or the output's DSCP with the input's ECN bits.
@@ -339,6 +344,7 @@ impl Forwarder {
                 buffer,
                 payload,
                 dscp_ecn,
+                || *payload_sum.get_or_insert_with(|| datagram.payload_sum(bytes)),
             );
             let Some(send) = prepared else {
                 bump(
@@ -564,9 +570,10 @@ fn flow_key(ifindex: u32, datagram: &Datagram) -> FlowKey {
 }
 
 /// The send of `payload` (in receive buffer `buffer`) to `output` with DSCP/ECN byte
-/// `dscp_ecn`, or `None` when no send slot is free. A full socket buffer fails a send at once
-/// (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow overtake
-/// it.
+/// `dscp_ecn`, or `None` when no send slot is free. `payload_sum` gives the payload's part of
+/// a UDP checksum, which only IPv6 framed outputs ask for. A full socket buffer fails a send at
+/// once (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow
+/// overtake it.
 fn send_entry(
     frames: &mut FrameSlab,
     frame_socket: Option<&OwnedFd>,
@@ -574,6 +581,7 @@ fn send_entry(
     buffer: Buffer,
     payload: &[u8],
     dscp_ecn: u8,
+    payload_sum: impl FnOnce() -> OnesComplementSum,
 ) -> Option<squeue::Entry> {
     let entry = match &output.egress {
         // The socket's own DSCP/ECN byte is 0: a plain send needs no control message.
@@ -593,7 +601,7 @@ fn send_entry(
         }
         Egress::Framed(frame) => {
             let socket = frame_socket?;
-            let (slot, message) = frames.prepare(frame, payload, dscp_ecn)?;
+            let (slot, message) = frames.prepare(frame, payload, dscp_ecn, payload_sum)?;
             opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()
