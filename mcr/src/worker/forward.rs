@@ -88,8 +88,8 @@ const MAX_RECEIVE_FAILURES: u32 = 100;
 
 /// How an output's packets leave.
 enum Egress {
-    /// A connected UDP socket of its own.
-    Socket(OwnedFd),
+    /// A connected UDP socket of its own, IPv6 (`AF_INET6`) or IPv4.
+    Socket { socket: OwnedFd, ipv6: bool },
     /// Framed by the worker and sent on its link-layer socket.
     Framed(Frame),
 }
@@ -519,7 +519,10 @@ impl Forwarder {
                     .filter_map(|spec| {
                         let egress = match &spec.frame {
                             Some(header) => Egress::Framed(Frame::new(header)),
-                            None => Egress::Socket(sockets.next()?),
+                            None => Egress::Socket {
+                                socket: sockets.next()?,
+                                ipv6: spec.ipv6,
+                            },
                         };
                         Some(Output {
                             egress,
@@ -585,15 +588,15 @@ fn send_entry(
 ) -> Option<squeue::Entry> {
     let entry = match &output.egress {
         // The socket's own DSCP/ECN byte is 0: a plain send needs no control message.
-        Egress::Socket(socket) if dscp_ecn == 0 => {
+        Egress::Socket { socket, .. } if dscp_ecn == 0 => {
             let len = u32::try_from(payload.len()).expect("a payload fits a receive buffer");
             opcode::Send::new(Fd(socket.as_raw_fd()), payload.as_ptr(), len)
                 .flags(nix::libc::MSG_DONTWAIT)
                 .build()
                 .user_data(send_data(buffer, NO_SLOT, output.counter))
         }
-        Egress::Socket(socket) => {
-            let (slot, message) = frames.prepare_datagram(payload, dscp_ecn)?;
+        Egress::Socket { socket, ipv6 } => {
+            let (slot, message) = frames.prepare_datagram(payload, dscp_ecn, *ipv6)?;
             opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()

@@ -175,7 +175,7 @@ pub fn ipv4_checksum(header: &[u8]) -> u16 {
     !u16::try_from(sum).expect("folded into sixteen bits above")
 }
 
-/// Room for one `IP_TOS` control message (an `int`).
+/// Room for one `IP_TOS` or `IPV6_TCLASS` control message (an `int` each).
 const TOS_CONTROL_LEN: usize = 32;
 
 /// One send in flight: a framed packet (header and payload to a link-layer address), or a
@@ -253,12 +253,14 @@ impl FrameSlab {
     }
 
     /// Fills a free slot for `payload` sent on a connected UDP socket with DSCP/ECN byte
-    /// `dscp_ecn` (an `IP_TOS` control message); returns the slot and its message, or `None`
-    /// when every slot is in use.
+    /// `dscp_ecn`, as an `IPV6_TCLASS` control message on an IPv6 socket (`ipv6`) and an
+    /// `IP_TOS` one otherwise; returns the slot and its message, or `None` when every slot is
+    /// in use.
     pub fn prepare_datagram(
         &mut self,
         payload: &[u8],
         dscp_ecn: u8,
+        ipv6: bool,
     ) -> Option<(u32, *const libc::msghdr)> {
         let slot = self.free.pop()?;
         let send = &mut self.sends[slot as usize];
@@ -271,6 +273,11 @@ impl FrameSlab {
         send.message.msg_iov = send.iov.as_mut_ptr();
         send.message.msg_iovlen = 1;
         send.message.msg_control = send.control.as_mut_ptr().cast();
+        let (level, kind) = if ipv6 {
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_TOS)
+        };
         let value = libc::c_int::from(dscp_ecn);
         let int_len = u32::try_from(size_of::<libc::c_int>()).expect("an int is 4 bytes");
         // SAFETY: CMSG_SPACE of an int is 24 bytes on this ABI, within `control` (checked by
@@ -278,8 +285,8 @@ impl FrameSlab {
         unsafe {
             send.message.msg_controllen = libc::CMSG_SPACE(int_len) as usize;
             let header = libc::CMSG_FIRSTHDR(&raw const send.message);
-            (*header).cmsg_level = libc::IPPROTO_IP;
-            (*header).cmsg_type = libc::IP_TOS;
+            (*header).cmsg_level = level;
+            (*header).cmsg_type = kind;
             (*header).cmsg_len = libc::CMSG_LEN(int_len) as usize;
             std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>(), value);
         }
@@ -618,7 +625,7 @@ mod tests {
         let (a, _) = slab
             .prepare(&frame, &payload, 0, no_payload_walk)
             .expect("slot");
-        let (b, _) = slab.prepare_datagram(&payload, 0xb8).expect("slot");
+        let (b, _) = slab.prepare_datagram(&payload, 0xb8, false).expect("slot");
         assert_ne!(a, b);
         assert!(slab.prepare(&frame, &payload, 0, no_payload_walk).is_none());
         assert_eq!(
@@ -654,10 +661,81 @@ mod tests {
     fn a_datagram_carries_its_tos_as_a_control_message() {
         let mut slab = FrameSlab::new(1);
         let payload = [1_u8, 2, 3];
-        let (_, message) = slab.prepare_datagram(&payload, 0xb8).expect("slot");
+        let (_, message) = slab.prepare_datagram(&payload, 0xb8, false).expect("slot");
         assert_eq!(
             control_message(message),
             (libc::IPPROTO_IP, libc::IP_TOS, 0xb8)
         );
+    }
+
+    #[test]
+    fn an_ipv6_datagram_carries_its_traffic_class_as_a_control_message() {
+        let mut slab = FrameSlab::new(1);
+        let payload = [1_u8, 2, 3];
+        let (_, message) = slab.prepare_datagram(&payload, 0xb9, true).expect("slot");
+        assert_eq!(
+            control_message(message),
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 0xb9)
+        );
+    }
+
+    /// The kernel takes the control message: an `IPV6_TCLASS` send on a connected IPv6 UDP
+    /// socket arrives with that traffic class.
+    #[test]
+    fn the_kernel_applies_the_traffic_class() {
+        use std::{net::UdpSocket, os::fd::AsRawFd};
+
+        let Ok(sink) = UdpSocket::bind("[::1]:0") else {
+            eprintln!("no IPv6 loopback here; skipped");
+            return;
+        };
+        let sender = UdpSocket::bind("[::1]:0").expect("bind");
+        sender
+            .connect(sink.local_addr().expect("address"))
+            .expect("connect");
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and an int option of the right length.
+        let status = unsafe {
+            libc::setsockopt(
+                sink.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVTCLASS,
+                (&raw const on).cast(),
+                u32::try_from(size_of::<libc::c_int>()).expect("4 bytes"),
+            )
+        };
+        assert_eq!(status, 0, "IPV6_RECVTCLASS");
+        let mut slab = FrameSlab::new(1);
+        let payload = [1_u8, 2, 3];
+        let (_, message) = slab.prepare_datagram(&payload, 0xb9, true).expect("slot");
+        // SAFETY: the message lives in the slab; the payload outlives the call.
+        let sent = unsafe { libc::sendmsg(sender.as_raw_fd(), message, 0) };
+        assert_eq!(sent, 3, "{}", std::io::Error::last_os_error());
+
+        let mut data = [0_u8; 16];
+        let mut control = [0_u8; 64];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        let mut received = empty_message();
+        received.msg_iov = &raw mut iov;
+        received.msg_iovlen = 1;
+        received.msg_control = control.as_mut_ptr().cast();
+        received.msg_controllen = control.len();
+        // SAFETY: the message points at the buffers above, which outlive the call.
+        let len = unsafe { libc::recvmsg(sink.as_raw_fd(), &raw mut received, 0) };
+        assert_eq!(len, 3);
+        // SAFETY: the kernel filled `control` and set its length.
+        let class = unsafe {
+            let header = libc::CMSG_FIRSTHDR(&raw const received);
+            assert!(!header.is_null(), "no control message received");
+            assert_eq!(
+                ((*header).cmsg_level, (*header).cmsg_type),
+                (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
+            );
+            std::ptr::read_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>())
+        };
+        assert_eq!(class, 0xb9);
     }
 }
