@@ -3,8 +3,10 @@
 //!
 //! Per packet: one completion from a multishot receive (into a provided buffer), a parse, at
 //! most two hash lookups, one send submission per output straight from the receive buffer.
-//! No allocation, no logging, no system call of its own: submissions go to the kernel in one
-//! `io_uring_enter` per loop turn.
+//! IPv6 framed outputs need a UDP checksum: the payload's part of it is found once per packet,
+//! without reading the payload when the input carries a checksum, and each output adds its own
+//! header fields. No allocation, no logging, no system call of its own: submissions go to the
+//! kernel in one `io_uring_enter` per loop turn.
 
 use std::{
     collections::HashMap,
@@ -27,14 +29,15 @@ use crate::{
     command::{self, Command, MAX_MESSAGE},
     counters::{MAX_OUTPUTS, SharedCounters, bump},
     flow::FlowKey,
-    packet::{self, ParseError},
+    packet::{self, Addresses, Datagram, OnesComplementSum, ParseError},
 };
 
 /// A worker that has had nothing to do for this long has nothing queued: it tells the
 /// classifier so (`LoadPage::forgive_backlog`).
 const IDLE: Duration = Duration::from_millis(100);
 
-/// The two ECN bits of the IPv4 DSCP/ECN byte: always the input packet's.
+/// The two ECN bits of the DSCP/ECN byte (IPv4 TOS, IPv6 traffic class): always the input
+/// packet's.
 const ECN_BITS: u8 = 0b11;
 
 /// Most sends in flight at once: keeps completions within the completion queue, so the kernel
@@ -85,8 +88,8 @@ const MAX_RECEIVE_FAILURES: u32 = 100;
 
 /// How an output's packets leave.
 enum Egress {
-    /// A connected UDP socket of its own.
-    Socket(OwnedFd),
+    /// A connected UDP socket of its own, IPv6 (`AF_INET6`) or IPv4.
+    Socket { socket: OwnedFd, ipv6: bool },
     /// Framed by the worker and sent on its link-layer socket.
     Framed(Frame),
 }
@@ -295,12 +298,7 @@ impl Forwarder {
                 return Ok(());
             }
         };
-        let key = FlowKey::V4(mcr_common::RuleKey::new(
-            self.inputs[input].ifindex,
-            datagram.destination.octets(),
-            datagram.source.octets(),
-            datagram.destination_port,
-        ));
+        let key = flow_key(self.inputs[input].ifindex, &datagram);
         // Source-specific rules first, then the rule for any sender.
         let route = if let Some(route) = self.routes.get(&key) {
             route
@@ -329,20 +327,24 @@ impl Forwarder {
             self.buffers.recycle(buffer);
             return Ok(());
         }
-        let payload = &bytes[datagram.payload];
+        let payload = &bytes[datagram.payload.clone()];
+        // Computed for the first IPv6 output that needs it, then shared by the others; a
+        // packet relayed to IPv4 outputs only never has it computed.
+        let mut payload_sum = None;
         let mut queued = 0;
         for output in &route.outputs {
             // The input's DSCP/ECN byte, or the output's DSCP with the input's ECN bits.
-            let tos = output
-                .dscp
-                .map_or(datagram.tos, |dscp| (dscp << 2) | (datagram.tos & ECN_BITS));
+            let dscp_ecn = output.dscp.map_or(datagram.dscp_ecn, |dscp| {
+                (dscp << 2) | (datagram.dscp_ecn & ECN_BITS)
+            });
             let prepared = send_entry(
                 &mut self.frames,
                 self.frame_socket.as_ref(),
                 output,
                 buffer,
                 payload,
-                tos,
+                dscp_ecn,
+                || *payload_sum.get_or_insert_with(|| datagram.payload_sum(bytes)),
             );
             let Some(send) = prepared else {
                 bump(
@@ -517,7 +519,10 @@ impl Forwarder {
                     .filter_map(|spec| {
                         let egress = match &spec.frame {
                             Some(header) => Egress::Framed(Frame::new(header)),
-                            None => Egress::Socket(sockets.next()?),
+                            None => Egress::Socket {
+                                socket: sockets.next()?,
+                                ipv6: spec.ipv6,
+                            },
                         };
                         Some(Output {
                             egress,
@@ -542,9 +547,35 @@ impl Forwarder {
     }
 }
 
-/// The send of `payload` (in receive buffer `buffer`) to `output` with DSCP/ECN byte `tos`,
-/// or `None` when no send slot is free. A full socket buffer fails a send at once
-/// (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow
+/// The route key of `datagram`, received on interface `ifindex`: the key of its source-specific
+/// rule, whose `any_source` is the fallback.
+fn flow_key(ifindex: u32, datagram: &Datagram) -> FlowKey {
+    match datagram.addresses {
+        Addresses::V4 {
+            source,
+            destination,
+        } => FlowKey::V4(mcr_common::RuleKey::new(
+            ifindex,
+            destination.octets(),
+            source.octets(),
+            datagram.destination_port,
+        )),
+        Addresses::V6 {
+            source,
+            destination,
+        } => FlowKey::V6(mcr_common::RuleKey6::new(
+            ifindex,
+            destination.octets(),
+            source.octets(),
+            datagram.destination_port,
+        )),
+    }
+}
+
+/// The send of `payload` (in receive buffer `buffer`) to `output` with DSCP/ECN byte
+/// `dscp_ecn`, or `None` when no send slot is free. `payload_sum` gives the payload's part of
+/// a UDP checksum, which only IPv6 framed outputs ask for. A full socket buffer fails a send at
+/// once (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow
 /// overtake it.
 fn send_entry(
     frames: &mut FrameSlab,
@@ -552,19 +583,20 @@ fn send_entry(
     output: &Output,
     buffer: Buffer,
     payload: &[u8],
-    tos: u8,
+    dscp_ecn: u8,
+    payload_sum: impl FnOnce() -> OnesComplementSum,
 ) -> Option<squeue::Entry> {
     let entry = match &output.egress {
         // The socket's own DSCP/ECN byte is 0: a plain send needs no control message.
-        Egress::Socket(socket) if tos == 0 => {
+        Egress::Socket { socket, .. } if dscp_ecn == 0 => {
             let len = u32::try_from(payload.len()).expect("a payload fits a receive buffer");
             opcode::Send::new(Fd(socket.as_raw_fd()), payload.as_ptr(), len)
                 .flags(nix::libc::MSG_DONTWAIT)
                 .build()
                 .user_data(send_data(buffer, NO_SLOT, output.counter))
         }
-        Egress::Socket(socket) => {
-            let (slot, message) = frames.prepare_datagram(payload, tos)?;
+        Egress::Socket { socket, ipv6 } => {
+            let (slot, message) = frames.prepare_datagram(payload, dscp_ecn, *ipv6)?;
             opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()
@@ -572,7 +604,7 @@ fn send_entry(
         }
         Egress::Framed(frame) => {
             let socket = frame_socket?;
-            let (slot, message) = frames.prepare(frame, payload, tos)?;
+            let (slot, message) = frames.prepare(frame, payload, dscp_ecn, payload_sum)?;
             opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()
@@ -596,4 +628,51 @@ fn push(
     // SAFETY: the entries pushed here (receive, poll, cancel) reference only descriptors the
     // forwarder owns for as long as the operation can run, and no memory.
     unsafe { sq.push(entry) }.map_err(|_| anyhow::anyhow!("submission queue full"))
+}
+
+#[cfg(test)]
+mod tests {
+    use mcr_common::{RuleKey, RuleKey6};
+
+    use super::*;
+
+    fn datagram(addresses: Addresses) -> Datagram {
+        Datagram {
+            addresses,
+            source_port: 4000,
+            destination_port: 5000,
+            dscp_ecn: 0,
+            udp_checksum: 0,
+            payload: 28..30,
+        }
+    }
+
+    #[test]
+    fn packets_find_the_rule_of_their_family() {
+        let v4 = datagram(Addresses::V4 {
+            source: [10, 1, 0, 1].into(),
+            destination: [239, 1, 1, 1].into(),
+        });
+        assert_eq!(
+            flow_key(3, &v4),
+            FlowKey::V4(RuleKey::new(3, [239, 1, 1, 1], [10, 1, 0, 1], 5000))
+        );
+        let source: std::net::Ipv6Addr = "fd00::1".parse().expect("address");
+        let group: std::net::Ipv6Addr = "ff3e::1:2".parse().expect("address");
+        let v6 = datagram(Addresses::V6 {
+            source,
+            destination: group,
+        });
+        let key = flow_key(4, &v6);
+        assert_eq!(
+            key,
+            FlowKey::V6(RuleKey6::new(4, group.octets(), source.octets(), 5000))
+        );
+        // The rule for any sender is the fallback, as written by the rules side.
+        let any = FlowKey::new(4, group.into(), None, 5000).expect("same family");
+        assert_eq!(key.any_source(), any);
+        let specific =
+            FlowKey::new(4, group.into(), Some(source.into()), 5000).expect("same family");
+        assert_eq!(key, specific);
+    }
 }
