@@ -182,21 +182,28 @@ impl Datagram {
     /// The ones' complement sum of the UDP payload, which an output's UDP checksum adds its
     /// own pseudo-header and UDP header to.
     ///
-    /// When the packet carries a UDP checksum this takes no walk over the payload: the checksum
-    /// is the complement of the sum of pseudo-header, UDP header and payload, so the payload's
-    /// part is the checksum's complement less the other two. That also keeps the sender's
-    /// protection end to end: a payload corrupted before it reached the relay gives an output
-    /// checksum that fails at the receiver, as the input's would have, rather than one computed
-    /// afresh over the corrupted bytes. A packet without a checksum (IPv4 allows 0) has its
-    /// payload summed.
+    /// When the packet carries a complete UDP checksum this takes no walk over the payload:
+    /// the checksum is the complement of the sum of pseudo-header, UDP header and payload, so
+    /// the payload's part is the checksum's complement less the other two. That also keeps the
+    /// sender's protection end to end: a payload corrupted before it reached the relay gives an
+    /// output checksum that fails at the receiver, as the input's would have, rather than one
+    /// computed afresh over the corrupted bytes.
+    ///
+    /// The payload is summed instead when there is no checksum (IPv4 allows 0) and when the
+    /// checksum is only the partial one a sender leaves for checksum offload: the sum of the
+    /// pseudo-header, which a veth pair, a bridge or a local sender passes on as it is
+    /// (`CHECKSUM_PARTIAL`), the NIC or the receiving stack being meant to finish it. A
+    /// complete checksum that happens to equal that value (one packet in 65,536) is summed
+    /// too, which is always right.
     pub fn payload_sum(&self, packet: &[u8]) -> OnesComplementSum {
-        if self.udp_checksum == 0 {
+        let udp_len = u16::try_from(self.payload.len() + UDP_HEADER)
+            .expect("parse took the payload's length from a 16-bit UDP length");
+        let pseudo_header = pseudo_header_sum(&self.addresses, udp_len);
+        if self.udp_checksum == 0 || same_sum(self.udp_checksum, pseudo_header.fold()) {
             let payload = packet.get(self.payload.clone()).unwrap_or_default();
             return OnesComplementSum::new().bytes(payload);
         }
-        let udp_len = u16::try_from(self.payload.len() + UDP_HEADER)
-            .expect("parse took the payload's length from a 16-bit UDP length");
-        let headers = pseudo_header_sum(&self.addresses, udp_len)
+        let headers = pseudo_header
             .word(self.source_port)
             .word(self.destination_port)
             .word(udp_len);
@@ -204,6 +211,11 @@ impl Datagram {
             .word(!self.udp_checksum)
             .subtract(headers)
     }
+}
+
+/// Whether two folded sums are the same number: zero has two forms, 0 and 0xffff.
+fn same_sum(a: u16, b: u16) -> bool {
+    a == b || matches!((a, b), (0, 0xffff) | (0xffff, 0))
 }
 
 /// The sum of the UDP pseudo-header for `addresses` and a UDP length of `udp_len` (RFC 768
@@ -771,11 +783,6 @@ mod tests {
             .collect()
     }
 
-    /// Sums that differ only in the form of zero are the same number.
-    fn same_sum(a: u16, b: u16) -> bool {
-        a == b || (a | b == 0xffff && a & b == 0)
-    }
-
     #[test]
     fn the_wide_sum_matches_sixteen_bits_at_a_time() {
         for len in 0..70 {
@@ -828,6 +835,43 @@ mod tests {
                 "IPv4 without checksum, {len} bytes"
             );
         }
+    }
+
+    /// What a sender that leaves the checksum to offload puts in the field: the folded sum of
+    /// the pseudo-header alone (Linux's `~csum_tcpudp_magic(…)`), which a veth pair passes on.
+    fn partial_checksum(pseudo_addresses: &[u8], udp_len: usize) -> u16 {
+        let mut pseudo = pseudo_addresses.to_vec();
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&u16::try_from(udp_len).expect("small").to_be_bytes());
+        reference_sum(&pseudo)
+    }
+
+    #[test]
+    fn a_partial_checksum_left_for_offload_has_its_payload_summed() {
+        for len in [0, 1, 64, 1401] {
+            let payload = pattern(len);
+            let mut p6 = packet6(&payload, &[]);
+            let partial = partial_checksum(&p6[8..40], 8 + len);
+            p6[46..48].copy_from_slice(&partial.to_be_bytes());
+            let datagram = parse(&p6, 2048).expect("valid");
+            assert!(
+                same_sum(datagram.payload_sum(&p6).fold(), reference_sum(&payload)),
+                "IPv6, {len} bytes"
+            );
+            let mut p4 = packet(&payload);
+            let partial = partial_checksum(&p4[12..20], 8 + len);
+            p4[26..28].copy_from_slice(&partial.to_be_bytes());
+            let datagram = parse(&p4, 2048).expect("valid");
+            assert!(
+                same_sum(datagram.payload_sum(&p4).fold(), reference_sum(&payload)),
+                "IPv4, {len} bytes"
+            );
+        }
+        assert!(same_sum(0, 0xffff) && same_sum(0xffff, 0) && same_sum(7, 7));
+        assert!(
+            !same_sum(0x00ff, 0xff00),
+            "complements are different numbers"
+        );
     }
 
     #[test]
