@@ -4,6 +4,8 @@
 //! for byte, and so `bpftool map dump` can print the fields by name from BTF.
 #![no_std]
 
+pub mod ipv6;
+
 /// Most rules one instance can hold: the size of the rule map and of the counter array.
 pub const MAX_RULES: u32 = 4096;
 
