@@ -21,9 +21,9 @@ use aya::{
     },
 };
 use mcr_common::{
-    MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_SKIPS, MAP_WORKER_LOAD,
-    MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey, RuleSlot,
-    SkipCounters, WorkerLoad,
+    MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_RULES6, MAP_SKIPS,
+    MAP_WORKER_LOAD, MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey,
+    RuleSlot, SkipCounters, WorkerLoad,
 };
 
 use self::outputs::KernelPathMaps;
@@ -37,8 +37,9 @@ static CLASSIFIER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcr-ebpf"));
 
 /// Every map the classifier pins, in the order the README lists them.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     MAP_RULES,
+    MAP_RULES6,
     MAP_RULE_STATS,
     MAP_SKIPS,
     MAP_KERNEL_OUTPUTS,
