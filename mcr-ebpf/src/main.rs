@@ -69,8 +69,8 @@ pub fn mcr_classify(ctx: TcContext) -> i32 {
 
 /// Relays a packet of a rule and counts it: the classifier writes the outputs itself (the
 /// kernel path) or marks the packet for the rule's worker. A packet below the rule's minimum
-/// TTL (hop limit) is only counted. Packets that are not relayed here continue on their way, unaltered
-/// (`TC_ACT_UNSPEC`: the next program with TCX, the next filter with clsact).
+/// TTL or hop limit is only counted. Packets that are not relayed here continue on their way,
+/// unaltered (`TC_ACT_UNSPEC`: the next program with TCX, the next filter with clsact).
 fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
     let rule = matched.rule;
     let Some(counters) = MCR_RULE_STATS.get_ptr_mut(rule.slot) else {
@@ -98,7 +98,8 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
             return verdict;
         }
         // Too long for an output's MTU: the worker's sockets can fragment or refuse it and
-        // count why; the kernel path would drop it unseen.
+        // count why; the kernel path would drop it unseen. (Also where the kernel path could
+        // not read the headers again, which it sent nothing of.)
         counters.to_worker += 1;
     }
     if !load::admit(rule.worker) {
