@@ -4,6 +4,8 @@
 //! for byte, and so `bpftool map dump` can print the fields by name from BTF.
 #![no_std]
 
+pub mod ipv6;
+
 /// Most rules one instance can hold: the size of the rule map and of the counter array.
 pub const MAX_RULES: u32 = 4096;
 
@@ -141,7 +143,7 @@ pub struct RuleSlot {
     pub slot: u32,
     /// Index of the worker that forwards this rule; it goes into the packet's mark.
     pub worker: u32,
-    /// Lowest IPv4 TTL the rule relays; packets below it are counted in
+    /// Lowest IPv4 TTL or IPv6 hop limit the rule relays; packets below it are counted in
     /// [`RuleCounters::below_min_ttl`] and left alone. 0 (the default) relays any TTL.
     pub min_ttl: u8,
     /// [`PATH_WORKER`] or [`PATH_KERNEL`]: who writes the rule's outputs.
@@ -362,7 +364,8 @@ impl Default for KernelOutputs {
 pub struct OutputCounters {
     pub packets: u64,
     pub bytes: u64,
-    /// Copies the kernel refused (`bpf_clone_redirect` failed, e.g. the interface is down).
+    /// Copies the kernel refused (`bpf_clone_redirect` failed, e.g. the interface is down),
+    /// and packets not written because the output is of the other IP family than the input.
     pub errors: u64,
 }
 

@@ -1,11 +1,11 @@
 //! MCR's ingress classifier (TC ingress, attached to each input interface that has a rule).
 //!
-//! `classify` parses Ethernet, IPv4 and UDP, refuses what the host's own IPv4 input would
-//! refuse or what belongs to another interface (VLAN-tagged frames), and looks the destination
-//! up in `MCR_RULES` (source-specific rules first, then any-source rules). A packet of a rule
-//! is counted in the rule's per-CPU counters and marked for steering (`skb->mark`, see
-//! `mcr_common::steering_mark`), unless its TTL is below the rule's minimum. Every packet
-//! continues on its way, its bytes unaltered; those not relayed are counted by reason in
+//! `classify` parses Ethernet, IPv4 or IPv6 (with its extension headers) and UDP, refuses what
+//! the host's own IP input would refuse or what belongs to another interface (VLAN-tagged
+//! frames), and looks the destination up in `MCR_RULES` or `MCR_RULES6` (source-specific rules
+//! first, then any-source rules). A packet of a rule is counted in the rule's per-CPU counters
+//! and relayed (`relay`), unless its TTL or hop limit is below the rule's minimum. Every other
+//! packet continues on its way, its bytes unaltered; those not relayed are counted by reason in
 //! `MCR_SKIPS`.
 //!
 //! Two socket programs complete the steering: `mcr_steer` is the fanout program of each input
@@ -33,17 +33,17 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use mcr_common::{
-    MAX_RULES, PATH_KERNEL, RULE_LOCAL_DELIVERY, RuleCounters, RuleKey, RuleSlot, SkipCounters,
-    is_steering_mark, mark_worker, steering_mark,
+    MAX_RULES, PATH_KERNEL, RULE_LOCAL_DELIVERY, RuleCounters, RuleKey, RuleKey6, RuleSlot,
+    SkipCounters, is_steering_mark, mark_worker, steering_mark,
 };
 
-use crate::{
-    classify::{ETH_HLEN, Matched, Skip, classify, header},
-    output::{Fields, Packet},
-};
+use crate::classify::{Matched, Skip, classify};
 
 #[btf_map]
 static MCR_RULES: HashMap<RuleKey, RuleSlot, { MAX_RULES as usize }> = HashMap::new();
+
+#[btf_map]
+static MCR_RULES6: HashMap<RuleKey6, RuleSlot, { MAX_RULES as usize }> = HashMap::new();
 
 #[btf_map]
 static MCR_RULE_STATS: PerCpuArray<RuleCounters, { MAX_RULES as usize }> = PerCpuArray::new();
@@ -69,8 +69,8 @@ pub fn mcr_classify(ctx: TcContext) -> i32 {
 
 /// Relays a packet of a rule and counts it: the classifier writes the outputs itself (the
 /// kernel path) or marks the packet for the rule's worker. A packet below the rule's minimum
-/// TTL is only counted. Packets that are not relayed here continue on their way, unaltered
-/// (`TC_ACT_UNSPEC`: the next program with TCX, the next filter with clsact).
+/// TTL or hop limit is only counted. Packets that are not relayed here continue on their way,
+/// unaltered (`TC_ACT_UNSPEC`: the next program with TCX, the next filter with clsact).
 fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
     let rule = matched.rule;
     let Some(counters) = MCR_RULE_STATS.get_ptr_mut(rule.slot) else {
@@ -82,6 +82,7 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
         counters.below_min_ttl += 1;
         return TC_ACT_UNSPEC;
     }
+    let local_delivery = rule.flags & RULE_LOCAL_DELIVERY != 0;
     if rule.path == PATH_KERNEL
         && let Some(outputs) = output::outputs_of(rule.slot)
         && outputs.count > 0
@@ -90,31 +91,17 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
         let aggregate = unsafe { (*ctx.skb.skb).gso_size } != 0;
         if matched.frame_len <= outputs.max_frame
             && !aggregate
-            && let Ok(macs) = header::<[u8; 12]>(ctx, 0)
+            && let Ok(verdict) = output::relay(ctx, matched, outputs, local_delivery)
         {
-            let packet = Packet {
-                l3: ETH_HLEN,
-                l4: matched.l4,
-                payload: matched.payload_len,
-                fields: Fields {
-                    macs,
-                    version_tos: [matched.ip.version_ihl, matched.ip.tos],
-                    ttl_protocol: [matched.ip.ttl, matched.ip.protocol],
-                    source: matched.ip.source,
-                    destination: matched.ip.destination,
-                    port: matched.udp.destination_port,
-                },
-            };
             counters.packets += 1;
             counters.bytes += matched.payload_len;
-            let local_delivery = rule.flags & RULE_LOCAL_DELIVERY != 0;
-            return output::relay(ctx, &packet, outputs, local_delivery);
+            return verdict;
         }
         // Too long for an output's MTU: the worker's sockets can fragment or refuse it and
-        // count why; the kernel path would drop it unseen.
+        // count why; the kernel path would drop it unseen. (Also where the kernel path could
+        // not read the headers again, which it sent nothing of.)
         counters.to_worker += 1;
     }
-    let local_delivery = rule.flags & RULE_LOCAL_DELIVERY != 0;
     if !load::admit(rule.worker) {
         // The worker is a full window behind: drop now, the cheapest place, rather than after
         // a socket enqueue that would overflow anyway.
@@ -128,16 +115,17 @@ fn relay(ctx: &TcContext, matched: &Matched) -> i32 {
     counters.packets += 1;
     counters.bytes += matched.payload_len;
     ctx.set_mark(steering_mark(rule.worker, rule.slot));
-    // The worker's packet socket takes the packet before the host's IPv4 input does. Without
+    // The worker's packet socket takes the packet before the host's IP input does. Without
     // local delivery the host has nothing to do with it: marked as another host's, it is
-    // dropped at the first check of IPv4 input instead of being routed, looked up and dropped.
+    // dropped at the first check of IPv4 or IPv6 input instead of being routed, looked up and
+    // dropped.
     if !local_delivery {
         let _ = ctx.change_type(PACKET_OTHERHOST);
     }
     TC_ACT_UNSPEC
 }
 
-/// `PACKET_OTHERHOST`: a frame for another host, which IPv4 input drops first thing.
+/// `PACKET_OTHERHOST`: a frame for another host, which IPv4 and IPv6 input drop first thing.
 const PACKET_OTHERHOST: u32 = 3;
 
 /// `PACKET_OUTGOING`: a frame this host sends, seen by a packet socket on its way out.
@@ -193,6 +181,7 @@ fn count_skip(skip: &Skip) {
         Skip::BadChecksum => counters.bad_checksum += 1,
         Skip::TtlZero => counters.ttl_zero += 1,
         Skip::BadSource => counters.bad_source += 1,
+        Skip::ExtensionHeaders => counters.extension_headers += 1,
     }
 }
 

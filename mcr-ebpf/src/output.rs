@@ -2,24 +2,29 @@
 //! straight to the output interface's egress, with no socket, no copy to user space and no
 //! route lookup.
 //!
-//! Per output the packet is rewritten in place (Ethernet addresses, IPv4 source, destination,
-//! TTL and, when the output sets one, DSCP; UDP destination port; with incremental checksum
-//! updates) and cloned to the output
-//! interface; the last output takes the packet itself (`bpf_redirect`), which spares a copy.
-//! With local delivery the last output is cloned too and the original headers are put back, so
-//! the host's own stack sees the packet as it arrived.
+//! Per output the packet is rewritten in place (Ethernet addresses; IP source, destination,
+//! TTL or hop limit and, when the output sets one, DSCP; UDP destination port; with
+//! incremental checksum updates: `ipv4` and `ipv6`) and cloned to the output interface; the
+//! last output takes the packet itself (`bpf_redirect`), which spares a copy. With local
+//! delivery the last output is cloned too and the original headers are put back, so the
+//! host's own stack sees the packet as it arrived. Outputs are of the input's own family;
+//! one that is not is counted as an error and skipped.
+
+mod ipv4;
+mod ipv6;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     btf_maps::{HashMap, PerCpuArray},
     helpers::bpf_redirect,
     macros::btf_map,
     programs::TcContext,
 };
 use mcr_common::{
-    KEEP_DSCP, KernelOutput, KernelOutputs, MAX_OUTPUTS, MAX_RULE_OUTPUTS, MAX_RULES,
-    OutputCounters,
+    KernelOutput, KernelOutputs, MAX_OUTPUTS, MAX_RULE_OUTPUTS, MAX_RULES, OutputCounters,
 };
+
+use crate::classify::{ETH_HLEN, Family, Matched};
 
 /// `BPF_F_NO_PREALLOC`: elements are freed after an RCU grace period, so a classifier that
 /// holds a rule's output set while the supervisor replaces it keeps reading the old one whole.
@@ -32,73 +37,45 @@ static MCR_KERNEL_OUTPUTS: HashMap<u32, KernelOutputs, { MAX_RULES as usize }, N
 #[btf_map]
 static MCR_OUTPUT_STATS: PerCpuArray<OutputCounters, { MAX_OUTPUTS as usize }> = PerCpuArray::new();
 
-/// Where the headers of a matched packet lie, and their values as it arrived.
-pub struct Packet {
-    /// Offset of the IPv4 header.
-    pub l3: usize,
-    /// Offset of the UDP header.
-    pub l4: usize,
-    /// UDP payload bytes, for the counters.
-    pub payload: u64,
-    pub fields: Fields,
-}
-
-/// The header fields an output rewrites, as the bytes on the wire.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Fields {
-    /// Ethernet destination then source.
-    pub macs: [u8; 12],
-    /// IPv4 version/IHL and DSCP/ECN: the 16-bit word the header checksum sees.
-    pub version_tos: [u8; 2],
-    /// IPv4 TTL and protocol: the 16-bit word the header checksum sees.
-    pub ttl_protocol: [u8; 2],
-    pub source: [u8; 4],
-    pub destination: [u8; 4],
-    pub port: [u8; 2],
-}
-
-impl Fields {
-    /// The fields of `output`, for a packet that arrived with `input`.
-    fn of(output: &KernelOutput, input: &Self) -> Self {
-        let mut macs = [0; 12];
-        macs[..6].copy_from_slice(&output.destination_mac);
-        macs[6..].copy_from_slice(&output.source_mac);
-        let [version_ihl, tos] = input.version_tos;
-        let tos = if output.dscp == KEEP_DSCP {
-            tos
-        } else {
-            (output.dscp << 2) | (tos & ECN_BITS)
-        };
-        Self {
-            macs,
-            version_tos: [version_ihl, tos],
-            ttl_protocol: [output.ttl, input.ttl_protocol[1]],
-            source: [
-                output.source[0],
-                output.source[1],
-                output.source[2],
-                output.source[3],
-            ],
-            destination: [
-                output.destination[0],
-                output.destination[1],
-                output.destination[2],
-                output.destination[3],
-            ],
-            port: output.port.to_be_bytes(),
-        }
-    }
-}
-
-/// The ECN bits of the DSCP/ECN byte: always the input's.
-const ECN_BITS: u8 = 0b11;
-const IP_VERSION_TOS: usize = 0;
-const IP_CHECKSUM: usize = 10;
-const IP_TTL: usize = 8;
-const IP_SOURCE: usize = 12;
-const IP_DESTINATION: usize = 16;
-const UDP_PORT: usize = 2;
+/// Offset of the UDP checksum in the UDP header.
 const UDP_CHECKSUM: usize = 6;
+/// Offset of the destination port in the UDP header.
+const UDP_PORT: usize = 2;
+
+/// Where the headers of a matched packet lie.
+#[derive(Clone, Copy)]
+struct Offsets {
+    l3: usize,
+    l4: usize,
+}
+
+/// A matched packet on its way to a rule's outputs.
+struct Outgoing {
+    at: Offsets,
+    /// UDP payload bytes, for the counters.
+    payload: u64,
+    local_delivery: bool,
+}
+
+/// The header fields one family's outputs rewrite, as the bytes on the wire.
+trait Headers: Copy {
+    /// The fields of the packet in `ctx` as they are, or `None` if they cannot be read.
+    fn read(ctx: &TcContext, at: Offsets) -> Option<Self>;
+
+    /// Sets the fields that `output` writes, keeping the others (the input's, for a copy of
+    /// them). False for an output of the other family.
+    fn apply(&mut self, output: &KernelOutput) -> bool;
+
+    /// Rewrites the packet's headers from `self`, what they are now, to `wanted`, with the
+    /// incremental checksum updates.
+    fn rewrite(&self, ctx: &TcContext, at: Offsets, wanted: &Self) -> Result<(), i64>;
+}
+
+/// The headers of a packet could not be read again: the kernel path did nothing with it.
+pub struct Unreadable;
+
+/// `send`'s verdict for `Unreadable`: no `TC_ACT_*` value.
+const UNREADABLE: i32 = i32::MIN;
 
 /// The output set of rule `slot`, if it runs on the kernel path.
 #[expect(
@@ -114,33 +91,61 @@ pub fn outputs_of(slot: u32) -> Option<&'static KernelOutputs> {
         .map(|outputs| unsafe { &*outputs })
 }
 
-/// Sends `packet` to every output of `outputs` and returns the program's verdict: the packet
-/// is consumed (redirected to the last output), or, with `local_delivery`, passed on as it
-/// arrived.
+/// Sends the `matched` packet to every output of `outputs` and returns the program's verdict:
+/// the packet is consumed (redirected to the last output), or, with `local_delivery`, passed
+/// on as it arrived.
 #[expect(
     clippy::inline_always,
-    reason = "the verifier follows packet offsets only within one function"
+    reason = "a dispatch on the family, part of the classifier's own function"
 )]
 #[inline(always)]
 pub fn relay(
     ctx: &TcContext,
-    packet: &Packet,
+    matched: &Matched,
     outputs: &KernelOutputs,
     local_delivery: bool,
-) -> i32 {
+) -> Result<i32, Unreadable> {
+    let packet = Outgoing {
+        at: Offsets {
+            l3: ETH_HLEN,
+            l4: matched.l4,
+        },
+        payload: matched.payload_len,
+        local_delivery,
+    };
+    let verdict = match matched.family {
+        Family::Ipv4 => send::<ipv4::Fields>(ctx, &packet, outputs),
+        Family::Ipv6 => send::<ipv6::Fields>(ctx, &packet, outputs),
+    };
+    if verdict == UNREADABLE {
+        return Err(Unreadable);
+    }
+    Ok(verdict)
+}
+
+/// The loop over a rule's outputs, for `packet`.
+///
+/// This, `write` and `rewrite` are functions of their own, one of each per family (BPF
+/// subprograms): each has its own stack frame, where inlined into the classifier the headers
+/// of both families, their copies and what the helper calls spill would not fit in one.
+#[inline(never)]
+fn send<H: Headers>(ctx: &TcContext, packet: &Outgoing, outputs: &KernelOutputs) -> i32 {
+    let Some(input) = H::read(ctx, packet.at) else {
+        return UNREADABLE;
+    };
     let count = outputs.count as usize;
-    let mut current = packet.fields;
+    // What the packet's headers hold now.
+    let mut current = input;
     for index in 0..MAX_RULE_OUTPUTS {
         if index >= count {
             break;
         }
         let output = &outputs.outputs[index];
-        let wanted = Fields::of(output, &packet.fields);
-        if rewrite(ctx, packet, &mut current, &wanted).is_err() {
+        if write(ctx, &packet.at, &input, &mut current, output) != 0 {
             count_output(output.counter, |c| c.errors += 1);
             continue;
         }
-        if index + 1 == count && !local_delivery {
+        if index + 1 == count && !packet.local_delivery {
             count_output(output.counter, |c| {
                 c.packets += 1;
                 c.bytes += packet.payload;
@@ -158,8 +163,8 @@ pub fn relay(
             Err(_) => count_output(output.counter, |c| c.errors += 1),
         }
     }
-    if local_delivery {
-        if rewrite(ctx, packet, &mut current, &packet.fields).is_err() {
+    if packet.local_delivery {
+        if rewrite(ctx, packet.at, &current, &input) != 0 {
             // Half-restored headers must not reach the host's stack.
             return TC_ACT_SHOT;
         }
@@ -168,87 +173,58 @@ pub fn relay(
     TC_ACT_SHOT
 }
 
-/// Rewrites the packet's headers from `current` to `wanted`, fixing the IPv4 header checksum
-/// and the UDP checksum incrementally (a UDP checksum of 0, "none", stays 0).
-#[expect(
-    clippy::inline_always,
-    reason = "the verifier follows packet offsets only within one function"
-)]
-#[inline(always)]
-fn rewrite(
+/// Rewrites the packet's headers from `current` to those of `output` (for a packet that
+/// arrived with `input`), and records them there. Returns 0, or a negative error as the
+/// helpers do: for an output of the other family (translating is the workers' job), and when
+/// a helper fails. (A `Result` would take a sixth argument, more than BPF calls pass.)
+#[inline(never)]
+fn write<H: Headers>(
     ctx: &TcContext,
-    packet: &Packet,
-    current: &mut Fields,
-    wanted: &Fields,
-) -> Result<(), i64> {
-    let (l3, l4) = (packet.l3, packet.l4);
-    if current.macs != wanted.macs {
-        ctx.store(0, &wanted.macs, 0)?;
+    at: &Offsets,
+    input: &H,
+    current: &mut H,
+    output: &KernelOutput,
+) -> i64 {
+    let mut wanted = *input;
+    if !wanted.apply(output) {
+        return OTHER_FAMILY;
     }
-    if current.version_tos != wanted.version_tos {
-        let (from, to) = (word(current.version_tos), word(wanted.version_tos));
-        ctx.l3_csum_replace(l3 + IP_CHECKSUM, from, to, 2)?;
-        ctx.store(l3 + IP_VERSION_TOS, &wanted.version_tos, 0)?;
+    let status = rewrite(ctx, *at, current, &wanted);
+    if status == 0 {
+        *current = wanted;
     }
-    if current.ttl_protocol != wanted.ttl_protocol {
-        let (from, to) = (word(current.ttl_protocol), word(wanted.ttl_protocol));
-        ctx.l3_csum_replace(l3 + IP_CHECKSUM, from, to, 2)?;
-        ctx.store(l3 + IP_TTL, &wanted.ttl_protocol, 0)?;
-    }
-    if current.source != wanted.source {
-        address(ctx, l3 + IP_SOURCE, l3, l4, current.source, wanted.source)?;
-    }
-    if current.destination != wanted.destination {
-        address(
-            ctx,
-            l3 + IP_DESTINATION,
-            l3,
-            l4,
-            current.destination,
-            wanted.destination,
-        )?;
-    }
-    if current.port != wanted.port {
-        let (from, to) = (word(current.port), word(wanted.port));
-        ctx.l4_csum_replace(
-            l4 + UDP_CHECKSUM,
-            from,
-            to,
-            u64::from(BPF_F_MARK_MANGLED_0) | 2,
-        )?;
-        ctx.store(l4 + UDP_PORT, &wanted.port, 0)?;
-    }
-    *current = *wanted;
-    Ok(())
+    status
 }
 
-/// Replaces the IPv4 address at `offset`: it counts in the IPv4 header checksum and, through
-/// the pseudo-header, in the UDP checksum.
+/// Rewrites the packet's headers from `from` to `to`, both read where they are. Returns 0 or
+/// the helpers' negative error.
+#[inline(never)]
+fn rewrite<H: Headers>(ctx: &TcContext, at: Offsets, from: &H, to: &H) -> i64 {
+    match from.rewrite(ctx, at, to) {
+        Ok(()) => 0,
+        Err(error) => error,
+    }
+}
+
+/// `write`'s error for an output of the other family: `EAFNOSUPPORT`, as a helper would say it.
+const OTHER_FAMILY: i64 = -97;
+
+/// Whether `output` holds IPv4 addresses: in the first four of its sixteen bytes, the other
+/// twelve zero, for the source and the destination alike. An IPv6 output passes for one only
+/// when both its addresses end in twelve zero bytes, and its source is an address of the
+/// output interface: one that ends so (such as `2001:db8::`) is its prefix's subnet-router
+/// anycast address, not one a host sends from.
 #[expect(
     clippy::inline_always,
-    reason = "the verifier follows packet offsets only within one function"
+    reason = "read from the map value, whose bounds the verifier follows within one function"
 )]
 #[inline(always)]
-fn address(
-    ctx: &TcContext,
-    offset: usize,
-    l3: usize,
-    l4: usize,
-    from: [u8; 4],
-    to: [u8; 4],
-) -> Result<(), i64> {
-    let (old, new) = (
-        u64::from(u32::from_ne_bytes(from)),
-        u64::from(u32::from_ne_bytes(to)),
-    );
-    ctx.l3_csum_replace(l3 + IP_CHECKSUM, old, new, 4)?;
-    ctx.l4_csum_replace(
-        l4 + UDP_CHECKSUM,
-        old,
-        new,
-        u64::from(BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) | 4,
-    )?;
-    ctx.store(offset, &to, 0)
+fn holds_ipv4(output: &KernelOutput) -> bool {
+    let mut tails = 0;
+    for i in 4..16 {
+        tails |= output.source[i] | output.destination[i];
+    }
+    tails == 0
 }
 
 /// A 16-bit field as the checksum helpers take it: its bytes in memory order.

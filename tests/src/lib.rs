@@ -7,6 +7,7 @@
 
 mod check;
 mod frame;
+mod frame6;
 mod lab;
 mod mcr;
 mod netns;
@@ -17,6 +18,14 @@ mod traffic;
 
 pub use check::{Arrived, Expected, assert_delivered, send_concurrently};
 pub use frame::{ETH_P_8021AD, ETH_P_8021Q, Frame, OTHER_HOST_MAC, send_frames};
+pub use frame6::Frame6;
+/// IPv6 next-header values and helpers for IPv6 test frames.
+pub mod ipv6 {
+    pub use crate::frame6::{
+        AUTHENTICATION, DESTINATION_OPTIONS, FRAGMENT, HOP_BY_HOP, ICMPV6, ROUTING, UDP,
+        multicast_mac, pseudo_header_sum, udp_checksum,
+    };
+}
 pub use lab::{
     GENERATOR, GENERATOR_2, GENERATOR6, GENERATOR6_2, Lab, RELAY_OUT0, RELAY_OUT1, RELAY6_OUT0,
     RELAY6_OUT1, RulesFile, SINK, SINK_2, SINK6, SINK6_2,

@@ -173,13 +173,21 @@ fn a_source_specific_ipv6_rule_takes_one_sender() -> anyhow::Result<()> {
         )
     ))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
-    // MLDv2 include-mode membership with the one source.
+    // An MLDv2 include-mode membership with the one source: the kernel's source filter.
     let filters = lab.relay.exec("cat", &["/proc/net/mcfilter6"])?;
+    let wanted = [
+        "in0".to_owned(),
+        format!("{:032x}", u128::from(group("ff3e::8000:5"))),
+        format!("{:032x}", u128::from(GENERATOR6)),
+        "1".to_owned(),
+        "0".to_owned(),
+    ];
     ensure!(
-        filters.lines().any(|line| line.contains("in0")
-            && line.contains("ff3e0000000000000000000000008000")
-            && line.contains("fd010000000000000000000000000001")),
-        "no source filter for fd01::1 on in0:\n{filters}"
+        filters.lines().any(|line| line
+            .split_whitespace()
+            .skip(1)
+            .eq(wanted.iter().map(String::as_str))),
+        "no include filter for fd01::1 on in0:\n{filters}"
     );
     let receiver = Receiver6::start(&lab.sink, Some(group("ff3e::8000:7")), "sink0", 6000)?;
     let wanted = Stream::new(group("ff3e::8000:5"), 5000, 100, 200).from(GENERATOR6);

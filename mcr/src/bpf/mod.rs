@@ -23,7 +23,7 @@ use aya::{
 use mcr_common::{
     MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS, MAP_RULE_STATS, MAP_RULES, MAP_RULES6, MAP_SKIPS,
     MAP_WORKER_LOAD, MAX_RULES, PROG_ADMIT, PROG_CLASSIFIER, PROG_STEER, RuleCounters, RuleKey,
-    RuleSlot, SkipCounters, WorkerLoad,
+    RuleKey6, RuleSlot, SkipCounters, WorkerLoad,
 };
 
 use self::outputs::KernelPathMaps;
@@ -38,8 +38,9 @@ static CLASSIFIER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcr-ebpf"));
 
 /// Every map the classifier pins, in the order the README lists them.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     MAP_RULES,
+    MAP_RULES6,
     MAP_RULE_STATS,
     MAP_SKIPS,
     MAP_KERNEL_OUTPUTS,
@@ -114,6 +115,7 @@ pub struct Classifier {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     rules: BpfHashMap<MapData, RuleKey, RuleSlot>,
+    rules6: BpfHashMap<MapData, RuleKey6, RuleSlot>,
     rule_stats: PerCpuArray<MapData, RuleCounters>,
     skips: PerCpuArray<MapData, SkipCounters>,
     /// The kernel path's output sets and per-output counters.
@@ -161,6 +163,7 @@ impl Classifier {
         }
 
         let rules = take_map(&mut ebpf, MAP_RULES)?;
+        let rules6 = take_map(&mut ebpf, MAP_RULES6)?;
         let rule_stats = take_map(&mut ebpf, MAP_RULE_STATS)?;
         let skips = take_map(&mut ebpf, MAP_SKIPS)?;
         let worker_load = take_map(&mut ebpf, MAP_WORKER_LOAD)?;
@@ -176,6 +179,7 @@ impl Classifier {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             rules,
+            rules6,
             rule_stats,
             skips,
             kernel,
@@ -303,7 +307,10 @@ impl Classifier {
                 .rules
                 .insert(key, value, 0)
                 .map_err(map_error(MAP_RULES)),
-            FlowKey::V6(_) => Err(BpfError::Missing(MAP_RULES6)),
+            FlowKey::V6(key) => self
+                .rules6
+                .insert(key, value, 0)
+                .map_err(map_error(MAP_RULES6)),
         }
     }
 
@@ -311,18 +318,18 @@ impl Classifier {
     pub fn rule(&self, key: &FlowKey) -> Option<RuleSlot> {
         match key {
             FlowKey::V4(key) => self.rules.get(key, 0).ok(),
-            FlowKey::V6(_) => None,
+            FlowKey::V6(key) => self.rules6.get(key, 0).ok(),
         }
     }
 
     pub fn remove_rule(&mut self, key: &FlowKey) -> Result<(), BpfError> {
-        let result = match key {
-            FlowKey::V4(key) => self.rules.remove(key),
-            FlowKey::V6(_) => Ok(()),
+        let (result, map) = match key {
+            FlowKey::V4(key) => (self.rules.remove(key), MAP_RULES),
+            FlowKey::V6(key) => (self.rules6.remove(key), MAP_RULES6),
         };
         match result {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(map_error(MAP_RULES)(error)),
+            Err(error) => Err(map_error(map)(error)),
         }
     }
 
