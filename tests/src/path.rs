@@ -1,5 +1,5 @@
 //! Which forwarding path the end-to-end suites exercise. `cargo xtask integration` runs the
-//! forwarding and reload suites once with `MCR_TEST_PATH=worker` and once with
+//! forwarding, reload and IPv6 suites once with `MCR_TEST_PATH=worker` and once with
 //! `MCR_TEST_PATH=kernel`: every rules file a test writes then pins `settings.path`, and
 //! [`crate::Mcr::start`] waits until every active rule really runs on that path, so a suite
 //! labelled kernel can never pass on the workers. Unset, rules take MCR's default (`auto`).

@@ -492,7 +492,7 @@ fn ipv6_traffic_passes_untouched_beside_ipv4_rules() -> anyhow::Result<()> {
     .concat();
     send_frames(&lab.generator, "gen0", &valid)?;
     // IPv4 on the same interface is still relayed.
-    let stream = Stream::new("239.1.1.1".parse()?, 5000, 200, 50);
+    let stream = Stream::new("239.1.1.1".parse::<std::net::Ipv4Addr>()?, 5000, 200, 50);
     send_udp(&lab.generator, &stream)?;
 
     let received = local.finish()?;
@@ -516,7 +516,7 @@ fn ipv6_traffic_passes_untouched_beside_ipv4_rules() -> anyhow::Result<()> {
         &stream,
         Expected {
             destination: "239.2.2.1".parse()?,
-            source: RELAY_OUT0,
+            source: RELAY_OUT0.into(),
             ttl: 16,
         },
     )?;

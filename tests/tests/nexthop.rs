@@ -9,7 +9,7 @@
 //! ```
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -72,7 +72,7 @@ fn mac_of(netns: &Netns, interface: &str) -> anyhow::Result<String> {
 /// reports them.
 fn neighbour(
     netns: &Netns,
-    address: Ipv4Addr,
+    address: impl Into<IpAddr>,
     interface: &str,
 ) -> anyhow::Result<Option<(String, Option<String>)>> {
     let text = netns.ip(&[
@@ -80,7 +80,7 @@ fn neighbour(
         "neigh",
         "show",
         "to",
-        &address.to_string(),
+        &address.into().to_string(),
         "dev",
         interface,
     ])?;
@@ -162,6 +162,71 @@ fn a_direct_next_hop_resolves_with_the_peers_mac_after_solicit() -> anyhow::Resu
     assert_eq!(resolved.egress.mac.map(mac_text), Some(relay_mac));
     let (state, _) = neighbour(relay, SINK, "out0")?.context("no entry for the sink")?;
     assert_eq!(state, "REACHABLE");
+    Ok(())
+}
+
+#[test]
+fn an_ipv6_next_hop_comes_from_neighbour_discovery() -> anyhow::Result<()> {
+    let lab = topology()?;
+    let (relay, sink) = (&lab.relay, &lab.sink);
+    relay.ip(&["-6", "addr", "add", "fd02::1/64", "dev", "out0", "nodad"])?;
+    sink.ip(&["-6", "addr", "add", "fd02::2/64", "dev", "sink0", "nodad"])?;
+    let out0 = ifindex(relay, "out0")?;
+    let sink6: Ipv6Addr = "fd02::2".parse()?;
+
+    match next_hop(relay, sink6, None)? {
+        Err(error @ NextHopError::NotResolved { .. }) => {
+            assert_eq!(error.to_string(), "next hop fd02::2 not resolved on out0");
+        }
+        other => panic!("expected fd02::2 unresolved before anything was sent: {other:?}"),
+    }
+    // A neighbour solicitation leaves; the sink answers and learns the relay from it.
+    in_netns(relay, move || routes::solicit(sink6.into(), out0))??;
+    let resolved = wait_for(Duration::from_secs(3), || {
+        next_hop(relay, sink6, None).ok()?.ok()
+    })
+    .context("fd02::2 never resolved")?;
+    assert_eq!(mac_text(resolved.destination_mac), mac_of(sink, "sink0")?);
+    assert_eq!(resolved.gateway, None);
+    assert_eq!(resolved.source, "fd02::1".parse::<IpAddr>()?);
+    assert_eq!(resolved.egress.name, "out0");
+
+    // Through a router known by its link-local address, as IPv6 routes usually are: the
+    // router's MAC, and still the global source address.
+    let router: Ipv6Addr = "fe80::254".parse()?;
+    relay.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        "fe80::254",
+        "lladdr",
+        &mac_text(GATEWAY_MAC),
+        "dev",
+        "out0",
+        "nud",
+        "permanent",
+    ])?;
+    relay.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd09::/64",
+        "via",
+        "fe80::254",
+        "dev",
+        "out0",
+    ])?;
+    let routed = next_hop(relay, "fd09::7".parse::<Ipv6Addr>()?, None)??;
+    assert_eq!(routed.gateway, Some(IpAddr::V6(router)));
+    assert_eq!(routed.destination_mac, GATEWAY_MAC);
+    assert_eq!(routed.source, "fd02::1".parse::<IpAddr>()?);
+
+    match next_hop(relay, "fd0a::1".parse::<Ipv6Addr>()?, None)? {
+        Err(error @ NextHopError::NoRoute { .. }) => {
+            assert_eq!(error.to_string(), "no route to fd0a::1");
+        }
+        other => panic!("expected no route to fd0a::1: {other:?}"),
+    }
     Ok(())
 }
 

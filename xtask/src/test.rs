@@ -71,8 +71,8 @@ pub fn unit(tally: &mut Tally) -> anyhow::Result<()> {
 }
 
 /// Builds `mcr`, runs the end-to-end tests, then proves they left nothing behind. Every suite
-/// runs with its rules on the worker path; the forwarding and reload suites run once more on
-/// the kernel path, with the same assertions.
+/// runs with its rules on the worker path; the forwarding, reload and IPv6 suites run once more
+/// on the kernel path, with the same assertions.
 pub fn integration(tally: &mut Tally) -> anyhow::Result<()> {
     let mcr = build_mcr()?;
     let binary = ("MCR_BIN", mcr.as_os_str());
@@ -90,6 +90,8 @@ pub fn integration(tally: &mut Tally) -> anyhow::Result<()> {
                     "forwarding",
                     "--test",
                     "reload",
+                    "--test",
+                    "ipv6",
                 ],
                 &[binary, ("MCR_TEST_PATH", OsStr::new("kernel"))],
             )

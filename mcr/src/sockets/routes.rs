@@ -324,8 +324,11 @@ fn route_to(
     request.header.address_family = address_family(destination);
     request.header.destination_prefix_length = if destination.is_ipv4() { 32 } else { 128 };
     // Without this flag the kernel reports the main table for every answer; with it, the
-    // table the route came from, and 0 when no route matched at all.
-    request.header.flags = RouteFlags::LookupTable;
+    // table the route came from, and 0 when no route matched at all. IPv6 refuses the flag
+    // (it takes only RTM_F_FIB_MATCH), and needs none: without a route its lookup fails.
+    if destination.is_ipv4() {
+        request.header.flags = RouteFlags::LookupTable;
+    }
     request
         .attributes
         .push(RouteAttribute::Destination(route_address(destination)));
