@@ -216,10 +216,10 @@ fn an_ipv6_next_hop_comes_from_neighbour_discovery() -> anyhow::Result<()> {
         "dev",
         "out0",
     ])?;
-    let routed = next_hop(relay, "fd09::7".parse::<Ipv6Addr>()?, None)??;
-    assert_eq!(routed.gateway, Some(IpAddr::V6(router)));
-    assert_eq!(routed.destination_mac, GATEWAY_MAC);
-    assert_eq!(routed.source, "fd02::1".parse::<IpAddr>()?);
+    let through_router = next_hop(relay, "fd09::7".parse::<Ipv6Addr>()?, None)??;
+    assert_eq!(through_router.gateway, Some(IpAddr::V6(router)));
+    assert_eq!(through_router.destination_mac, GATEWAY_MAC);
+    assert_eq!(through_router.source, "fd02::1".parse::<IpAddr>()?);
 
     match next_hop(relay, "fd0a::1".parse::<Ipv6Addr>()?, None)? {
         Err(error @ NextHopError::NoRoute { .. }) => {
