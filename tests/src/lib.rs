@@ -8,6 +8,7 @@
 mod check;
 mod frame;
 mod lab;
+mod latency;
 mod mcr;
 mod netns;
 mod path;
@@ -17,6 +18,7 @@ mod traffic;
 pub use check::{Expected, assert_delivered, send_concurrently};
 pub use frame::{ETH_P_8021AD, ETH_P_8021Q, Frame, OTHER_HOST_MAC, send_frames};
 pub use lab::{GENERATOR, GENERATOR_2, Lab, RELAY_OUT0, RELAY_OUT1, RulesFile, SINK, SINK_2};
+pub use latency::{Delays, SteadyStream, send_steady};
 pub use mcr::{Launch, Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};
 pub use path::TestPath;
