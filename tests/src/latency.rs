@@ -85,9 +85,11 @@ impl Datagram {
         Some(Duration::from_nanos(u64::from_be_bytes(bytes)))
     }
 
-    /// From the sender's stamp to the sink's kernel receiving it.
+    /// From the sender's stamp to the sink's kernel receiving it. The arrival is turned from
+    /// realtime into monotonic time with readings of both clocks up to a microsecond apart, so a
+    /// relay that took less than that can show arriving just before it left: zero.
     pub fn one_way_delay(&self) -> Option<Duration> {
-        self.arrived?.checked_sub(self.sent_at()?)
+        Some(self.arrived?.saturating_sub(self.sent_at()?))
     }
 }
 

@@ -121,9 +121,24 @@ impl Receiver {
 /// `realtime` (a `CLOCK_REALTIME` reading) on `CLOCK_MONOTONIC`, by the offset between the
 /// clocks now.
 fn to_monotonic(realtime: Duration) -> Option<Duration> {
-    let monotonic = Duration::from(clock_gettime(ClockId::CLOCK_MONOTONIC).ok()?);
-    let now = Duration::from(clock_gettime(ClockId::CLOCK_REALTIME).ok()?);
+    let (monotonic, now) = clocks_side_by_side()?;
     (monotonic + realtime).checked_sub(now)
+}
+
+/// A `CLOCK_MONOTONIC` and a `CLOCK_REALTIME` reading taken together: the realtime one between
+/// two monotonic ones no more than 2 µs apart (a thread interrupted between two readings would
+/// otherwise shift the offset by as long as it waited).
+fn clocks_side_by_side() -> Option<(Duration, Duration)> {
+    let read = |clock| clock_gettime(clock).ok().map(Duration::from);
+    for _ in 0..1000 {
+        let before = read(ClockId::CLOCK_MONOTONIC)?;
+        let realtime = read(ClockId::CLOCK_REALTIME)?;
+        let bracket = read(ClockId::CLOCK_MONOTONIC)?.checked_sub(before)?;
+        if bracket <= Duration::from_micros(2) {
+            return Some((before + bracket / 2, realtime));
+        }
+    }
+    None
 }
 
 fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Result<Vec<Datagram>> {

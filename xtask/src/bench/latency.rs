@@ -172,17 +172,23 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
-/// `CLOCK_REALTIME − CLOCK_MONOTONIC` now, in nanoseconds (the realtime reading taken between
-/// two monotonic ones).
+/// `CLOCK_REALTIME − CLOCK_MONOTONIC` now, in nanoseconds: the realtime reading taken between
+/// two monotonic ones no more than 2 µs apart (a thread interrupted between two readings would
+/// otherwise shift the offset by as long as it waited).
 fn realtime_offset_ns() -> anyhow::Result<i64> {
     let ns = |clock| -> anyhow::Result<i64> {
         let now = clock_gettime(clock).context("reading a clock")?;
         Ok(now.tv_sec() * 1_000_000_000 + now.tv_nsec())
     };
-    let before = ns(ClockId::CLOCK_MONOTONIC)?;
-    let real = ns(ClockId::CLOCK_REALTIME)?;
-    let after = ns(ClockId::CLOCK_MONOTONIC)?;
-    Ok(real - i64::midpoint(before, after))
+    for _ in 0..1000 {
+        let before = ns(ClockId::CLOCK_MONOTONIC)?;
+        let real = ns(ClockId::CLOCK_REALTIME)?;
+        let after = ns(ClockId::CLOCK_MONOTONIC)?;
+        if after - before <= 2_000 {
+            return Ok(real - i64::midpoint(before, after));
+        }
+    }
+    anyhow::bail!("could not read CLOCK_REALTIME and CLOCK_MONOTONIC within 2 µs of each other")
 }
 
 fn realtime_ns() -> anyhow::Result<u64> {
