@@ -20,6 +20,7 @@
 //! transmit timestamp the kernel reports back (`tx_timestamps.rs`).
 
 use std::{
+    collections::HashSet,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -84,6 +85,8 @@ pub struct Sent {
 /// How long to wait for the last transmit timestamps once every frame is sent: the `tbf`
 /// qdisc holds a few milliseconds of frames at most.
 const LAST_TIMESTAMPS_WAIT: Duration = Duration::from_millis(200);
+/// With a timestamp for every sample, how long to wait for repeated reports of them.
+const ALL_TIMESTAMPS_QUIET: Duration = Duration::from_millis(10);
 
 pub struct Generator {
     netns: String,
@@ -244,7 +247,8 @@ impl Generator {
         Ok((end.saturating_duration_since(start), samples))
     }
 
-    /// Reads transmit timestamps until there is one for each of the `samples` sent, or none
+    /// Reads transmit timestamps until there is one for each of the `samples` sent and no more
+    /// came for a moment (a frame that crosses several veths may be reported by each), or none
     /// came for a while (a frame the driver dropped may have none).
     fn last_timestamps(
         &self,
@@ -254,16 +258,23 @@ impl Generator {
     ) -> anyhow::Result<()> {
         let socket = self.socket(pacing);
         let mut reader = ErrorQueueReader::new();
+        let mut ids: HashSet<u32> = stamps.iter().map(|stamp| stamp.id).collect();
         let mut quiet_since = Instant::now();
-        while (stamps.len() as u64) < samples && quiet_since.elapsed() < LAST_TIMESTAMPS_WAIT {
-            if socket.read_tx_timestamps(&mut reader, stamps)? == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            } else {
+        loop {
+            let before = stamps.len();
+            if socket.read_tx_timestamps(&mut reader, stamps)? > 0 {
+                ids.extend(stamps[before..].iter().map(|stamp| stamp.id));
                 quiet_since = Instant::now();
+                continue;
             }
+            let quiet = quiet_since.elapsed();
+            if (ids.len() as u64 >= samples && quiet >= ALL_TIMESTAMPS_QUIET)
+                || quiet >= LAST_TIMESTAMPS_WAIT
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        // Whatever is left would be read by the next trial as its own.
-        while socket.read_tx_timestamps(&mut reader, &mut Vec::new())? > 0 {}
         Ok(())
     }
 

@@ -272,11 +272,14 @@ fn join(
     copies: u64,
     since_real_ns: u64,
 ) -> Joined {
-    let left: HashMap<u32, u64> = tx
-        .iter()
-        .filter(|s| s.sent_real_ns >= since_real_ns)
-        .map(|s| (s.id, s.sent_real_ns))
-        .collect();
+    // A frame that reaches the next veth without passing an IP stack keeps the generator's
+    // socket, and that veth reports its departure again, later: the first report is gen0's.
+    let mut left: HashMap<u32, u64> = HashMap::new();
+    for stamp in tx.iter().filter(|s| s.sent_real_ns >= since_real_ns) {
+        left.entry(stamp.id)
+            .and_modify(|sent| *sent = (*sent).min(stamp.sent_real_ns))
+            .or_insert(stamp.sent_real_ns);
+    }
     let mut counts = SampleCounts {
         timestamped: left.len() as u64,
         unstamped: readout.unstamped,
@@ -372,6 +375,11 @@ mod tests {
             TxStamp {
                 id: 0,
                 sent_real_ns: offset + 10_000,
+            },
+            // Reported again by a later veth: the first report counts.
+            TxStamp {
+                id: 0,
+                sent_real_ns: offset + 14_000,
             },
             TxStamp {
                 id: 5,
