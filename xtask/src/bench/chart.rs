@@ -310,7 +310,8 @@ pub fn render_latency(report: &Report) -> Option<String> {
     }
     let columns = panels.len().clamp(1, 3);
     let rows = panels.len().div_ceil(columns);
-    let width = PANEL_W * columns as f64;
+    // Room for the title and the key, however few panels.
+    let width = (PANEL_W * columns as f64).max(720.0);
     let height = HEADER + PANEL_H * rows as f64;
     let mut svg = String::new();
     let _ = writeln!(
