@@ -9,6 +9,7 @@ mod check;
 mod frame;
 mod frame6;
 mod lab;
+mod latency;
 mod mcr;
 mod netns;
 mod path;
@@ -30,6 +31,7 @@ pub use lab::{
     GENERATOR, GENERATOR_2, GENERATOR6, GENERATOR6_2, Lab, RELAY_OUT0, RELAY_OUT1, RELAY6_OUT0,
     RELAY6_OUT1, RulesFile, SINK, SINK_2, SINK6, SINK6_2,
 };
+pub use latency::{Delays, SteadyStream, send_steady};
 pub use mcr::{Launch, Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};
 pub use path::TestPath;

@@ -19,6 +19,7 @@ use anyhow::{Context as _, bail};
 use nix::{
     sched::{CloneFlags, setns},
     sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt},
+    time::{ClockId, clock_gettime},
 };
 
 use crate::Netns;
@@ -33,6 +34,10 @@ pub struct Datagram {
     /// The DSCP/ECN byte (IPv4 TOS) it arrived with.
     pub tos: u8,
     pub payload: Vec<u8>,
+    /// When it entered the sink's interface, on `CLOCK_MONOTONIC`: the kernel's receive
+    /// timestamp (`SO_TIMESTAMPNS`, on `CLOCK_REALTIME`) less the offset between the two
+    /// clocks when it was read. The receiver's own scheduling does not move it.
+    pub arrived: Option<Duration>,
 }
 
 impl Datagram {
@@ -80,6 +85,7 @@ impl Receiver {
                 setsockopt(&socket, sockopt::Ipv4RecvTtl, &true)?;
                 setsockopt(&socket, sockopt::IpRecvTos, &true)?;
                 setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
+                setsockopt(&socket, sockopt::ReceiveTimestampns, &true)?;
                 setsockopt(&socket, sockopt::RcvBuf, &(8 << 20))?;
                 socket.set_read_timeout(Some(Duration::from_millis(100)))?;
                 Ok(socket)
@@ -112,12 +118,35 @@ impl Receiver {
     }
 }
 
+/// `realtime` (a `CLOCK_REALTIME` reading) on `CLOCK_MONOTONIC`, by the offset between the
+/// clocks now.
+fn to_monotonic(realtime: Duration) -> Option<Duration> {
+    let (monotonic, now) = clocks_side_by_side()?;
+    (monotonic + realtime).checked_sub(now)
+}
+
+/// A `CLOCK_MONOTONIC` and a `CLOCK_REALTIME` reading taken together: the realtime one between
+/// two monotonic ones no more than 2 µs apart (a thread interrupted between two readings would
+/// otherwise shift the offset by as long as it waited).
+fn clocks_side_by_side() -> Option<(Duration, Duration)> {
+    let read = |clock| clock_gettime(clock).ok().map(Duration::from);
+    for _ in 0..1000 {
+        let before = read(ClockId::CLOCK_MONOTONIC)?;
+        let realtime = read(ClockId::CLOCK_REALTIME)?;
+        let bracket = read(ClockId::CLOCK_MONOTONIC)?.checked_sub(before)?;
+        if bracket <= Duration::from_micros(2) {
+            return Some((before + bracket / 2, realtime));
+        }
+    }
+    None
+}
+
 fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Result<Vec<Datagram>> {
     let mut received = Vec::new();
     let mut buffer = vec![0_u8; 65_536];
     let mut last = Instant::now();
     loop {
-        let mut space = nix::cmsg_space!(i32, u8, nix::libc::in_pktinfo);
+        let mut space = nix::cmsg_space!(i32, u8, nix::libc::in_pktinfo, nix::libc::timespec);
         let mut iov = [IoSliceMut::new(&mut buffer)];
         match recvmsg::<SockaddrIn>(
             socket.as_raw_fd(),
@@ -129,6 +158,7 @@ fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Resul
                 let mut ttl = 0;
                 let mut tos = 0;
                 let mut destination = Ipv4Addr::UNSPECIFIED;
+                let mut arrived = None;
                 for cmsg in message.cmsgs()? {
                     match cmsg {
                         ControlMessageOwned::Ipv4Ttl(value) => {
@@ -137,6 +167,9 @@ fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Resul
                         ControlMessageOwned::Ipv4Tos(value) => tos = value,
                         ControlMessageOwned::Ipv4PacketInfo(info) => {
                             destination = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                        }
+                        ControlMessageOwned::ScmTimestampns(realtime) => {
+                            arrived = to_monotonic(Duration::from(realtime));
                         }
                         _ => {}
                     }
@@ -152,6 +185,7 @@ fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Resul
                     ttl,
                     tos,
                     payload: buffer[..len].to_vec(),
+                    arrived,
                 });
                 last = Instant::now();
             }

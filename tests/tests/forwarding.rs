@@ -1,12 +1,14 @@
 //! MCR relays: what arrives at the sinks is exactly what was sent, re-addressed as the rules
-//! say, from the relay's own address, with the configured TTL, in order, once.
+//! say, from the relay's own address, with the configured TTL, in order, once, and without a
+//! stall.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use mcr_tests::{
-    Expected, GENERATOR, GENERATOR_2, Lab, Mcr, RELAY_OUT0, RELAY_OUT1, Receiver, RulesFile, SINK,
-    SINK_2, Stream, assert_delivered, send_concurrently, send_udp,
+    Delays, Expected, GENERATOR, GENERATOR_2, Lab, Mcr, RELAY_OUT0, RELAY_OUT1, Receiver,
+    RulesFile, SINK, SINK_2, SteadyStream, Stream, assert_delivered, send_concurrently,
+    send_steady, send_udp,
 };
 
 /// What a stream relayed to `destination` from `source` with `ttl` looks like.
@@ -404,5 +406,48 @@ fn jumbo_datagrams_are_relayed_whole() -> anyhow::Result<()> {
         stats["to_worker"], 0,
         "an MTU of 9000 carries them: {stats}"
     );
+    Ok(())
+}
+
+/// The most one datagram of a steady stream may take from its sender's stamp to the sink's
+/// kernel: far above what relaying costs (microseconds) and what a shared CI machine adds, far
+/// below what a worker that stalls for real holds every packet behind it for.
+const STALL_BOUND: Duration = Duration::from_millis(50);
+
+#[test]
+fn a_steady_stream_crosses_the_relay_without_a_stall() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "rules:\n{}",
+        rule(
+            "steady",
+            "239.1.1.1",
+            5000,
+            &["{interface: out0, destination: 239.2.2.1, port: 6000}"]
+        )
+    ))?;
+    let _mcr = Mcr::start(&lab.relay, rules.path())?;
+    let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    // 10,000 datagrams at 5,000 a second: two seconds of a moderate stream.
+    let stream = SteadyStream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 200, 10_000, 5_000.0);
+    send_steady(&lab.generator, &stream)?;
+    let arrived = receiver.finish()?;
+    ensure!(
+        arrived.len() == 10_000,
+        "{} of 10,000 datagrams arrived",
+        arrived.len()
+    );
+    ensure!(
+        arrived
+            .iter()
+            .zip(0..)
+            .all(|(datagram, sequence)| datagram.sequence() == Some(sequence)),
+        "datagrams arrived out of order"
+    );
+    // Sender's stamp to the sink: the relay's time plus two veth hops and the sender's stack,
+    // so this bounds what the relay adds from above.
+    let delays = Delays::of(&arrived)?;
+    eprintln!("{delays}");
+    ensure!(delays.max < STALL_BOUND, "a stall: {delays}");
     Ok(())
 }

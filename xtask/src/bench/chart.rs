@@ -1,6 +1,7 @@
-//! The chart: delivered against offered rate, one panel per scenario, one line per relay, on
-//! log–log axes, written as plain SVG. The overload points (1.5×, 2×, 4× a relay's lossless
-//! rate) are squares, so a plateau or a cliff past the lossless rate stands out.
+//! The charts, written as plain SVG. Delivered against offered rate: one panel per scenario,
+//! one line per relay, on log–log axes; the overload points (1.5×, 2×, 4× a relay's lossless
+//! rate) are squares, so a plateau or a cliff past the lossless rate stands out. Latency:
+//! percentile bars per relay and load point.
 
 use std::fmt::Write as _;
 
@@ -288,4 +289,204 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// The latency chart: one panel per scenario; in each, a group per load point (10 %, 50 %,
+/// 90 % of each relay's lossless rate) with a column per relay on a log scale of µs: a box
+/// from p50 to p99, a bar at p99.9 and a dot at the longest delay. `None` when no latency was
+/// measured.
+pub fn render_latency(report: &Report) -> Option<String> {
+    let panels: Vec<&ScenarioResult> = report
+        .scenarios
+        .iter()
+        .filter(|s| {
+            s.relays
+                .iter()
+                .any(|r| r.latency.iter().any(|p| p.one_way.is_some()))
+        })
+        .collect();
+    if panels.is_empty() {
+        return None;
+    }
+    let columns = panels.len().clamp(1, 3);
+    let rows = panels.len().div_ceil(columns);
+    // Room for the title and the key, however few panels.
+    let width = (PANEL_W * columns as f64).max(720.0);
+    let height = HEADER + PANEL_H * rows as f64;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">One-way latency per relay at 10 %, 50 %, 90 % of its lossless rate ({} run, {})</text>"#,
+        report.meta.settings.mode,
+        escape(&report.meta.date)
+    );
+    let relays = relay_names(&panels);
+    let mut x = 10.0;
+    for relay in &relays {
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="34" width="10" height="10" fill="{}"/><text x="{}" y="43">{}</text>"#,
+            color(relay),
+            x + 14.0,
+            escape(relay)
+        );
+        x += 30.0 + 7.0 * relay.len() as f64;
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="10" y="62">box: p50 to p99; bar: p99.9; dot: longest delay (generator interface → sink interface)</text>"#
+    );
+    for (index, scenario) in panels.iter().enumerate() {
+        let ox = PANEL_W * (index % columns) as f64;
+        let oy = HEADER + PANEL_H * (index / columns) as f64;
+        latency_panel(&mut svg, scenario, &relays, ox, oy);
+    }
+    svg.push_str("</svg>\n");
+    Some(svg)
+}
+
+/// `5 µs`, `200 µs`, `2 ms`.
+fn delay_label(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{} ms", us / 1000.0)
+    } else {
+        format!("{us} µs")
+    }
+}
+
+fn relay_names(panels: &[&ScenarioResult]) -> Vec<String> {
+    let mut relays: Vec<String> = Vec::new();
+    for scenario in panels {
+        for relay in &scenario.relays {
+            if !relay.latency.is_empty() && !relays.contains(&relay.relay) {
+                relays.push(relay.relay.clone());
+            }
+        }
+    }
+    relays
+}
+
+fn latency_panel(svg: &mut String, scenario: &ScenarioResult, relays: &[String], ox: f64, oy: f64) {
+    let points: Vec<(&str, f64, &super::latency::Percentiles)> = scenario
+        .relays
+        .iter()
+        .flat_map(|relay| {
+            relay
+                .latency
+                .iter()
+                .filter_map(move |p| Some((relay.relay.as_str(), p.load, p.one_way.as_ref()?)))
+        })
+        .collect();
+    let lo = points
+        .iter()
+        .map(|p| p.2.p50_us)
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min)
+        / 1.5;
+    let hi = points.iter().map(|p| p.2.max_us).fold(0.0, f64::max) * 1.5;
+    if !(lo.is_finite() && hi > lo) {
+        return;
+    }
+    let ay = Axis {
+        lo,
+        hi,
+        start: oy + PANEL_H - BOTTOM,
+        end: oy + TOP,
+    };
+    let (left, right) = (ox + LEFT, ox + PANEL_W - RIGHT);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{left}" y="{}" font-weight="bold">{}</text>"#,
+        oy + 18.0,
+        escape(&format!(
+            "{} — {}",
+            scenario.scenario.name, scenario.scenario.title
+        ))
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{left}" y="{}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
+        ay.end,
+        right - left,
+        ay.start - ay.end
+    );
+    for tick in ay.ticks() {
+        let py = ay.at(tick);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" y1="{py:.1}" x2="{right}" y2="{py:.1}" stroke="#e4e4e4"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left - 4.0,
+            py + 4.0,
+            delay_label(tick)
+        );
+    }
+    let middle = f64::midpoint(ay.start, ay.end);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{x}" y="{middle}" text-anchor="middle" transform="rotate(-90 {x} {middle})">one-way delay</text>"#,
+        x = ox + 14.0,
+    );
+    let loads = &super::latency::LOADS;
+    let group_w = (right - left) / loads.len() as f64;
+    let slot_w = group_w / (relays.len() as f64 + 1.0);
+    for (g, &load) in loads.iter().enumerate() {
+        let gx = left + group_w * g as f64;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.0} % of lossless</text>"#,
+            gx + group_w / 2.0,
+            ay.start + 14.0,
+            load * 100.0
+        );
+        for (r, relay) in relays.iter().enumerate() {
+            let Some((_, _, p)) = points
+                .iter()
+                .find(|(name, l, _)| name == relay && (l - load).abs() < 1e-9)
+            else {
+                continue;
+            };
+            percentile_bar(svg, relay, load, p, gx + slot_w * (r as f64 + 1.0), &ay);
+        }
+    }
+}
+
+/// One relay's percentiles at one load point, as a column centred at `cx`.
+fn percentile_bar(
+    svg: &mut String,
+    relay: &str,
+    load: f64,
+    p: &super::latency::Percentiles,
+    cx: f64,
+    ay: &Axis,
+) {
+    let stroke = color(relay);
+    let title = format!(
+        "{relay} at {:.0} %: p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs ({} samples)",
+        load * 100.0,
+        p.p50_us,
+        p.p99_us,
+        p.p999_us,
+        p.max_us,
+        p.count
+    );
+    let (y50, y99, y999, ymax) = (
+        ay.at(p.p50_us),
+        ay.at(p.p99_us),
+        ay.at(p.p999_us),
+        ay.at(p.max_us),
+    );
+    let _ = writeln!(
+        svg,
+        r#"<g><title>{}</title><line x1="{cx:.1}" y1="{y50:.1}" x2="{cx:.1}" y2="{ymax:.1}" stroke="{stroke}"/><rect x="{:.1}" y="{y99:.1}" width="8" height="{:.1}" fill="{stroke}" opacity="0.8"/><line x1="{:.1}" y1="{y999:.1}" x2="{:.1}" y2="{y999:.1}" stroke="{stroke}" stroke-width="2.5"/><circle cx="{cx:.1}" cy="{ymax:.1}" r="2.5" fill="{stroke}"/></g>"#,
+        escape(&title),
+        cx - 4.0,
+        (y50 - y99).max(1.0),
+        cx - 6.0,
+        cx + 6.0,
+    );
 }

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 /// Ethernet + IPv4 + UDP headers.
 pub const HEADERS: usize = 14 + 20 + 8;
 /// The byte every payload is filled with.
-const FILL: u8 = 0xa5;
+pub const FILL: u8 = 0xa5;
 
 /// What goes into one generated frame.
 #[derive(Clone, Copy, Debug)]
@@ -73,14 +73,14 @@ impl FrameSpec {
 
 /// The one's-complement sum of `bytes` as big-endian 16-bit words (an odd last byte is padded
 /// with zero), not yet folded.
-fn sum_words(bytes: &[u8]) -> u32 {
+pub(super) fn sum_words(bytes: &[u8]) -> u32 {
     bytes
         .chunks(2)
         .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
         .sum()
 }
 
-fn fold(mut sum: u32) -> u16 {
+pub(super) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

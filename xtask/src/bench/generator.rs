@@ -14,8 +14,13 @@
 //!   wake-up from sleep comes later than a batch lasts).
 //!
 //! What was sent is read from the kernel's interface counters, not from the generator.
+//!
+//! Every frame carries a stamp (`stamp.rs`): its sequence number in the trial and the time its
+//! batch was handed to the kernel. In latency trials every `n`-th frame is a sample, whose
+//! transmit timestamp the kernel reports back (`tx_timestamps.rs`).
 
 use std::{
+    collections::HashSet,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -27,7 +32,9 @@ use super::{
     frame::{FrameSpec, HEADERS},
     pacing::{Pacer, Step, bucket_frames},
     packet_socket::{PacketSocket, Qdisc},
+    stamp::StampedFrame,
     topology::Topology,
+    tx_timestamps::{ErrorQueueReader, READ_BATCH, TxStamp},
 };
 
 /// UDP source port of every generated packet.
@@ -71,12 +78,20 @@ pub struct Sent {
     /// CPU time of the generator's thread (with the kernel's send path it ran), over the
     /// trial: near `elapsed` when the generator could not go faster.
     pub busy: Duration,
+    /// Latency samples handed to the kernel.
+    pub samples: u64,
 }
+
+/// How long to wait for the last transmit timestamps once every frame is sent: the `tbf`
+/// qdisc holds a few milliseconds of frames at most.
+const LAST_TIMESTAMPS_WAIT: Duration = Duration::from_millis(200);
+/// With a timestamp for every sample, how long to wait for repeated reports of them.
+const ALL_TIMESTAMPS_QUIET: Duration = Duration::from_millis(10);
 
 pub struct Generator {
     netns: String,
     interface: String,
-    frames: Vec<Vec<u8>>,
+    frames: Vec<StampedFrame>,
     frame_len: usize,
     through_tbf: PacketSocket,
     bypassing_qdisc: PacketSocket,
@@ -103,6 +118,7 @@ impl Generator {
                     payload,
                 }
                 .bytes()
+                .and_then(StampedFrame::new)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
@@ -128,10 +144,22 @@ impl Generator {
         }
     }
 
-    /// Sends `count` frames at `rate` frames per second, paced as told. Frames still in the
-    /// qdisc when this returns (a millisecond's worth) leave shortly after; the caller waits
-    /// for the interface counter.
-    pub fn send(&self, rate: f64, count: u64, pacing: Pacing) -> anyhow::Result<Sent> {
+    pub fn streams(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Sends `count` frames at `rate` frames per second, paced as told, with every
+    /// `sample_every`-th frame (counting from the first) a latency sample, and returns the
+    /// samples' transmit timestamps (see `tx_timestamps.rs`). Frames still in the qdisc when
+    /// this returns (a millisecond's worth) leave shortly after; the caller waits for the
+    /// interface counter.
+    pub fn send(
+        &self,
+        rate: f64,
+        count: u64,
+        pacing: Pacing,
+        sample_every: Option<u64>,
+    ) -> anyhow::Result<(Sent, Vec<TxStamp>)> {
         if pacing == Pacing::Tbf {
             self.pace(rate)?;
         }
@@ -142,29 +170,47 @@ impl Generator {
                 .spawn(|| {
                     raise_priority()?;
                     let cpu_before = thread_cpu_time()?;
-                    let elapsed = self.paced(pacing, rate, count)?;
-                    Ok(Sent {
+                    let mut stamps = Vec::new();
+                    let (elapsed, samples) =
+                        self.paced(pacing, rate, count, sample_every, &mut stamps)?;
+                    let sent = Sent {
                         elapsed,
                         pacing,
                         busy: thread_cpu_time()?.saturating_sub(cpu_before),
-                    })
+                        samples,
+                    };
+                    self.last_timestamps(pacing, samples, &mut stamps)?;
+                    Ok((sent, stamps))
                 })
                 .join()
                 .map_err(|_| anyhow::anyhow!("the generator's thread panicked"))?
         })
     }
 
-    fn paced(&self, pacing: Pacing, rate: f64, count: u64) -> anyhow::Result<Duration> {
-        let (socket, lead) = match pacing {
-            Pacing::Tbf => (&self.through_tbf, TBF_LEAD),
-            Pacing::Generator => (&self.bypassing_qdisc, Duration::ZERO),
+    /// Sends the trial's frames; returns how long they took and how many latency samples
+    /// left, and collects the transmit timestamps that came back meanwhile into `stamps`.
+    fn paced(
+        &self,
+        pacing: Pacing,
+        rate: f64,
+        count: u64,
+        sample_every: Option<u64>,
+        stamps: &mut Vec<TxStamp>,
+    ) -> anyhow::Result<(Duration, u64)> {
+        let socket = self.socket(pacing);
+        let lead = match pacing {
+            Pacing::Tbf => TBF_LEAD,
+            Pacing::Generator => Duration::ZERO,
         };
         let mut sender = socket.sender(&self.frames);
+        let mut reader = ErrorQueueReader::new();
         let start = Instant::now();
         // However slow the sender, a trial ends: four times its length and ten seconds more.
         let deadline = start + Duration::from_secs_f64(4.0 * count as f64 / rate + 10.0);
         let mut pacer = Pacer::new(rate, count, start, lead);
         let mut sent = 0;
+        let mut samples = 0;
+        let mut unread = 0;
         while !pacer.done() {
             let now = Instant::now();
             if now > deadline {
@@ -172,12 +218,25 @@ impl Generator {
             }
             match pacer.next(now) {
                 Step::Send(frames) => {
-                    let taken = sender.send_round_robin(sent, frames)?;
-                    if taken == 0 && pacing == Pacing::Tbf {
+                    let handed = sender.send_round_robin(sent, frames, sample_every)?;
+                    if handed.frames == 0 && pacing == Pacing::Tbf {
                         std::thread::sleep(QDISC_FULL_WAIT);
                     }
-                    pacer.sent(taken);
-                    sent += taken as u64;
+                    pacer.sent(handed.frames);
+                    sent += handed.frames as u64;
+                    samples += handed.samples as u64;
+                    // A read per batch of timestamps keeps the error queue short without a
+                    // read per sample; when none are back yet (the qdisc still holds their
+                    // frames), the next read waits for another batch.
+                    unread += handed.samples;
+                    if unread >= READ_BATCH {
+                        let read = socket.read_tx_timestamps(&mut reader, stamps)?;
+                        unread = if read == 0 {
+                            0
+                        } else {
+                            unread.saturating_sub(read)
+                        };
+                    }
                 }
                 Step::WaitUntil(then) => wait_until(then, pacing == Pacing::Generator),
             }
@@ -185,7 +244,45 @@ impl Generator {
         // The qdisc releases the last frames on the schedule, after the generator has queued
         // them; without it, the last frame left when it was sent, at the end of its slot.
         let end = pacer.schedule_end().max(Instant::now());
-        Ok(end.saturating_duration_since(start))
+        Ok((end.saturating_duration_since(start), samples))
+    }
+
+    /// Reads transmit timestamps until there is one for each of the `samples` sent and no more
+    /// came for a moment (a frame that crosses several veths may be reported by each), or none
+    /// came for a while (a frame the driver dropped may have none).
+    fn last_timestamps(
+        &self,
+        pacing: Pacing,
+        samples: u64,
+        stamps: &mut Vec<TxStamp>,
+    ) -> anyhow::Result<()> {
+        let socket = self.socket(pacing);
+        let mut reader = ErrorQueueReader::new();
+        let mut ids: HashSet<u32> = stamps.iter().map(|stamp| stamp.id).collect();
+        let mut quiet_since = Instant::now();
+        loop {
+            let before = stamps.len();
+            if socket.read_tx_timestamps(&mut reader, stamps)? > 0 {
+                ids.extend(stamps[before..].iter().map(|stamp| stamp.id));
+                quiet_since = Instant::now();
+                continue;
+            }
+            let quiet = quiet_since.elapsed();
+            if (ids.len() as u64 >= samples && quiet >= ALL_TIMESTAMPS_QUIET)
+                || quiet >= LAST_TIMESTAMPS_WAIT
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn socket(&self, pacing: Pacing) -> &PacketSocket {
+        match pacing {
+            Pacing::Tbf => &self.through_tbf,
+            Pacing::Generator => &self.bypassing_qdisc,
+        }
     }
 
     /// A token bucket for `rate` frames per second holding the generator's bucket

@@ -4,10 +4,11 @@
 //! Each scenario builds a chain of namespaces (generator → relay hops → sink, see
 //! `topology.rs`), then for each relay: starts it, runs one trial at a fixed offered rate for
 //! the CPU figures, searches for the highest lossless rate, runs trials at 1.5×, 2× and 4× that
-//! rate (`overload.rs`), and stops it. The benchmark sends the frames itself (`generator.rs`),
-//! nftables counts at the sink (`sink.rs`), every counter on the way is read around each trial
-//! (`trial.rs`). The results go to `target/bench/` as Markdown, JSON and an SVG chart
-//! (`report.rs`, `targets.rs`, `chart.rs`).
+//! rate (`overload.rs`), measures the one-way latency at 10 %, 50 % and 90 % of that rate
+//! (`latency.rs`), and stops it. The benchmark sends the frames itself (`generator.rs`),
+//! nftables counts at the sink (`sink.rs`), a packet tap there times the latency samples
+//! (`tap.rs`), every counter on the way is read around each trial (`trial.rs`). The results go
+//! to `target/bench/` as Markdown, JSON and SVG charts (`report.rs`, `targets.rs`, `chart.rs`).
 
 mod backlog;
 mod chart;
@@ -15,6 +16,8 @@ mod cpu;
 mod frame;
 mod generator;
 mod generator_check;
+mod latency;
+mod latency_trace;
 mod overload;
 mod pacing;
 mod packet_socket;
@@ -24,9 +27,12 @@ mod report;
 mod scenario;
 mod search;
 mod sink;
+mod stamp;
+mod tap;
 mod targets;
 mod topology;
 mod trial;
+mod tx_timestamps;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,6 +51,7 @@ use nix::{
 
 use self::{
     generator::{Generator, Pacing},
+    latency::LatencyPoint,
     overload::OverloadPoint,
     relay::{Relay, RelayEnv, RelayKind},
     report::{OneHopCheck, RelayResult, Report, ScenarioResult},
@@ -78,6 +85,11 @@ pub struct BenchArgs {
     /// 1to1-512 unless --scenario says others; writes generator.md and generator.json.
     #[arg(long)]
     pub generator: bool,
+    /// Record a scheduler, softirq and `io_uring` trace of the relay CPUs (perf) during every
+    /// latency trial, and say what ran there while the slowest samples waited
+    /// (run/<scenario>/<relay>-latency-<load>pct.perf.data and .md).
+    #[arg(long)]
+    pub latency_trace: bool,
 }
 
 /// How long and how finely the benchmark measures.
@@ -95,6 +107,13 @@ pub struct Settings {
     pub search_step: f64,
     pub search_precision: f64,
     pub search_max_trials: usize,
+    /// Length of each latency trial.
+    pub latency_trial_s: f64,
+    /// Load points of the latency trials, as fractions of each relay's lossless rate.
+    pub latency_loads: Vec<f64>,
+    /// Whether the latency trials were traced (`--latency-trace`), which costs the relay CPUs
+    /// time of their own.
+    pub latency_trace: bool,
 }
 
 impl Settings {
@@ -111,6 +130,9 @@ impl Settings {
                 search_step: 2.0,
                 search_precision: 1.5,
                 search_max_trials: 6,
+                latency_trial_s: 0.5,
+                latency_loads: latency::LOADS.to_vec(),
+                latency_trace: false,
             }
         } else {
             Self {
@@ -124,6 +146,9 @@ impl Settings {
                 search_step: 2.0,
                 search_precision: 1.1,
                 search_max_trials: 13,
+                latency_trial_s: 3.0,
+                latency_loads: latency::LOADS.to_vec(),
+                latency_trace: false,
             }
         }
     }
@@ -146,7 +171,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the benchmark creates network namespaces: run it as root");
     }
     check_tools()?;
-    let settings = Settings::new(args.quick, args.cpu_rate);
+    let mut settings = Settings::new(args.quick, args.cpu_rate);
+    settings.latency_trace = args.latency_trace;
     let scenarios = select(args)?;
     let generator_relays = generator_check_relays(args);
     let needs_mcr = if args.generator {
@@ -224,9 +250,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         &out.join("delivered-vs-offered.svg"),
         &chart::render(&report),
     )?;
+    let latency_chart = out.join("latency.svg");
+    match chart::render_latency(&report) {
+        Some(svg) => write(&latency_chart, &svg)?,
+        None => {
+            let _ = std::fs::remove_file(&latency_chart);
+        }
+    }
     println!("{markdown}");
     eprintln!(
-        "bench: wrote {0}/results.md, {0}/results.json and {0}/delivered-vs-offered.svg after {1:.0} s of measurement ({2:.0} s building MCR before)",
+        "bench: wrote {0}/results.md, {0}/results.json, {0}/delivered-vs-offered.svg and {0}/latency.svg after {1:.0} s of measurement ({2:.0} s building MCR before)",
         out.display(),
         started.elapsed().as_secs_f64(),
         build_s
@@ -545,7 +578,17 @@ fn run_relay(
             .map_or_else(|| "none".to_owned(), report::rate),
     );
 
+    // Latency first: the overload points leave queues behind.
     if let Some(lossless) = result.lossless_offered() {
+        result.latency = latency_points(
+            &bench,
+            &mut relay,
+            lossless,
+            settings,
+            env,
+            &scenario.name,
+            &label,
+        )?;
         result.overload = overload_points(&bench, &mut relay, lossless, settings, &label)?;
     }
 
@@ -570,6 +613,49 @@ fn run_relay(
     }
     drop(relay);
     Ok(())
+}
+
+/// One latency trial at each load point of the lossless rate.
+fn latency_points(
+    bench: &Bench,
+    relay: &mut Relay,
+    lossless: f64,
+    settings: &Settings,
+    env: &RelayEnv,
+    scenario: &str,
+    label: &str,
+) -> anyhow::Result<Vec<LatencyPoint>> {
+    let mut tracer = settings
+        .latency_trace
+        .then(|| latency_trace::Tracer::new(env.dir, env.cpus, scenario, label));
+    let mut points = Vec::new();
+    for &load in &settings.latency_loads {
+        let around = tracer
+            .as_mut()
+            .map(|tracer| tracer as &mut dyn latency::Around);
+        let point = latency::measure(
+            bench,
+            relay,
+            load,
+            lossless,
+            settings.latency_trial_s,
+            around,
+        )?;
+        eprintln!(
+            "bench:   {label} latency at {} of its lossless rate {}: {}",
+            point.label(),
+            describe(&point.trial),
+            point.one_way.as_ref().map_or_else(
+                || "no samples measured".to_owned(),
+                |p| format!(
+                    "one-way p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs ({} samples)",
+                    p.p50_us, p.p99_us, p.p999_us, p.max_us, p.count
+                )
+            )
+        );
+        points.push(point);
+    }
+    Ok(points)
 }
 
 /// One trial at each overload factor of the lossless rate.

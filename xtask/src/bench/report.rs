@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::{
     Settings,
+    latency::LatencyPoint,
     overload::{FACTORS, OverloadPoint},
     relay::{MCR, MCR_KERNEL, RelayKind},
     scenario::Scenario,
@@ -75,6 +76,8 @@ pub struct RelayResult {
     pub trials: Vec<Trial>,
     /// Trials at 1.5×, 2× and 4× the highest lossless rate.
     pub overload: Vec<OverloadPoint>,
+    /// One-way latency at 10 %, 50 % and 90 % of the highest lossless rate.
+    pub latency: Vec<LatencyPoint>,
     pub at_one_hop_rate: Option<OneHopCheck>,
     /// Derived figures (also in the Markdown).
     pub figures: Option<Figures>,
@@ -111,6 +114,7 @@ impl RelayResult {
             search: None,
             trials: Vec::new(),
             overload: Vec::new(),
+            latency: Vec::new(),
             at_one_hop_rate: None,
             figures: None,
             error: None,
@@ -136,6 +140,13 @@ impl RelayResult {
             process_cpu_s_per_m_delivered: cpu_trial
                 .and_then(|t| per_million(t.cpu.as_ref()?.relay_process_s, t.delivered)),
         }
+    }
+
+    /// The latency trial at `load` (a fraction of the lossless rate), if it ran.
+    pub fn latency_at(&self, load: f64) -> Option<&LatencyPoint> {
+        self.latency
+            .iter()
+            .find(|point| (point.load - load).abs() < 1e-9)
     }
 
     pub fn figures(&self) -> Figures {
@@ -250,7 +261,11 @@ impl Report {
              **Overload** points offer {} the relay's lossless rate; each shows what was \
              delivered per second (in input packets, so fan-out does not count four times) and, \
              in brackets, that over the lossless rate: 1.00 is a plateau at the lossless rate, \
-             less a relay that delivers less when offered more.\n",
+             less a relay that delivers less when offered more. **Latency** is one-way, from \
+             the frame leaving the generator's interface to it entering the sink's (the \
+             kernel's software timestamps at both ends), over about {} samples per second \
+             (every frame below that rate) of a {} s trial at {} of each relay's own lossless \
+             rate; its targets are in the table of targets.\n",
             rate(super::generator::TBF_MAX_PPS),
             meta.loss_threshold_pct,
             settings.search_step,
@@ -260,6 +275,9 @@ impl Report {
             settings.cpu_trial_s,
             rate(settings.cpu_rate_pps),
             factors_text(),
+            rate(super::latency::SAMPLES_PER_SECOND),
+            settings.latency_trial_s,
+            loads_text(&settings.latency_loads),
         );
         for scenario in &self.scenarios {
             self.scenario_markdown(&mut md, scenario);
@@ -319,6 +337,7 @@ impl Report {
             let _ = writeln!(md, "{}", relay_row(relay));
         }
         let _ = writeln!(md);
+        latency_markdown(md, result);
         overload_notes(md, result);
         if let Some(baseline) = &result.baseline
             && let Some(cpu) = &baseline.cpu
@@ -411,6 +430,84 @@ impl Report {
              above 1 means MCR costs more per packet. Lossless rates marked ≥ were bounded by \
              the generator or the search, not the relay, so their ratios are bounds too.\n"
         );
+    }
+}
+
+/// A scenario's latency table: one row per relay and load point.
+fn latency_markdown(md: &mut String, result: &ScenarioResult) {
+    if result.relays.iter().all(|relay| relay.latency.is_empty()) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "One-way latency, µs (generator interface → sink interface):\n\n\
+         | relay | load | offered | p50 | p99 | p99.9 | max | samples | loss | note |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
+    );
+    for relay in &result.relays {
+        for point in &relay.latency {
+            let mut notes = Vec::new();
+            if !point.clock_held() {
+                notes.push(format!("clock stepped {:.0} µs", point.clock_step_us));
+            }
+            if point.trial.generator_limited {
+                notes.push("generator-limited".to_owned());
+            }
+            let missed = point.samples.unmatched
+                + point.samples.unstamped
+                + point.samples.negative
+                + point.samples.ring_dropped;
+            if missed > 0 {
+                notes.push(format!("{missed} samples not measured"));
+            }
+            if let Some(trace) = &point.trace {
+                notes.push(format!("trace: `{trace}`"));
+            }
+            let cells = point.one_way.as_ref().map_or_else(
+                || vec!["—".to_owned(); 4],
+                |p| {
+                    vec![
+                        micros(p.p50_us),
+                        micros(p.p99_us),
+                        micros(p.p999_us),
+                        micros(p.max_us),
+                    ]
+                },
+            );
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                relay.relay,
+                point.label(),
+                rate(point.trial.offered_pps),
+                cells.join(" | "),
+                point.samples.measured,
+                percent(point.trial.loss_pct),
+                notes.join("; ")
+            );
+        }
+    }
+    let _ = writeln!(md);
+}
+
+/// Microseconds: one decimal below 100, whole above.
+pub fn micros(us: f64) -> String {
+    if us < 100.0 {
+        format!("{us:.1}")
+    } else {
+        format!("{us:.0}")
+    }
+}
+
+/// `10 %, 50 % and 90 %`.
+fn loads_text(loads: &[f64]) -> String {
+    let labels: Vec<String> = loads
+        .iter()
+        .map(|load| format!("{:.0} %", load * 100.0))
+        .collect();
+    match labels.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => labels.join(""),
     }
 }
 

@@ -4,8 +4,9 @@
 use serde::Serialize;
 
 use super::{
+    latency::{LOADS, LatencyPoint, Percentiles},
     relay::{MCR, MCR_2W, MCR_KERNEL, RelayKind},
-    report::{RelayResult, ScenarioResult, percent, rate, seconds},
+    report::{RelayResult, ScenarioResult, micros, percent, rate, seconds},
     search::Bound,
 };
 
@@ -25,6 +26,7 @@ pub fn targets(scenarios: &[ScenarioResult]) -> Vec<Target> {
     targets.extend(scaling(scenarios));
     targets.extend(kernel_path(scenarios));
     targets.extend(overload(scenarios));
+    targets.extend(latency(scenarios));
     targets
 }
 
@@ -332,6 +334,134 @@ fn overload(scenarios: &[ScenarioResult]) -> Vec<Target> {
     targets
 }
 
+/// The worker path's p99 at half load may exceed the kernel's by this much.
+const WORKER_P99_MARGIN_US: f64 = 100.0;
+/// The worker path's longest delay at 10 % and 50 % load must stay under this.
+const WORKER_MAX_US: f64 = 2_000.0;
+
+/// A latency point's one-way percentiles, when they can be judged: measured, with a clock
+/// that held still. Otherwise the verdict that says why not.
+fn judged(point: Option<&LatencyPoint>) -> Result<&Percentiles, String> {
+    let point = point.ok_or_else(|| "n/a".to_owned())?;
+    if !point.clock_held() {
+        return Err(format!(
+            "undecided: the clock was stepped ({:.0} µs)",
+            point.clock_step_us
+        ));
+    }
+    point
+        .one_way
+        .as_ref()
+        .ok_or_else(|| "n/a: no sample measured".to_owned())
+}
+
+/// Latency, one-way at the load points (fractions of each relay's own lossless rate): the
+/// kernel path's p99 and p99.9 no worse than the kernel's forwarding at every load point; the
+/// worker path's p99 within 100 µs of the kernel's at 50 %, and its longest delay under 2 ms at
+/// 10 % and 50 %.
+fn latency(scenarios: &[ScenarioResult]) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for result in scenarios {
+        let name = &result.scenario.name;
+        let kernel = result.relay(RelayKind::Kernel);
+        if let (Some(ours), Some(kernel)) = (result.relay(MCR_KERNEL), kernel) {
+            for load in LOADS {
+                targets.push(kernel_path_tail(name, load, ours, kernel));
+            }
+        }
+        for kind in [MCR, MCR_2W] {
+            let Some(ours) = result.relay(kind) else {
+                continue;
+            };
+            if let Some(kernel) = kernel {
+                targets.push(worker_p99(name, ours, kernel));
+            }
+            for load in [0.1, 0.5] {
+                let label = format!("{:.0} %", load * 100.0);
+                let (figures, verdict) = match judged(ours.latency_at(load)) {
+                    Ok(p) => (
+                        format!("max {} µs", micros(p.max_us)),
+                        verdict(p.max_us < WORKER_MAX_US),
+                    ),
+                    Err(why) => ("—".to_owned(), why),
+                };
+                targets.push(Target {
+                    goal: format!(
+                        "worker path: longest delay under {:.0} ms at {label} load",
+                        WORKER_MAX_US / 1e3
+                    ),
+                    scenario: format!("{name}, {}", ours.relay),
+                    figures,
+                    verdict,
+                });
+            }
+        }
+    }
+    targets
+}
+
+/// The kernel path's p99 and p99.9 against the kernel's forwarding at `load`.
+fn kernel_path_tail(name: &str, load: f64, ours: &RelayResult, kernel: &RelayResult) -> Target {
+    let label = format!("{:.0} %", load * 100.0);
+    let (figures, verdict) = match (
+        judged(ours.latency_at(load)),
+        judged(kernel.latency_at(load)),
+    ) {
+        (Ok(a), Ok(b)) => (
+            format!(
+                "p99 {} vs {} µs ({}), p99.9 {} vs {} µs ({})",
+                micros(a.p99_us),
+                micros(b.p99_us),
+                ratio(a.p99_us, b.p99_us),
+                micros(a.p999_us),
+                micros(b.p999_us),
+                ratio(a.p999_us, b.p999_us)
+            ),
+            verdict(a.p99_us <= b.p99_us && a.p999_us <= b.p999_us),
+        ),
+        (Err(why), _) | (_, Err(why)) => ("—".to_owned(), why),
+    };
+    Target {
+        goal: format!("kernel path p99 and p99.9 no worse than the kernel's at {label} load"),
+        scenario: format!("{name}, mcr-kernel vs kernel"),
+        figures,
+        verdict,
+    }
+}
+
+/// The worker path's p99 against the kernel's forwarding at half load.
+fn worker_p99(name: &str, ours: &RelayResult, kernel: &RelayResult) -> Target {
+    let (figures, verdict) = match (judged(ours.latency_at(0.5)), judged(kernel.latency_at(0.5))) {
+        (Ok(a), Ok(b)) => (
+            format!(
+                "p99 {} vs {} µs ({:+.1} µs, {})",
+                micros(a.p99_us),
+                micros(b.p99_us),
+                a.p99_us - b.p99_us,
+                ratio(a.p99_us, b.p99_us)
+            ),
+            verdict(a.p99_us - b.p99_us <= WORKER_P99_MARGIN_US),
+        ),
+        (Err(why), _) | (_, Err(why)) => ("—".to_owned(), why),
+    };
+    Target {
+        goal: format!(
+            "worker path p99 within {WORKER_P99_MARGIN_US:.0} µs of the kernel's at 50 % load"
+        ),
+        scenario: format!("{name}, {} vs kernel", ours.relay),
+        figures,
+        verdict,
+    }
+}
+
+fn ratio(ours: f64, theirs: f64) -> String {
+    if theirs > 0.0 {
+        format!("{:.2}×", ours / theirs)
+    } else {
+        "n/a".to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +498,113 @@ mod tests {
         assert!(at_least(Some(at_least_bound(400e3)), Some(exact(700e3))).starts_with("undecided"));
         assert_eq!(at_least(None, Some(exact(700e3))), "not met");
         assert_eq!(at_least(Some(exact(700e3)), None), "n/a");
+    }
+
+    fn latency_point(load: f64, p99: f64, p999: f64, max: f64) -> LatencyPoint {
+        LatencyPoint {
+            load,
+            lossless_pps: 100_000.0,
+            sample_every: 4,
+            one_way: Some(Percentiles {
+                count: 10_000,
+                min_us: 1.0,
+                mean_us: p99 / 4.0,
+                p50_us: p99 / 4.0,
+                p90_us: p99 / 2.0,
+                p99_us: p99,
+                p999_us: p999,
+                p9999_us: max,
+                max_us: max,
+            }),
+            from_send_call: None,
+            samples: crate::bench::latency::SampleCounts::default(),
+            slowest: Vec::new(),
+            clock_step_us: 0.0,
+            trace: None,
+            trial: crate::bench::trial::Trial::lossless_at(100_000.0 * load, 10_000),
+        }
+    }
+
+    fn relay(kind: RelayKind, points: Vec<LatencyPoint>) -> RelayResult {
+        let mut relay = RelayResult::new(kind);
+        relay.latency = points;
+        relay
+    }
+
+    #[test]
+    fn latency_verdicts_hold_each_path_to_the_kernel() {
+        let scenario = crate::bench::scenario::all()
+            .into_iter()
+            .find(|s| s.name == "1to1-512")
+            .expect("the scenario");
+        let mut stepped = latency_point(0.9, 10.0, 20.0, 50.0);
+        stepped.clock_step_us = 900.0;
+        let result = ScenarioResult {
+            scenario,
+            baseline: None,
+            relays: vec![
+                relay(
+                    RelayKind::Kernel,
+                    vec![
+                        latency_point(0.1, 20.0, 40.0, 100.0),
+                        latency_point(0.5, 20.0, 40.0, 100.0),
+                        latency_point(0.9, 20.0, 40.0, 100.0),
+                    ],
+                ),
+                relay(
+                    MCR_KERNEL,
+                    vec![
+                        latency_point(0.1, 15.0, 40.0, 90.0),
+                        // p99 better, p99.9 worse.
+                        latency_point(0.5, 19.0, 41.0, 90.0),
+                        stepped,
+                    ],
+                ),
+                relay(
+                    MCR,
+                    vec![
+                        latency_point(0.1, 80.0, 300.0, 1_999.0),
+                        latency_point(0.5, 120.0, 900.0, 2_500.0),
+                    ],
+                ),
+            ],
+            error: None,
+        };
+        let targets = latency(&[result]);
+        let verdicts: Vec<(&str, &str)> = targets
+            .iter()
+            .map(|t| (t.goal.as_str(), t.verdict.as_str()))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                (
+                    "kernel path p99 and p99.9 no worse than the kernel's at 10 % load",
+                    "met"
+                ),
+                (
+                    "kernel path p99 and p99.9 no worse than the kernel's at 50 % load",
+                    "not met"
+                ),
+                (
+                    "kernel path p99 and p99.9 no worse than the kernel's at 90 % load",
+                    "undecided: the clock was stepped (900 µs)"
+                ),
+                (
+                    "worker path p99 within 100 µs of the kernel's at 50 % load",
+                    "met"
+                ),
+                ("worker path: longest delay under 2 ms at 10 % load", "met"),
+                (
+                    "worker path: longest delay under 2 ms at 50 % load",
+                    "not met"
+                ),
+            ]
+        );
+        assert_eq!(targets[3].figures, "p99 120 vs 20.0 µs (+100.0 µs, 6.00×)");
+        assert_eq!(
+            targets[0].figures,
+            "p99 15.0 vs 20.0 µs (0.75×), p99.9 40.0 vs 40.0 µs (1.00×)"
+        );
     }
 }

@@ -13,6 +13,7 @@ use super::{
     relay::{Relay, RelayCounters},
     sink::{Sink, SinkCounts},
     topology::{CpuPlan, IfStats, Topology},
+    tx_timestamps::TxStamp,
 };
 
 /// Loss below this fraction of the expected deliveries counts as lossless.
@@ -98,6 +99,15 @@ impl Trial {
     }
 }
 
+/// The latency samples of a trial as they left the generator.
+#[derive(Clone, Debug, Default)]
+pub struct Departures {
+    /// Samples handed to the kernel.
+    pub samples: u64,
+    /// Their transmit timestamps, as many as came back.
+    pub timestamps: Vec<TxStamp>,
+}
+
 /// Everything a trial needs: the chain, its generator and sink, and how packets multiply.
 pub struct Bench<'a> {
     pub topology: &'a Topology,
@@ -130,11 +140,25 @@ impl Bench<'_> {
     /// Sends `rate × seconds` packets at `rate` and accounts for every one of them.
     pub fn run(
         &self,
-        mut relay: Option<&mut Relay>,
+        relay: Option<&mut Relay>,
         rate: f64,
         seconds: f64,
         measure_cpu: bool,
     ) -> anyhow::Result<Trial> {
+        self.run_sampled(relay, rate, seconds, measure_cpu, None)
+            .map(|(trial, _)| trial)
+    }
+
+    /// [`Self::run`] with every `sample_every`-th packet a latency sample; returns how many
+    /// samples left and their transmit timestamps too.
+    pub fn run_sampled(
+        &self,
+        mut relay: Option<&mut Relay>,
+        rate: f64,
+        seconds: f64,
+        measure_cpu: bool,
+        sample_every: Option<u64>,
+    ) -> anyhow::Result<(Trial, Departures)> {
         super::check_interrupted()?;
         if let Some(relay) = relay.as_deref_mut() {
             relay.check_running()?;
@@ -149,7 +173,7 @@ impl Bench<'_> {
             .transpose()?;
 
         let pacing = self.pacing.unwrap_or_else(|| Generator::pacing_for(rate));
-        let sent = self.generator.send(rate, packets, pacing)?;
+        let (sent, tx_stamps) = self.generator.send(rate, packets, pacing, sample_every)?;
         self.drain(&before, packets)?;
         if let Some(relay) = relay.as_deref() {
             let delivered = self
@@ -191,7 +215,24 @@ impl Bench<'_> {
         trial.others_s = others_s;
         trial.pacing = sent.pacing;
         trial.generator_busy_s = sent.busy.as_secs_f64();
-        Ok(trial)
+        Ok((
+            trial,
+            Departures {
+                samples: sent.samples,
+                timestamps: tx_stamps,
+            },
+        ))
+    }
+
+    /// The sink's interfaces, in the order of the topology's links.
+    pub fn sink_interfaces(&self) -> Vec<String> {
+        let sink = self.topology.sink_node();
+        self.topology
+            .links
+            .iter()
+            .filter(|link| link.down == sink)
+            .map(|link| link.down_if.clone())
+            .collect()
     }
 
     /// Waits until the generator's interface has sent everything (the qdisc may still hold
@@ -355,6 +396,33 @@ impl Bench<'_> {
     }
 }
 
+#[cfg(test)]
+impl Trial {
+    /// A lossless trial of `packets` at `rate`, for tests of what is derived from trials.
+    pub fn lossless_at(rate: f64, packets: u64) -> Self {
+        Self {
+            rate_pps: rate,
+            packets,
+            seconds: packets as f64 / rate,
+            offered_pps: rate,
+            pacing: Pacing::Tbf,
+            generator_busy_s: 0.0,
+            expected: packets,
+            delivered: packets,
+            delivered_pps: rate,
+            loss_pct: 0.0,
+            generator_limited: false,
+            loss: Loss::default(),
+            fewest_per_destination: packets,
+            most_per_destination: packets,
+            relay: RelayCounters::default(),
+            backlog_drops: 0,
+            others_s: 0.0,
+            cpu: None,
+        }
+    }
+}
+
 /// How an interface's counters moved between two snapshots.
 fn interface_delta(before: &Snapshot, after: &Snapshot, node: usize, interface: &str) -> IfStats {
     let get = |snapshot: &Snapshot| {
@@ -373,7 +441,7 @@ fn interface_delta(before: &Snapshot, after: &Snapshot, node: usize, interface: 
 }
 
 /// `rate × seconds`, at least one.
-fn packet_count(rate: f64, seconds: f64) -> u64 {
+pub fn packet_count(rate: f64, seconds: f64) -> u64 {
     let packets = (rate * seconds).round();
     if packets.is_finite() && packets >= 1.0 {
         // In range: finite, positive, and far below 2^53 for any rate the benchmark uses.
