@@ -38,6 +38,8 @@ pub struct Frame6 {
     zero_checksum: bool,
     /// The payload length field of the IPv6 header, if not the length of what follows it.
     payload_len: Option<u16>,
+    /// Bytes of the IPv6 header (and what follows) the frame keeps, if it is cut short.
+    cut_at: Option<usize>,
     payload: Vec<u8>,
 }
 
@@ -59,6 +61,7 @@ impl Frame6 {
             udp_len_excess: 0,
             zero_checksum: false,
             payload_len: None,
+            cut_at: None,
             payload,
         }
     }
@@ -167,6 +170,14 @@ impl Frame6 {
         self
     }
 
+    /// Ends the frame `len` bytes after the start of the IPv6 header: less than 40 cuts the
+    /// fixed header itself short.
+    #[must_use]
+    pub fn cut_at(mut self, len: usize) -> Self {
+        self.cut_at = Some(len);
+        self
+    }
+
     /// A UDP length field `excess` bytes longer than the datagram.
     #[must_use]
     pub fn udp_len_excess(mut self, excess: u16) -> Self {
@@ -240,6 +251,9 @@ impl Frame6 {
         frame.extend_from_slice(&self.source.octets());
         frame.extend_from_slice(&self.destination.octets());
         frame.extend_from_slice(&payload);
+        if let Some(len) = self.cut_at {
+            frame.truncate(14 + 4 * self.tags.len() + len);
+        }
         frame
     }
 }
@@ -352,6 +366,7 @@ mod tests {
         let icmp = base.clone().options(HOP_BY_HOP, 8).protocol(ICMPV6).bytes();
         assert_eq!(icmp[54], ICMPV6);
         assert_eq!(icmp.len(), 14 + 40 + 8 + 4, "no UDP header");
+        assert_eq!(base.clone().cut_at(39).bytes().len(), 14 + 39);
         let tagged = base.tagged(0x8100, 42).bytes();
         assert_eq!(tagged[12..18], [0x81, 0x00, 0, 42, 0x86, 0xdd]);
     }
