@@ -23,6 +23,10 @@ pub struct Frame6 {
     destination_mac: [u8; 6],
     /// VLAN tags, outermost first: (TPID, TCI).
     tags: Vec<(u16, u16)>,
+    /// The Ethernet type after any tags: IPv6's, unless a test says otherwise.
+    ethertype: u16,
+    /// The version field of the IP header: 6, unless a test says otherwise.
+    version: u8,
     traffic_class: u8,
     flow_label: u32,
     hop_limit: u8,
@@ -38,6 +42,8 @@ pub struct Frame6 {
     zero_checksum: bool,
     /// The payload length field of the IPv6 header, if not the length of what follows it.
     payload_len: Option<u16>,
+    /// Bytes of the IPv6 header (and what follows) the frame keeps, if it is cut short.
+    cut_at: Option<usize>,
     payload: Vec<u8>,
 }
 
@@ -48,6 +54,8 @@ impl Frame6 {
         Self {
             destination_mac: multicast_mac(group),
             tags: Vec::new(),
+            ethertype: 0x86dd,
+            version: 6,
             traffic_class: 0,
             flow_label: 0x1_2345,
             hop_limit: 64,
@@ -59,6 +67,7 @@ impl Frame6 {
             udp_len_excess: 0,
             zero_checksum: false,
             payload_len: None,
+            cut_at: None,
             payload,
         }
     }
@@ -67,6 +76,20 @@ impl Frame6 {
     #[must_use]
     pub fn tagged(mut self, tpid: u16, vlan: u16) -> Self {
         self.tags.push((tpid, vlan));
+        self
+    }
+
+    /// Another Ethernet type than IPv6's in front of the same IPv6 packet.
+    #[must_use]
+    pub fn ethertype(mut self, ethertype: u16) -> Self {
+        self.ethertype = ethertype;
+        self
+    }
+
+    /// Another version than 6 in the IPv6 header.
+    #[must_use]
+    pub fn version(mut self, version: u8) -> Self {
+        self.version = version;
         self
     }
 
@@ -167,6 +190,14 @@ impl Frame6 {
         self
     }
 
+    /// Ends the frame `len` bytes after the start of the IPv6 header: less than 40 cuts the
+    /// fixed header itself short.
+    #[must_use]
+    pub fn cut_at(mut self, len: usize) -> Self {
+        self.cut_at = Some(len);
+        self
+    }
+
     /// A UDP length field `excess` bytes longer than the datagram.
     #[must_use]
     pub fn udp_len_excess(mut self, excess: u16) -> Self {
@@ -203,7 +234,7 @@ impl Frame6 {
             frame.extend_from_slice(&tpid.to_be_bytes());
             frame.extend_from_slice(&vlan.to_be_bytes());
         }
-        frame.extend_from_slice(&0x86dd_u16.to_be_bytes());
+        frame.extend_from_slice(&self.ethertype.to_be_bytes());
 
         let mut payload = Vec::new();
         for (i, (_, body)) in self.extensions.iter().enumerate() {
@@ -228,8 +259,9 @@ impl Frame6 {
             .extensions
             .first()
             .map_or(self.protocol, |(kind, _)| *kind);
-        let version_class_flow =
-            (6 << 28) | (u32::from(self.traffic_class) << 20) | (self.flow_label & 0xf_ffff);
+        let version_class_flow = (u32::from(self.version) << 28)
+            | (u32::from(self.traffic_class) << 20)
+            | (self.flow_label & 0xf_ffff);
         let payload_len = self
             .payload_len
             .unwrap_or_else(|| u16::try_from(payload.len()).expect("test frames are small"));
@@ -240,6 +272,9 @@ impl Frame6 {
         frame.extend_from_slice(&self.source.octets());
         frame.extend_from_slice(&self.destination.octets());
         frame.extend_from_slice(&payload);
+        if let Some(len) = self.cut_at {
+            frame.truncate(14 + 4 * self.tags.len() + len);
+        }
         frame
     }
 }
@@ -352,6 +387,9 @@ mod tests {
         let icmp = base.clone().options(HOP_BY_HOP, 8).protocol(ICMPV6).bytes();
         assert_eq!(icmp[54], ICMPV6);
         assert_eq!(icmp.len(), 14 + 40 + 8 + 4, "no UDP header");
+        assert_eq!(base.clone().cut_at(39).bytes().len(), 14 + 39);
+        assert_eq!(base.clone().version(4).bytes()[14] >> 4, 4);
+        assert_eq!(base.clone().ethertype(0x0800).bytes()[12..14], [8, 0]);
         let tagged = base.tagged(0x8100, 42).bytes();
         assert_eq!(tagged[12..18], [0x81, 0x00, 0, 42, 0x86, 0xdd]);
     }

@@ -58,3 +58,19 @@ pub fn wait_for<T>(
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Waits until `read` returns `expected`, then makes sure it stays there a moment, so that a
+/// counter that overshoots is caught too. On failure, returns what `read` last gave.
+pub fn settles_at<T: PartialEq>(
+    mut read: impl FnMut() -> Option<T>,
+    expected: &T,
+) -> Result<(), Option<T>> {
+    wait_for(std::time::Duration::from_secs(3), || {
+        read().filter(|value| value == expected)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    match read() {
+        Some(value) if value == *expected => Ok(()),
+        other => Err(other),
+    }
+}

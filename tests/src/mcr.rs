@@ -192,6 +192,38 @@ impl Mcr {
         serde_json::from_str(&text).context("parsing mcr stats --json --workers")
     }
 
+    /// The packets every worker counted in `field` of `mcr stats --json --workers`
+    /// (`received`, `malformed`, …), summed over the workers.
+    pub fn workers_total(&self, field: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .workers()?
+            .iter()
+            .map(|worker| worker[field].as_u64().unwrap_or(0))
+            .sum())
+    }
+
+    /// `mcr stats --json --skipped`: what the classifier did not relay, by reason.
+    pub fn skipped(&self) -> anyhow::Result<serde_json::Value> {
+        let text = self.cli(&["stats", "--json", "--skipped"])?;
+        serde_json::from_str(&text).context("parsing mcr stats --json --skipped")
+    }
+
+    /// `bpftool -j map dump` of the pinned map `map`: each entry as BTF formats it, field by
+    /// field.
+    pub fn bpftool_dump(&self, map: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let path = self.pin_dir.join(map);
+        let text = crate::run_tool(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", &path.to_string_lossy()],
+        )?;
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_str(&text).context("parsing bpftool output")?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| entry.get("formatted").cloned().unwrap_or(entry))
+            .collect())
+    }
+
     /// The stats entry of rule `name`.
     pub fn rule_stats(&self, name: &str) -> anyhow::Result<serde_json::Value> {
         self.stats()?

@@ -8,10 +8,12 @@ use nix::sys::socket::{setsockopt, sockopt};
 use crate::{Netns, in_netns};
 
 /// A batch of identical datagrams: `count` times `payload_len` bytes to `group:port` (IPv4 or
-/// IPv6), from `source` (the namespace's routing decides when `None`).
+/// IPv6), from `source` (the namespace's routing decides when `None`) and `source_port` (any
+/// free port when 0).
 #[derive(Clone, Debug)]
 pub struct Stream {
     pub source: Option<IpAddr>,
+    pub source_port: u16,
     pub destination: IpAddr,
     pub port: u16,
     pub payload_len: usize,
@@ -28,6 +30,7 @@ impl Stream {
     pub fn new(destination: impl Into<IpAddr>, port: u16, payload_len: usize, count: u64) -> Self {
         Self {
             source: None,
+            source_port: 0,
             destination: destination.into(),
             port,
             payload_len,
@@ -65,6 +68,13 @@ impl Stream {
         self
     }
 
+    /// Sends from UDP port `port`.
+    #[must_use]
+    pub fn from_port(mut self, port: u16) -> Self {
+        self.source_port = port;
+        self
+    }
+
     /// The payload of datagram `sequence`: the number in the first eight bytes, then 0xa5.
     pub fn payload(&self, sequence: u64) -> Vec<u8> {
         let mut payload = vec![0xa5_u8; self.payload_len];
@@ -85,7 +95,7 @@ pub fn send_udp(netns: &Netns, stream: &Stream) -> anyhow::Result<()> {
         } else {
             IpAddr::V6(Ipv6Addr::UNSPECIFIED)
         };
-        let bind = SocketAddr::new(stream.source.unwrap_or(unspecified), 0);
+        let bind = SocketAddr::new(stream.source.unwrap_or(unspecified), stream.source_port);
         let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
         if stream.destination.is_ipv4() {
             socket.set_multicast_ttl_v4(u32::from(stream.ttl))?;

@@ -9,7 +9,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use mcr_tests::{
     ETH_P_8021AD, ETH_P_8021Q, Expected, Frame, GENERATOR, Lab, Mcr, Netns, OTHER_HOST_MAC,
     RELAY_OUT0, Receiver, RulesFile, SINK, Stream, assert_delivered, in_netns, send_frames,
-    send_udp, veth, wait_for,
+    send_udp, settles_at, veth, wait_for,
 };
 use serde_json::Value;
 
@@ -55,23 +55,10 @@ fn ingress_programs(netns: &Netns, interface: &str) -> anyhow::Result<Vec<String
     })?
 }
 
-/// `bpftool -j map dump pinned <path>`, each entry's BTF-formatted form.
-fn bpftool_dump(path: &Path) -> anyhow::Result<Vec<Value>> {
-    let text = mcr_tests::run_tool(
-        "bpftool",
-        &["-j", "map", "dump", "pinned", &path.to_string_lossy()],
-    )?;
-    let entries: Vec<Value> = serde_json::from_str(&text).context("parsing bpftool output")?;
-    Ok(entries
-        .into_iter()
-        .map(|entry| entry.get("formatted").cloned().unwrap_or(entry))
-        .collect())
-}
-
 /// Per rule (group, port) the packets and bytes bpftool shows, summed over CPUs.
-fn bpftool_counters(pin_dir: &Path, group: [u8; 4], port: u16) -> anyhow::Result<(u64, u64)> {
+fn bpftool_counters(mcr: &Mcr, group: [u8; 4], port: u16) -> anyhow::Result<(u64, u64)> {
     let group: Vec<Value> = group.iter().map(|b| Value::from(*b)).collect();
-    let rules = bpftool_dump(&pin_dir.join("MCR_RULES"))?;
+    let rules = mcr.bpftool_dump("MCR_RULES")?;
     let slot = rules
         .iter()
         .find(|entry| {
@@ -79,7 +66,7 @@ fn bpftool_counters(pin_dir: &Path, group: [u8; 4], port: u16) -> anyhow::Result
         })
         .and_then(|entry| entry["value"]["slot"].as_u64())
         .context("rule key not in MCR_RULES")?;
-    let stats = bpftool_dump(&pin_dir.join("MCR_RULE_STATS"))?;
+    let stats = mcr.bpftool_dump("MCR_RULE_STATS")?;
     let entry = stats
         .iter()
         .find(|entry| entry["key"] == slot)
@@ -163,13 +150,10 @@ fn counts_each_rule_exactly_and_cleans_up() -> anyhow::Result<()> {
 
     // bpftool reads the same numbers from the pinned maps.
     assert_eq!(
-        bpftool_counters(&pin_dir, [239, 1, 1, 1], 5000)?,
+        bpftool_counters(&mcr, [239, 1, 1, 1], 5000)?,
         (1000, 200_000)
     );
-    assert_eq!(
-        bpftool_counters(&pin_dir, [239, 1, 1, 2], 5002)?,
-        (500, 25_000)
-    );
+    assert_eq!(bpftool_counters(&mcr, [239, 1, 1, 2], 5002)?, (500, 25_000));
 
     // The table shows the same figures.
     let table = mcr.cli(&["stats"])?;
@@ -259,34 +243,6 @@ fn a_bad_rules_file_is_rejected_with_its_line_and_nothing_is_attached() -> anyho
     );
     assert!(output.status.success());
     Ok(())
-}
-
-/// The classifier's skip counters, from `mcr stats --json --skipped`.
-fn skipped(mcr: &Mcr) -> anyhow::Result<Value> {
-    let text = mcr.cli(&["stats", "--json", "--skipped"])?;
-    serde_json::from_str(&text).context("parsing mcr stats --json --skipped")
-}
-
-/// Packets every worker received, summed.
-fn worker_received(mcr: &Mcr) -> anyhow::Result<u64> {
-    Ok(mcr
-        .workers()?
-        .iter()
-        .map(|worker| worker["received"].as_u64().unwrap_or(0))
-        .sum())
-}
-
-/// Waits until `read` returns `expected`, then makes sure it stays there a moment, so a
-/// counter that overshoots is caught too.
-fn settles_at(mut read: impl FnMut() -> Option<Value>, expected: &Value) -> Result<(), Value> {
-    wait_for(Duration::from_secs(3), || {
-        read().filter(|value| value == expected)
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    match read() {
-        Some(value) if value == *expected => Ok(()),
-        other => Err(other.unwrap_or(Value::Null)),
-    }
 }
 
 /// IHL 15: forty bytes of IPv4 no-operation options.
@@ -387,9 +343,9 @@ fn send_refused(
         reason,
         breaks,
     } = &REFUSED[case];
-    let before = skipped(mcr)?;
+    let before = mcr.skipped()?;
     let rx_before = mcr.rule_stats("any-source")?["rx_packets"].clone();
-    let worker_packets_before = worker_received(mcr)?;
+    let worker_packets_before = mcr.workers_total("received")?;
     let frames: Vec<Vec<u8>> = (0..REFUSED_SENT)
         .map(|i| {
             let payload = control.payload(first_sequence(case) + i);
@@ -401,16 +357,16 @@ fn send_refused(
     let mut failures = Vec::new();
     let mut expected = before.clone();
     expected[reason] = Value::from(before[reason].as_u64().unwrap_or(0) + REFUSED_SENT);
-    if let Err(now) = settles_at(|| skipped(mcr).ok(), &expected) {
+    if let Err(now) = settles_at(|| mcr.skipped().ok(), &expected) {
         failures.push(format!(
-            "{what}: skip counters {now}, expected {reason} +{REFUSED_SENT}"
+            "{what}: skip counters {now:?}, expected {reason} +{REFUSED_SENT}"
         ));
     }
     let rx = mcr.rule_stats("any-source")?["rx_packets"].clone();
     if rx != rx_before {
         failures.push(format!("{what}: the rule counted it ({rx_before} -> {rx})"));
     }
-    let worker_packets = worker_received(mcr)?;
+    let worker_packets = mcr.workers_total("received")?;
     if worker_packets != worker_packets_before {
         failures.push(format!(
             "{what}: a worker received it ({worker_packets_before} -> {worker_packets})"
@@ -435,7 +391,7 @@ fn send_control(lab: &Lab, mcr: &Mcr, control: &Stream) -> anyhow::Result<Vec<St
             .bytes()
         })
         .collect();
-    let skips_before = skipped(mcr)?;
+    let skips_before = mcr.skipped()?;
     send_frames(&lab.generator, "gen0", &frames)?;
     let mut failures = Vec::new();
     let counted = wait_for(Duration::from_secs(5), || {
@@ -449,15 +405,15 @@ fn send_control(lab: &Lab, mcr: &Mcr, control: &Stream) -> anyhow::Result<Vec<St
             control.count
         ));
     }
-    if skipped(mcr)? != skips_before {
+    if mcr.skipped()? != skips_before {
         failures.push("control: valid frames were counted as skipped".into());
     }
     Ok(failures)
 }
 
 /// Sums `MCR_SKIPS` over the CPUs, field by field, as bpftool names the fields.
-fn bpftool_skips(pin_dir: &Path) -> anyhow::Result<Value> {
-    let dump = bpftool_dump(&pin_dir.join("MCR_SKIPS"))?;
+fn bpftool_skips(mcr: &Mcr) -> anyhow::Result<Value> {
+    let dump = mcr.bpftool_dump("MCR_SKIPS")?;
     let per_cpu = dump
         .first()
         .and_then(|entry| entry["values"].as_array())
@@ -516,7 +472,7 @@ fn frames_not_meant_for_this_host_and_link_are_left_alone_and_counted() -> anyho
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
 
     // bpftool names every reason from BTF and agrees with mcr stats.
-    assert_eq!(bpftool_skips(&mcr.pin_dir)?, skipped(&mcr)?);
+    assert_eq!(bpftool_skips(&mcr)?, mcr.skipped()?);
     Ok(())
 }
 
@@ -553,11 +509,12 @@ rules:
     send_frames(&lab.generator, "gen0", &held_back)?;
     let passed: Vec<Vec<u8>> = (0..20).map(|sequence| frame(sequence, 5)).collect();
     send_frames(&lab.generator, "gen0", &passed)?;
-    settles_at(|| counters(&mcr), &serde_json::json!([20, 10]))
-        .map_err(|now| anyhow::anyhow!("[rx_packets, below_min_ttl] = {now}, expected [20, 10]"))?;
+    settles_at(|| counters(&mcr), &serde_json::json!([20, 10])).map_err(|now| {
+        anyhow::anyhow!("[rx_packets, below_min_ttl] = {now:?}, expected [20, 10]")
+    })?;
     let rule = mcr.rule_stats("scoped")?;
     assert_eq!(rule["min_ttl"], 2, "{rule}");
-    let entries = bpftool_dump(&mcr.pin_dir.join("MCR_RULES"))?;
+    let entries = mcr.bpftool_dump("MCR_RULES")?;
     ensure!(
         entries.len() == 1 && entries[0]["value"]["min_ttl"] == 2,
         "MCR_RULES: {entries:?}"
@@ -581,8 +538,9 @@ rules:
     );
     let ttl_1: Vec<Vec<u8>> = (20..30).map(|sequence| frame(sequence, 1)).collect();
     send_frames(&lab.generator, "gen0", &ttl_1)?;
-    settles_at(|| counters(&mcr), &serde_json::json!([30, 10]))
-        .map_err(|now| anyhow::anyhow!("[rx_packets, below_min_ttl] = {now}, expected [30, 10]"))?;
+    settles_at(|| counters(&mcr), &serde_json::json!([30, 10])).map_err(|now| {
+        anyhow::anyhow!("[rx_packets, below_min_ttl] = {now:?}, expected [30, 10]")
+    })?;
 
     assert_delivered(
         &receiver.finish()?,

@@ -40,14 +40,6 @@ fn wait_for_rule_path(mcr: &Mcr, name: &str, path: &str) -> anyhow::Result<serde
     })
 }
 
-fn workers_received(mcr: &Mcr) -> anyhow::Result<u64> {
-    Ok(mcr
-        .workers()?
-        .iter()
-        .map(|worker| worker["received"].as_u64().unwrap_or(0))
-        .sum())
-}
-
 #[test]
 fn a_rule_with_sixty_four_outputs_runs_in_the_kernel() -> anyhow::Result<()> {
     const OUTPUTS: u8 = 64;
@@ -93,7 +85,11 @@ fn a_rule_with_sixty_four_outputs_runs_in_the_kernel() -> anyhow::Result<()> {
         assert_eq!(output["tx_bytes"], 200 * 300, "output {k}: {output}");
         assert_eq!(output["tx_errors"], 0, "output {k}: {output}");
     }
-    assert_eq!(workers_received(&mcr)?, 0, "no packet needed a worker");
+    assert_eq!(
+        mcr.workers_total("received")?,
+        0,
+        "no packet needed a worker"
+    );
     Ok(())
 }
 
@@ -176,10 +172,10 @@ fn each_rule_says_which_path_it_takes_and_why() -> anyhow::Result<()> {
     to_nobody(50)?;
     let lonely = wait_for_rule_path(&mcr, "lonely", "kernel")?;
     ensure!(lonely.get("reason").is_none(), "{lonely}");
-    let before = workers_received(&mcr)?;
+    let before = mcr.workers_total("received")?;
     to_nobody(200)?;
     assert_eq!(
-        workers_received(&mcr)?,
+        mcr.workers_total("received")?,
         before,
         "the resolved rule runs in the kernel"
     );
@@ -349,7 +345,7 @@ fn a_packet_too_long_for_an_output_is_relayed_by_the_worker() -> anyhow::Result<
     assert_eq!(stats["rx_packets"], 300, "{stats}");
     assert_eq!(stats["to_worker"], 100, "only the long ones: {stats}");
     assert_eq!(stats["outputs"][0]["tx_packets"], 300, "{stats}");
-    assert_eq!(workers_received(&mcr)?, 100);
+    assert_eq!(mcr.workers_total("received")?, 100);
     Ok(())
 }
 
