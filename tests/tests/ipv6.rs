@@ -1,18 +1,22 @@
 //! IPv6: rules on IPv6 groups relay to IPv6 and IPv4 outputs, IPv4 rules relay to IPv6
 //! outputs, source-specific rules take one sender, and MLD memberships follow the rules. What
 //! arrives is checked as in the IPv4 suites: payload, destination, source, hop limit, count
-//! and order.
+//! and order. `mcr stats`, the metrics endpoint and bpftool show IPv6 rules.
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    time::Duration,
 };
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use mcr_tests::{
-    Expected, GENERATOR6, GENERATOR6_2, Lab, Mcr, RELAY_OUT1, RELAY6_OUT0, RELAY6_OUT1, Receiver,
-    Receiver6, RulesFile, SINK_2, SINK6, Stream, assert_delivered, send_udp,
+    Expected, GENERATOR6, GENERATOR6_2, Lab, Mcr, Netns, RELAY_OUT1, RELAY6_OUT0, RELAY6_OUT1,
+    Receiver, Receiver6, RulesFile, SINK_2, SINK6, Stream, assert_delivered, in_netns, send_udp,
+    wait_for,
 };
+use serde_json::Value;
 
 fn group(text: &str) -> Ipv6Addr {
     text.parse().expect("a test group")
@@ -278,5 +282,101 @@ fn an_ipv6_rule_whose_outputs_are_ipv6_takes_the_kernel_path() -> anyhow::Result
     )?;
     let stats = mcr.rule_stats("fast")?;
     assert_eq!(stats["outputs"][0]["tx_packets"], 300, "{stats}");
+    Ok(())
+}
+
+const METRICS: &str = "127.0.0.1:9436";
+
+/// The exposition `GET /metrics` returns from inside `netns`.
+fn scrape(netns: &Netns) -> anyhow::Result<String> {
+    let address: SocketAddr = METRICS.parse()?;
+    let raw = in_netns(netns, || -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: mcr\r\n\r\n")?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw)?;
+        Ok(raw)
+    })??;
+    Ok(raw)
+}
+
+/// The value of the sample whose line starts with `series` (name and labels, as written).
+fn sample(exposition: &str, series: &str) -> Option<u64> {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn ipv6_rules_read_as_addresses_in_stats_metrics_and_bpftool() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&format!(
+        "settings:\n  metrics:\n    listen: {METRICS}\nrules:\n{}    path: auto\n",
+        rule(
+            "shown",
+            &format!("group: ff3e::8000:41, source: {GENERATOR6}, port: 5000"),
+            &[
+                "{interface: out0, destination: ff3e::8000:42, port: 6000}",
+                "{interface: out1, destination: 239.2.2.41, port: 6000}",
+            ]
+        )
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let receiver = Receiver6::start(&lab.sink, Some(group("ff3e::8000:42")), "sink0", 6000)?;
+    let stream = Stream::new(group("ff3e::8000:41"), 5000, 100, 50).from(GENERATOR6);
+    send_udp(&lab.generator, &stream)?;
+    assert_delivered(
+        &receiver.finish()?,
+        &stream,
+        expected(group("ff3e::8000:42"), RELAY6_OUT0, 16),
+    )?;
+
+    let input = format!("in0:[ff3e::8000:41]:5000 from {GENERATOR6}");
+    let json = mcr.rule_stats("shown")?;
+    assert_eq!(json["input"], input.as_str(), "{json}");
+    let text = mcr.cli(&["stats"])?;
+    for shown in [
+        input.as_str(),
+        "out0:[ff3e::8000:42]:6000",
+        "out1:239.2.2.41:6000",
+    ] {
+        ensure!(
+            text.contains(shown),
+            "mcr stats does not show {shown}:\n{text}"
+        );
+    }
+    // `mcr status` names rules, not their flows; the rule translates, so it takes the workers
+    // whatever the test run's path, and the reason names the IPv4 output.
+    let status = mcr.cli(&["status"])?;
+    ensure!(
+        status.contains("shown  active, worker path: output out1:239.2.2.41:6000 is IPv4"),
+        "mcr status does not say why the rule runs on the workers:\n{status}"
+    );
+
+    let series = format!("mcr_rule_received_packets_total{{rule=\"shown\",input=\"{input}\"}}");
+    let exposition = wait_for(Duration::from_secs(3), || {
+        let exposition = scrape(&lab.relay).ok()?;
+        (sample(&exposition, &series) == Some(50)).then_some(exposition)
+    });
+    ensure!(
+        exposition.is_some(),
+        "no {series} 50 in the metrics:\n{}",
+        scrape(&lab.relay).unwrap_or_default()
+    );
+
+    // bpftool reads the rule from the pinned IPv6 map: the group and source as bytes, the
+    // port in host order.
+    let dump = mcr.bpftool_dump("MCR_RULES6")?;
+    let octets = |address: Ipv6Addr| -> Vec<Value> {
+        address.octets().iter().map(|&b| Value::from(b)).collect()
+    };
+    let key = dump
+        .iter()
+        .map(|entry| &entry["key"])
+        .find(|key| key["group"] == Value::from(octets(group("ff3e::8000:41"))))
+        .with_context(|| format!("the rule is not in MCR_RULES6: {dump:?}"))?;
+    assert_eq!(key["source"], Value::from(octets(GENERATOR6)), "{key}");
+    assert_eq!(key["port"], 5000, "{key}");
     Ok(())
 }
