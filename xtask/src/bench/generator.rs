@@ -1,4 +1,4 @@
-//! The generator: Ethernet/IPv4/UDP multicast frames (`frame.rs`), one per stream in round
+//! The generator: Ethernet/IP/UDP multicast frames of the scenario's family (`frame.rs`), one per stream in round
 //! robin, sent by the benchmark itself from the generator namespace on packet sockets
 //! (`packet_socket.rs`), in batches as they fall due (`pacing.rs`).
 //!
@@ -21,7 +21,7 @@
 
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -29,7 +29,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    frame::{FrameSpec, HEADERS},
+    frame::{Family, FrameSpec},
     pacing::{Pacer, Step, bucket_frames},
     packet_socket::{PacketSocket, Qdisc},
     stamp::StampedFrame,
@@ -39,7 +39,7 @@ use super::{
 
 /// UDP source port of every generated packet.
 const SOURCE_PORT: u16 = 4000;
-/// IP TTL of generated packets: enough for the kernel to forward through three hops.
+/// IP TTL (IPv6: hop limit) of generated packets: enough for the kernel to forward through three hops.
 pub const TTL: u8 = 32;
 /// Requested rates from here up bypass the `tbf` qdisc (see the module comment and
 /// docs/benchmark.md for the measurements behind the figure).
@@ -55,7 +55,7 @@ const SPIN_BELOW: Duration = Duration::from_micros(200);
 /// A stream the generator sends: a group and a UDP port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Stream {
-    pub group: Ipv4Addr,
+    pub group: IpAddr,
     pub port: u16,
 }
 
@@ -92,15 +92,21 @@ pub struct Generator {
     netns: String,
     interface: String,
     frames: Vec<StampedFrame>,
+    family: Family,
     frame_len: usize,
     through_tbf: PacketSocket,
     bypassing_qdisc: PacketSocket,
 }
 
 impl Generator {
-    /// Builds the frames of `streams` with `payload` bytes and opens the sockets on the
-    /// generator interface.
-    pub fn new(topology: &Topology, streams: &[Stream], payload: usize) -> anyhow::Result<Self> {
+    /// Builds the frames of `streams` with `payload` bytes, sent from the generator interface's
+    /// address of `family`, and opens the sockets on that interface.
+    pub fn new(
+        topology: &Topology,
+        streams: &[Stream],
+        payload: usize,
+        family: Family,
+    ) -> anyhow::Result<Self> {
         let link = topology.input_link(1)?;
         let netns = topology.generator();
         let source_mac = mac_address(&netns.ip(&["-j", "link", "show", &link.up_if])?)
@@ -110,7 +116,7 @@ impl Generator {
             .map(|stream| {
                 FrameSpec {
                     source_mac,
-                    source: link.up_addr,
+                    source: link.up_addr(family),
                     group: stream.group,
                     source_port: SOURCE_PORT,
                     port: stream.port,
@@ -127,8 +133,13 @@ impl Generator {
             through_tbf: PacketSocket::open(netns.name(), &link.up_if, Qdisc::Through)?,
             bypassing_qdisc: PacketSocket::open(netns.name(), &link.up_if, Qdisc::Bypassed)?,
             frames,
-            frame_len: HEADERS + payload,
+            family,
+            frame_len: family.headers() + payload,
         })
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     pub fn interface(&self) -> &str {

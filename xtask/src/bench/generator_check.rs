@@ -109,8 +109,13 @@ fn ladder(
     settings: &Settings,
     env: &RelayEnv,
 ) -> anyhow::Result<Vec<Step>> {
-    let topology = Topology::build(scenario.hops, scenario.fanout, env.cpus)?;
-    let generator = Generator::new(&topology, &scenario.generated()?, scenario.payload)?;
+    let topology = Topology::build(scenario.hops, scenario.fanout, scenario.family, env.cpus)?;
+    let generator = Generator::new(
+        &topology,
+        &scenario.generated()?,
+        scenario.payload,
+        scenario.family,
+    )?;
     let counted = kind.unwrap_or(RelayKind::Kernel);
     let sink = Sink::install(
         topology.sink(),

@@ -215,7 +215,11 @@ pub fn measure(
 ) -> anyhow::Result<LatencyPoint> {
     let rate = (load * lossless).round().max(1.0);
     let every = sample_every(rate, seconds, bench.generator.streams());
-    let mut tap = Tap::open(bench.topology.sink(), &bench.sink_interfaces())?;
+    let mut tap = Tap::open(
+        bench.topology.sink(),
+        &bench.sink_interfaces(),
+        bench.generator.family(),
+    )?;
     std::thread::sleep(TIMESTAMPS_ON);
     let label = format!("{:.0}pct", load * 100.0);
     let mut around = around;

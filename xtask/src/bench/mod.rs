@@ -68,7 +68,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only these scenarios (comma-separated: 1to1-64, 1to1-512, 1to1-1400, fanout4-512,
-    /// streams50-512, 3hop-512).
+    /// streams50-512, 3hop-512, 1to1-512-v6).
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
     /// Run only these relays (comma-separated: mcr, mcr-2w, mcr-kernel, kernel, socat).
@@ -444,8 +444,13 @@ fn run_scenario(
 ) -> anyhow::Result<ScenarioResult> {
     let dir = run_dir.join(&scenario.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let topology = Topology::build(scenario.hops, scenario.fanout, cpus)?;
-    let generator = Generator::new(&topology, &scenario.generated()?, scenario.payload)?;
+    let topology = Topology::build(scenario.hops, scenario.fanout, scenario.family, cpus)?;
+    let generator = Generator::new(
+        &topology,
+        &scenario.generated()?,
+        scenario.payload,
+        scenario.family,
+    )?;
 
     let copies = scenario.fanout as u64;
 

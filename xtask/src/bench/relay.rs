@@ -6,13 +6,14 @@
 //!   names the path (`settings.path`), and the relay counts as started only when every rule
 //!   is active on that path, so a row labelled `mcr-kernel` is never the worker path.
 //! - **kernel**: the kernel's multicast forwarding, programmed by `smcrouted` with static
-//!   (S,G) routes. It cannot change the group or port, so its streams arrive unchanged.
+//!   (S,G) routes (IPv4's `ipmr` or IPv6's `ip6mr`, by the scenario's family). It cannot
+//!   change the group or port, so its streams arrive unchanged.
 //! - **socat**: one `socat -u UDP4-RECV … UDP4-SENDTO …` per stream and hop, the plain
-//!   user-space relay.
+//!   user-space relay (IPv4 scenarios only).
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -23,6 +24,7 @@ use mcr_tests::wait_for;
 use serde::Serialize;
 
 use super::{
+    frame::Family,
     generator::{Stream, TTL},
     process::{Daemon, nsenter, process_tree},
     topology::{CpuPlan, PREFIX},
@@ -139,8 +141,8 @@ pub struct Route {
 #[derive(Clone, Debug)]
 pub struct Output {
     pub interface: String,
-    /// The relay's own address on `interface`.
-    pub local: Ipv4Addr,
+    /// The relay's own address on `interface`, of the scenario's family.
+    pub local: IpAddr,
     pub stream: Stream,
 }
 
@@ -149,10 +151,11 @@ pub struct Output {
 pub struct HopPlan {
     pub netns: String,
     pub in_interface: String,
-    pub in_addr: Ipv4Addr,
+    pub in_addr: IpAddr,
     /// The generator's address: the S of the kernel's (S,G) routes.
-    pub source: Ipv4Addr,
+    pub source: IpAddr,
     pub routes: Vec<Route>,
+    pub family: Family,
 }
 
 /// Where relays find their binary, write their files, and run.
@@ -355,13 +358,12 @@ impl Relay {
         let daemon = self.daemons.last_mut().context("no daemon")?;
         let netns = hop.netns.clone();
         let expected = hop.routes.len();
+        let cache_file = mroute_files(hop.family).cache;
         let ready = wait_for(Duration::from_secs(10), || {
             if daemon.has_exited() {
                 return Some(false);
             }
-            let cache = nsenter(&netns, "cat", &["/proc/net/ip_mr_cache"])
-                .output()
-                .ok()?;
+            let cache = nsenter(&netns, "cat", &[cache_file]).output().ok()?;
             let routes = String::from_utf8_lossy(&cache.stdout)
                 .lines()
                 .count()
@@ -379,6 +381,9 @@ impl Relay {
     }
 
     fn start_socat(&mut self, hop: &HopPlan, tag: &str, env: &RelayEnv) -> anyhow::Result<()> {
+        if hop.family != Family::Ipv4 {
+            bail!("the benchmark runs socat in IPv4 scenarios only");
+        }
         for (i, route) in hop.routes.iter().enumerate() {
             let [output] = route.outputs.as_slice() else {
                 bail!("socat relays one stream to one output");
@@ -493,7 +498,8 @@ impl Relay {
             }
             RelayKind::Kernel => {
                 for hop in &self.hops {
-                    let (received, sent) = mroute_counters(&hop.netns, &hop.in_interface)?;
+                    let (received, sent) =
+                        mroute_counters(&hop.netns, hop.family, &hop.in_interface)?;
                     total.received += received;
                     total.sent += sent;
                 }
@@ -621,14 +627,36 @@ fn udp_counters(netns: &str) -> anyhow::Result<UdpCounters> {
     Ok(counters)
 }
 
-/// Packets in on `in_interface` and out on all other interfaces, from `/proc/net/ip_mr_vif`.
-fn mroute_counters(netns: &str, in_interface: &str) -> anyhow::Result<(u64, u64)> {
-    let output = nsenter(netns, "cat", &["/proc/net/ip_mr_vif"])
+/// Where the kernel shows its multicast routes and virtual interfaces for a family.
+struct MrouteFiles {
+    cache: &'static str,
+    vifs: &'static str,
+}
+
+fn mroute_files(family: Family) -> MrouteFiles {
+    match family {
+        Family::Ipv4 => MrouteFiles {
+            cache: "/proc/net/ip_mr_cache",
+            vifs: "/proc/net/ip_mr_vif",
+        },
+        Family::Ipv6 => MrouteFiles {
+            cache: "/proc/net/ip6_mr_cache",
+            vifs: "/proc/net/ip6_mr_vif",
+        },
+    }
+}
+
+/// Packets in on `in_interface` and out on all other interfaces, from `/proc/net/ip_mr_vif`
+/// (IPv6: `ip6_mr_vif`, the same columns up to the flags).
+fn mroute_counters(netns: &str, family: Family, in_interface: &str) -> anyhow::Result<(u64, u64)> {
+    let file = mroute_files(family).vifs;
+    let output = nsenter(netns, "cat", &[file])
         .output()
-        .context("reading /proc/net/ip_mr_vif")?;
+        .with_context(|| format!("reading {file}"))?;
     let text = String::from_utf8_lossy(&output.stdout);
     let (mut received, mut sent) = (0, 0);
-    // Interface BytesIn PktsIn BytesOut PktsOut Flags Local Remote, after the vif index.
+    // Interface BytesIn PktsIn BytesOut PktsOut Flags (IPv4: Local Remote), after the vif
+    // index.
     for line in text.lines().skip(1) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (Some(name), Some(pkts_in), Some(pkts_out)) = (

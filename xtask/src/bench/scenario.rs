@@ -1,11 +1,12 @@
 //! The scenarios of the benchmark and how each one's streams are addressed at every stage.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{
+    frame::Family,
     generator::Stream,
     relay::{HopPlan, MCR, MCR_2W, MCR_KERNEL, Output, RelayKind, Route},
     sink::Destination,
@@ -20,6 +21,8 @@ pub struct Scenario {
     pub payload: usize,
     pub fanout: usize,
     pub hops: usize,
+    /// IPv4 or IPv6, end to end: generator, relays' inputs and outputs, sink.
+    pub family: Family,
     pub relays: Vec<RelayKind>,
     /// Also run a trial at the 1-hop lossless rate this scenario names (the 3-hop chain).
     pub one_hop_reference: Option<String>,
@@ -41,6 +44,7 @@ fn scenario(
         payload,
         fanout,
         hops,
+        family: Family::Ipv4,
         relays: relays.to_vec(),
         one_hop_reference: (hops > 1).then(|| format!("1to1-{payload}")),
     }
@@ -85,6 +89,15 @@ pub fn all() -> Vec<Scenario> {
             (1, 512, 1, 3),
             &[MCR, MCR_KERNEL, KERNEL, SOCAT],
         ),
+        Scenario {
+            family: Family::Ipv6,
+            ..scenario(
+                "1to1-512-v6",
+                "1 stream 1→1, 512-byte payload, IPv6",
+                (1, 512, 1, 1),
+                &[MCR, MCR_KERNEL, KERNEL],
+            )
+        },
     ]
 }
 
@@ -103,26 +116,35 @@ pub fn quick() -> Vec<Scenario> {
 
 impl Scenario {
     /// Stream `i` after `stage` relays that translate: stage 0 is what the generator sends
-    /// (`239.1.1.<i+1>:5000`), stage `s` is `239.<s+1>.<s+1>.<i+1>:<5000 + 1000 s>`.
-    pub fn stream(i: usize, stage: usize) -> anyhow::Result<Stream> {
+    /// (`239.1.1.<i+1>:5000`; IPv6 `ff0e::1:<i+1>`), stage `s` is
+    /// `239.<s+1>.<s+1>.<i+1>:<5000 + 1000 s>` (IPv6 `[ff0e::<s+1>:<i+1>]`, global scope).
+    pub fn stream(family: Family, i: usize, stage: usize) -> anyhow::Result<Stream> {
         let stage8 = u8::try_from(stage + 1).context("too many hops")?;
         let index = u8::try_from(i + 1)
             .ok()
             .filter(|&n| n < 255)
             .context("too many streams")?;
+        let group = match family {
+            Family::Ipv4 => Ipv4Addr::new(239, stage8, stage8, index).into(),
+            Family::Ipv6 => {
+                Ipv6Addr::new(0xff0e, 0, 0, 0, 0, 0, u16::from(stage8), u16::from(index)).into()
+            }
+        };
         Ok(Stream {
-            group: Ipv4Addr::new(239, stage8, stage8, index),
+            group,
             port: 5000 + 1000 * u16::try_from(stage).context("too many hops")?,
         })
     }
 
     /// What the generator sends.
     pub fn generated(&self) -> anyhow::Result<Vec<Stream>> {
-        (0..self.streams).map(|i| Self::stream(i, 0)).collect()
+        (0..self.streams)
+            .map(|i| Self::stream(self.family, i, 0))
+            .collect()
     }
 
-    fn stage_stream(i: usize, stage: usize, relay: RelayKind) -> anyhow::Result<Stream> {
-        Self::stream(i, if relay.translates() { stage } else { 0 })
+    fn stage_stream(&self, i: usize, stage: usize, relay: RelayKind) -> anyhow::Result<Stream> {
+        Self::stream(self.family, i, if relay.translates() { stage } else { 0 })
     }
 
     /// What the sink counts for `relay`: every stream on every sink interface.
@@ -134,7 +156,7 @@ impl Scenario {
         let mut destinations = Vec::new();
         for link in topology.output_links(self.hops) {
             for i in 0..self.streams {
-                let stream = Self::stage_stream(i, self.hops, relay)?;
+                let stream = self.stage_stream(i, self.hops, relay)?;
                 destinations.push(Destination {
                     interface: link.down_if.clone(),
                     group: stream.group,
@@ -147,22 +169,23 @@ impl Scenario {
 
     /// What each relay hop does with each stream.
     pub fn hop_plans(&self, topology: &Topology, relay: RelayKind) -> anyhow::Result<Vec<HopPlan>> {
-        let source = topology.input_link(1)?.up_addr;
+        let family = self.family;
+        let source = topology.input_link(1)?.up_addr(family);
         (1..=self.hops)
             .map(|hop| {
                 let input = topology.input_link(hop)?;
                 let routes = (0..self.streams)
                     .map(|i| {
                         Ok(Route {
-                            input: Self::stage_stream(i, hop - 1, relay)?,
+                            input: self.stage_stream(i, hop - 1, relay)?,
                             outputs: topology
                                 .output_links(hop)
                                 .into_iter()
                                 .map(|link| {
                                     Ok(Output {
                                         interface: link.up_if.clone(),
-                                        local: link.up_addr,
-                                        stream: Self::stage_stream(i, hop, relay)?,
+                                        local: link.up_addr(family),
+                                        stream: self.stage_stream(i, hop, relay)?,
                                     })
                                 })
                                 .collect::<anyhow::Result<_>>()?,
@@ -172,7 +195,8 @@ impl Scenario {
                 Ok(HopPlan {
                     netns: topology.nodes[hop].name().to_owned(),
                     in_interface: input.down_if.clone(),
-                    in_addr: input.down_addr,
+                    in_addr: input.down_addr(family),
+                    family,
                     source,
                     routes,
                 })

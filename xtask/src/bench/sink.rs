@@ -4,7 +4,7 @@
 //! Counted packets are dropped there: the sink shares the generator's CPU, and a packet that
 //! went on into the sink's IP stack would take CPU time the generator needs.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
@@ -17,8 +17,21 @@ const TABLE: &str = "mcrb";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Destination {
     pub interface: String,
-    pub group: Ipv4Addr,
+    pub group: IpAddr,
     pub port: u16,
+}
+
+/// The nftables match of `destination`'s packets (`ip daddr` or `ip6 daddr`, which also
+/// match the packet's family in the netdev table).
+fn matches(destination: &Destination) -> String {
+    let family = match destination.group {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
+    };
+    format!(
+        "{family} daddr {} udp dport {}",
+        destination.group, destination.port
+    )
 }
 
 /// Counter readings, in the order of the destinations and interfaces given to [`Sink::install`].
@@ -58,8 +71,8 @@ impl<'a> Sink<'a> {
                 if &destination.interface == interface {
                     writeln!(
                         text,
-                        "    ip daddr {} udp dport {} counter comment \"d{i}\"",
-                        destination.group, destination.port
+                        "    {} counter comment \"d{i}\"",
+                        matches(destination)
                     )?;
                 }
             }
@@ -119,5 +132,27 @@ impl<'a> Sink<'a> {
             );
         }
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_destination_is_matched_in_its_family() {
+        let destination = |group: &str| Destination {
+            interface: "sink0".to_owned(),
+            group: group.parse().expect("a group"),
+            port: 6000,
+        };
+        assert_eq!(
+            matches(&destination("239.2.2.1")),
+            "ip daddr 239.2.2.1 udp dport 6000"
+        );
+        assert_eq!(
+            matches(&destination("ff0e::2:1")),
+            "ip6 daddr ff0e::2:1 udp dport 6000"
+        );
     }
 }

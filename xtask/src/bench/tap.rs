@@ -6,8 +6,9 @@
 //!   where the nftables counters count and drop every packet, so the counters see what they
 //!   saw without it.
 //! - A classic BPF filter keeps only the generator's samples (the stamp's magic and sample
-//!   flag, at the same offset whatever relay framed the packet), and only their first
-//!   [`SNAP_LEN`] bytes; every other packet costs the filter alone.
+//!   flag, at the same offset whatever relay framed the packet: 42 for IPv4 without options,
+//!   62 for IPv6 without extension headers), and only their headers and stamp; every other
+//!   packet costs the filter alone.
 //! - The receive time is the kernel's software timestamp (`SO_TIMESTAMPNS`), taken when the
 //!   frame enters the sink interface (`netif_rx`, before it is queued for the CPU that
 //!   processes it: `net.core.netdev_tstamp_prequeue`, on by default), so the time the sink's
@@ -40,14 +41,18 @@ use nix::{
 };
 
 use super::{
-    frame::HEADERS,
+    frame::Family,
     stamp::{MAGIC, STAMP_LEN, Stamp},
     topology::Netns,
 };
 
 /// Bytes of each sample the tap keeps: the headers and the stamp.
-pub const SNAP_LEN: usize = HEADERS + STAMP_LEN;
-/// One slot of the ring: the `tpacket2_hdr`, the link-layer address and [`SNAP_LEN`] bytes.
+fn snap_len(family: Family) -> usize {
+    family.headers() + STAMP_LEN
+}
+
+/// One slot of the ring: the `tpacket2_hdr`, the link-layer address and a sample's headers
+/// and stamp.
 const FRAME_SIZE: usize = 256;
 const BLOCK_SIZE: usize = 128 << 10;
 /// 32 MiB per interface: 131,072 samples, more than a trial takes (see `latency.rs`).
@@ -80,6 +85,7 @@ pub struct TapReadout {
 /// The taps of one trial, one per sink interface.
 pub struct Tap {
     rings: Vec<Ring>,
+    family: Family,
 }
 
 struct Ring {
@@ -99,8 +105,8 @@ impl Drop for Ring {
 }
 
 impl Tap {
-    /// Opens a tap on each of `interfaces` in `netns`.
-    pub fn open(netns: &Netns, interfaces: &[String]) -> anyhow::Result<Self> {
+    /// Opens a tap on each of `interfaces` in `netns`, for samples of `family`.
+    pub fn open(netns: &Netns, interfaces: &[String], family: Family) -> anyhow::Result<Self> {
         let path = format!("/run/netns/{}", netns.name());
         let namespace = File::open(&path).with_context(|| format!("opening {path}"))?;
         // A socket belongs to the namespace it was created in; only this short-lived thread
@@ -110,7 +116,10 @@ impl Tap {
                 .spawn(|| -> anyhow::Result<Vec<OwnedFd>> {
                     setns(&namespace, CloneFlags::CLONE_NEWNET)
                         .with_context(|| format!("entering {}", netns.name()))?;
-                    interfaces.iter().map(|name| open_socket(name)).collect()
+                    interfaces
+                        .iter()
+                        .map(|name| open_socket(name, family))
+                        .collect()
                 })
                 .join()
                 .map_err(|_| anyhow::anyhow!("the thread opening the sink tap panicked"))?
@@ -120,14 +129,14 @@ impl Tap {
             .into_iter()
             .map(Ring::map)
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { rings })
+        Ok(Self { rings, family })
     }
 
     /// Everything the taps caught (call once, after the trial).
     pub fn collect(&mut self) -> anyhow::Result<TapReadout> {
         let mut readout = TapReadout::default();
         for ring in &self.rings {
-            ring.collect(&mut readout);
+            ring.collect(self.family, &mut readout);
             readout.dropped += u64::from(drops(ring.fd.as_fd())?);
         }
         Ok(readout)
@@ -156,7 +165,7 @@ impl Ring {
     /// Reads the ring's slots in order up to the first the kernel has not filled. (Nothing
     /// hands slots back during a trial, so the kernel fills them in order and drops what finds
     /// the ring full.)
-    fn collect(&self, readout: &mut TapReadout) {
+    fn collect(&self, family: Family, readout: &mut TapReadout) {
         let base = self.memory.as_ptr().cast::<u8>();
         for slot in 0..RING_SLOTS {
             // SAFETY: `slot * FRAME_SIZE` is inside the mapping (`RING_SLOTS * FRAME_SIZE ==
@@ -181,13 +190,13 @@ impl Ring {
             }
             let start = usize::from(header.tp_mac);
             let len = usize::try_from(header.tp_snaplen).unwrap_or(0);
-            if start + len > FRAME_SIZE || len < SNAP_LEN {
+            if start + len > FRAME_SIZE || len < snap_len(family) {
                 continue;
             }
             // SAFETY: `start + len` is inside the slot (checked just above).
             let data =
                 unsafe { std::slice::from_raw_parts(base.add(slot * FRAME_SIZE + start), len) };
-            let Some(stamp) = Stamp::parse(&data[HEADERS..]) else {
+            let Some(stamp) = Stamp::parse(&data[family.headers()..]) else {
                 continue;
             };
             readout.samples.push(RxSample {
@@ -202,7 +211,7 @@ impl Ring {
 
 /// A tap on `interface` of the current namespace, ring and filter in place before it is
 /// bound (bound, it starts receiving).
-fn open_socket(interface: &str) -> anyhow::Result<OwnedFd> {
+fn open_socket(interface: &str, family: Family) -> anyhow::Result<OwnedFd> {
     let ifindex = if_nametoindex(interface).with_context(|| format!("no interface {interface}"))?;
     // Protocol 0 until bound: no packet arrives before the filter and the ring are set.
     let fd = socket(
@@ -212,7 +221,7 @@ fn open_socket(interface: &str) -> anyhow::Result<OwnedFd> {
         None,
     )
     .context("opening a packet socket")?;
-    let filter = sample_filter();
+    let filter = sample_filter(family);
     let program = libc::sock_fprog {
         len: u16::try_from(filter.len())?,
         filter: filter.as_ptr().cast_mut(),
@@ -314,11 +323,6 @@ fn drops(fd: BorrowedFd) -> anyhow::Result<u32> {
     Ok(stats.tp_drops)
 }
 
-/// Where the UDP payload starts, and so the stamp, as a filter offset.
-const PAYLOAD_AT: u32 = 14 + 20 + 8;
-/// [`SNAP_LEN`] as a filter's return value.
-const SNAP_LEN_U32: u32 = PAYLOAD_AT + 24;
-
 /// Classic BPF instruction classes and modes (`linux/filter.h`).
 const LD_W_ABS: u16 = 0x20;
 const LD_H_ABS: u16 = 0x28;
@@ -326,16 +330,26 @@ const LD_B_ABS: u16 = 0x30;
 const JEQ_K: u16 = 0x15;
 const RET_K: u16 = 0x06;
 
-/// Keeps the first [`SNAP_LEN`] bytes of IPv4/UDP frames without IP options whose payload
-/// starts with a sample's stamp; drops everything else.
-fn sample_filter() -> Vec<libc::sock_filter> {
+/// Keeps the headers and stamp of `family`'s UDP frames (IPv4 without options, IPv6 without
+/// extension headers: UDP right after the fixed header) whose payload starts with a sample's
+/// stamp; drops everything else.
+fn sample_filter(family: Family) -> Vec<libc::sock_filter> {
+    // Short constants: they fit.
+    let payload_at = u32::try_from(family.headers()).unwrap_or(u32::MAX);
+    let snap_len = u32::try_from(snap_len(family)).unwrap_or(u32::MAX);
     // (offset, load, expected value): every test jumps to the drop at the end when it fails.
+    let (version, protocol) = match family {
+        // Version 4 with a 20-byte header; the protocol field.
+        Family::Ipv4 => ((14, LD_B_ABS, 0x45), (23, LD_B_ABS, 17)),
+        // IPv6's payload length is where IPv4's protocol would be; its next header.
+        Family::Ipv6 => ((14, LD_B_ABS, 0x60), (20, LD_B_ABS, 17)),
+    };
     let tests: [(u32, u16, u32); 5] = [
-        (12, LD_H_ABS, 0x0800),
-        (14, LD_B_ABS, 0x45),
-        (23, LD_B_ABS, 17),
-        (PAYLOAD_AT, LD_W_ABS, MAGIC),
-        (PAYLOAD_AT + 4, LD_W_ABS, 1),
+        (12, LD_H_ABS, u32::from(family.ethertype())),
+        version,
+        protocol,
+        (payload_at, LD_W_ABS, MAGIC),
+        (payload_at + 4, LD_W_ABS, 1),
     ];
     let mut program = Vec::new();
     let drop_at = 2 * tests.len() + 1;
@@ -359,7 +373,7 @@ fn sample_filter() -> Vec<libc::sock_filter> {
         code: RET_K,
         jt: 0,
         jf: 0,
-        k: SNAP_LEN_U32,
+        k: snap_len,
     });
     program.push(libc::sock_filter {
         code: RET_K,
@@ -412,12 +426,12 @@ mod tests {
         }
     }
 
-    fn sample_frame(sampled: bool) -> Vec<u8> {
+    fn stamped(source: &str, group: &str, sampled: bool) -> Vec<u8> {
         use crate::bench::{frame::FrameSpec, stamp::StampedFrame};
         let frame = FrameSpec {
             source_mac: [2, 0, 0, 0, 0, 1],
-            source: std::net::Ipv4Addr::new(10, 2, 0, 1),
-            group: std::net::Ipv4Addr::new(239, 2, 2, 1),
+            source: source.parse().expect("an address"),
+            group: group.parse().expect("a group"),
             source_port: 4000,
             port: 6000,
             ttl: 31,
@@ -434,10 +448,18 @@ mod tests {
         stamped.bytes().to_vec()
     }
 
+    fn sample_frame(sampled: bool) -> Vec<u8> {
+        stamped("10.2.0.1", "239.2.2.1", sampled)
+    }
+
+    fn sample_frame6(sampled: bool) -> Vec<u8> {
+        stamped("fd00:2::1", "ff0e::2:1", sampled)
+    }
+
     #[test]
     fn the_filter_keeps_the_headers_and_stamp_of_samples_only() {
-        let program = sample_filter();
-        assert_eq!(run(&program, &sample_frame(true)), SNAP_LEN_U32);
+        let program = sample_filter(Family::Ipv4);
+        assert_eq!(run(&program, &sample_frame(true)), 42 + 24);
         assert_eq!(run(&program, &sample_frame(false)), 0, "not a sample");
         let mut options = sample_frame(true);
         options[14] = 0x46;
@@ -445,22 +467,37 @@ mod tests {
         let mut tcp = sample_frame(true);
         tcp[23] = 6;
         assert_eq!(run(&program, &tcp), 0, "not UDP");
-        let mut ipv6 = sample_frame(true);
-        ipv6[12..14].copy_from_slice(&0x86dd_u16.to_be_bytes());
-        assert_eq!(run(&program, &ipv6), 0, "not IPv4");
+        assert_eq!(run(&program, &sample_frame6(true)), 0, "not IPv4");
         let mut foreign = sample_frame(true);
-        foreign[HEADERS] ^= 1;
+        foreign[42] ^= 1;
         assert_eq!(run(&program, &foreign), 0, "no stamp");
         assert_eq!(run(&program, &sample_frame(true)[..40]), 0, "too short");
     }
 
     #[test]
+    fn the_ipv6_filter_finds_the_stamp_20_bytes_further_on() {
+        let program = sample_filter(Family::Ipv6);
+        assert_eq!(run(&program, &sample_frame6(true)), 62 + 24);
+        let readout = Stamp::parse(&sample_frame6(true)[62..]).expect("a stamp");
+        assert_eq!(readout.sequence, 99);
+        assert_eq!(run(&program, &sample_frame6(false)), 0, "not a sample");
+        assert_eq!(run(&program, &sample_frame(true)), 0, "not IPv6");
+        let mut extension = sample_frame6(true);
+        extension[20] = 0; // a hop-by-hop header before UDP moves the payload
+        assert_eq!(run(&program, &extension), 0, "extension header");
+        let mut foreign = sample_frame6(true);
+        foreign[62] ^= 1;
+        assert_eq!(run(&program, &foreign), 0, "no stamp");
+        assert_eq!(run(&program, &sample_frame6(true)[..60]), 0, "too short");
+    }
+
+    #[test]
     fn a_ring_slot_holds_a_sample() {
-        assert_eq!(PAYLOAD_AT as usize, HEADERS);
-        assert_eq!(SNAP_LEN_U32 as usize, SNAP_LEN);
+        assert_eq!(snap_len(Family::Ipv4), 42 + STAMP_LEN);
+        assert_eq!(snap_len(Family::Ipv6), 62 + STAMP_LEN);
         // tpacket_rcv puts the MAC header at TPACKET_ALIGN(TPACKET2_HDRLEN + 16) - 14.
         let mac = (libc::TPACKET2_HDRLEN + 16).next_multiple_of(libc::TPACKET_ALIGNMENT) - 14;
-        assert!(mac + SNAP_LEN <= FRAME_SIZE);
+        assert!(mac + snap_len(Family::Ipv6) <= FRAME_SIZE);
         assert_eq!(BLOCK_SIZE % FRAME_SIZE, 0);
     }
 }

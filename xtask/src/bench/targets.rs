@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::{
+    frame::Family,
     latency::{LOADS, LatencyPoint, Percentiles},
     relay::{MCR, MCR_2W, MCR_KERNEL, RelayKind},
     report::{RelayResult, ScenarioResult, micros, percent, rate, seconds},
@@ -27,6 +28,7 @@ pub fn targets(scenarios: &[ScenarioResult]) -> Vec<Target> {
     targets.extend(kernel_path(scenarios));
     targets.extend(overload(scenarios));
     targets.extend(latency(scenarios));
+    targets.extend(ipv6(scenarios));
     targets
 }
 
@@ -271,6 +273,37 @@ fn kernel_path(scenarios: &[ScenarioResult]) -> Vec<Target> {
         });
     }
     targets
+}
+
+/// Each IPv6 scenario: MCR's paths' lossless rates as a share of the kernel's own IPv6
+/// forwarding (reported, with no bar set).
+fn ipv6(scenarios: &[ScenarioResult]) -> Vec<Target> {
+    scenarios
+        .iter()
+        .filter(|result| result.scenario.family == Family::Ipv6)
+        .map(|result| {
+            let lossless = |kind| result.relay(kind).and_then(Lossless::of);
+            let kernel = lossless(RelayKind::Kernel);
+            let share = |ours: Option<Lossless>| {
+                let ratio = ours
+                    .zip(kernel)
+                    .map_or_else(String::new, |(a, b)| format!(" ({:.2}×)", a.pps / b.pps));
+                format!("{}{ratio}", Lossless::text(ours))
+            };
+            Target {
+                goal: "IPv6 1→1: MCR worker/kernel path lossless rate over the kernel's IPv6 forwarding"
+                    .to_owned(),
+                scenario: result.scenario.name.clone(),
+                figures: format!(
+                    "mcr {}, mcr-kernel {}, kernel {}",
+                    share(lossless(MCR)),
+                    share(lossless(MCR_KERNEL)),
+                    Lossless::text(kernel)
+                ),
+                verdict: "(reported)".to_owned(),
+            }
+        })
+        .collect()
 }
 
 /// What each path delivers offered 1.5×, 2× and 4× its lossless rate: the worker path at
@@ -606,5 +639,47 @@ mod tests {
             targets[0].figures,
             "p99 15.0 vs 20.0 µs (0.75×), p99.9 40.0 vs 40.0 µs (1.00×)"
         );
+    }
+
+    #[test]
+    fn the_ipv6_scenario_reports_each_path_as_a_share_of_the_kernel() {
+        use crate::bench::search::{Bound, SearchResult};
+        let scenario = crate::bench::scenario::all()
+            .into_iter()
+            .find(|s| s.name == "1to1-512-v6")
+            .expect("the IPv6 scenario");
+        let searched = |kind: RelayKind, pps: f64, bound: Bound| {
+            let mut relay = RelayResult::new(kind);
+            relay.search = Some(SearchResult {
+                lossless_pps: Some(pps),
+                lossless_requested_pps: Some(pps),
+                lossy_pps: None,
+                bound,
+                trials: 8,
+            });
+            relay
+        };
+        let result = |scenario| ScenarioResult {
+            scenario,
+            baseline: None,
+            relays: vec![
+                searched(MCR, 200e3, Bound::Relay),
+                searched(MCR_KERNEL, 500e3, Bound::Generator),
+                searched(RelayKind::Kernel, 400e3, Bound::Relay),
+            ],
+            error: None,
+        };
+        let ipv4 = crate::bench::scenario::all()
+            .into_iter()
+            .find(|s| s.name == "1to1-512")
+            .expect("the scenario");
+        let targets = ipv6(&[result(ipv4), result(scenario)]);
+        assert_eq!(targets.len(), 1, "IPv6 scenarios only");
+        assert_eq!(targets[0].scenario, "1to1-512-v6");
+        assert_eq!(
+            targets[0].figures,
+            "mcr 200 k (0.50×), mcr-kernel ≥ 500 k (1.25×), kernel 400 k"
+        );
+        assert_eq!(targets[0].verdict, "(reported)");
     }
 }

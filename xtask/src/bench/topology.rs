@@ -5,14 +5,17 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use super::process::{nsenter, run};
+use super::{
+    frame::Family,
+    process::{nsenter, run},
+};
 
 /// Prefix of every namespace, pin directory and socket the benchmark creates.
 pub const PREFIX: &str = "mcrb-";
@@ -23,9 +26,12 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates `mcrb-<pid>-<n>-<label>` with loopback up, IPv6 off (no neighbour discovery or
-    /// MLD chatter in the counters) and reverse-path filtering off.
-    pub fn create(label: &str) -> anyhow::Result<Self> {
+    /// Creates `mcrb-<pid>-<n>-<label>` with loopback up and reverse-path filtering off. For
+    /// IPv4 scenarios IPv6 is off (no neighbour discovery or MLD chatter in the counters); for
+    /// IPv6 ones it is on, with what chatter it can do without switched off: no duplicate
+    /// address detection (an address is usable the moment it is added) and no router
+    /// solicitations.
+    pub fn create(label: &str, family: Family) -> anyhow::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{PREFIX}{}-{n}-{label}", std::process::id());
@@ -33,11 +39,24 @@ impl Netns {
         let netns = Self { name };
         netns.ip(&["link", "set", "lo", "up"])?;
         netns.sysctl(&[
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
         ])?;
+        match family {
+            Family::Ipv4 => netns.sysctl(&[
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ])?,
+            // `default` is what the veths added later start from.
+            Family::Ipv6 => netns.sysctl(&[
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.router_solicitations=0",
+                "net.ipv6.conf.default.router_solicitations=0",
+            ])?,
+        }
         Ok(netns)
     }
 
@@ -142,15 +161,36 @@ pub struct IfStats {
     pub tx_dropped: u64,
 }
 
-/// One veth pair: `up_if` in node `up` sends towards `down_if` in node `down`.
+/// One veth pair: `up_if` in node `up` sends towards `down_if` in node `down`. Each end has an
+/// IPv4 address, and in IPv6 scenarios an IPv6 one too.
 #[derive(Clone, Debug)]
 pub struct Link {
     pub up: usize,
     pub up_if: String,
-    pub up_addr: Ipv4Addr,
+    pub up_v4: Ipv4Addr,
+    pub up_v6: Ipv6Addr,
     pub down: usize,
     pub down_if: String,
-    pub down_addr: Ipv4Addr,
+    pub down_v4: Ipv4Addr,
+    pub down_v6: Ipv6Addr,
+}
+
+impl Link {
+    /// The upstream end's address of `family`.
+    pub fn up_addr(&self, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => self.up_v4.into(),
+            Family::Ipv6 => self.up_v6.into(),
+        }
+    }
+
+    /// The downstream end's address of `family`.
+    pub fn down_addr(&self, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => self.down_v4.into(),
+            Family::Ipv6 => self.down_v6.into(),
+        }
+    }
 }
 
 /// Which CPUs do what: the generator (and the benchmark itself, and the sink's receive
@@ -192,20 +232,29 @@ pub struct Topology {
     pub nodes: Vec<Netns>,
     pub links: Vec<Link>,
     pub hops: usize,
+    pub family: Family,
 }
 
 impl Topology {
-    /// Link `k` uses `10.(k+1).0.1` upstream and `10.(k+1).0.2` downstream. Interfaces:
-    /// `gen0` → `in0` of relay 1, `out0` → `in0` between relays, `out<j>` → `sink<j>` into the
-    /// sink.
-    pub fn build(hops: usize, fanout: usize, cpus: &CpuPlan) -> anyhow::Result<Self> {
-        let mut nodes = vec![Netns::create("gen")?];
+    /// Link `k` uses `10.(k+1).0.1` upstream and `10.(k+1).0.2` downstream, and for `family`
+    /// IPv6 also `fd00:(k+1)::1` and `fd00:(k+1)::2` (a /64 each). Interfaces: `gen0` → `in0`
+    /// of relay 1, `out0` → `in0` between relays, `out<j>` → `sink<j>` into the sink.
+    pub fn build(
+        hops: usize,
+        fanout: usize,
+        family: Family,
+        cpus: &CpuPlan,
+    ) -> anyhow::Result<Self> {
+        let mut nodes = vec![Netns::create("gen", family)?];
         for hop in 1..=hops {
-            let relay = Netns::create(&format!("relay{hop}"))?;
+            let relay = Netns::create(&format!("relay{hop}"), family)?;
             relay.sysctl(&["net.ipv4.ip_forward=1"])?;
+            if family == Family::Ipv6 {
+                relay.sysctl(&["net.ipv6.conf.all.forwarding=1"])?;
+            }
             nodes.push(relay);
         }
-        nodes.push(Netns::create("sink")?);
+        nodes.push(Netns::create("sink", family)?);
         let sink = hops + 1;
 
         let mut links = Vec::new();
@@ -224,15 +273,22 @@ impl Topology {
                 Ok(Link {
                     up,
                     up_if,
-                    up_addr: Ipv4Addr::new(10, subnet, 0, 1),
+                    up_v4: Ipv4Addr::new(10, subnet, 0, 1),
+                    up_v6: Ipv6Addr::new(0xfd00, u16::from(subnet), 0, 0, 0, 0, 0, 1),
                     down,
                     down_if,
-                    down_addr: Ipv4Addr::new(10, subnet, 0, 2),
+                    down_v4: Ipv4Addr::new(10, subnet, 0, 2),
+                    down_v6: Ipv6Addr::new(0xfd00, u16::from(subnet), 0, 0, 0, 0, 0, 2),
                 })
             })
             .collect::<anyhow::Result<_>>()?;
 
-        let topology = Self { nodes, links, hops };
+        let topology = Self {
+            nodes,
+            links,
+            hops,
+            family,
+        };
         for link in &topology.links {
             topology.connect(link)?;
         }
@@ -249,8 +305,18 @@ impl Topology {
                 "add",
                 "default",
                 "via",
-                &link.up_addr.to_string(),
+                &link.up_v4.to_string(),
             ])?;
+            if family == Family::Ipv6 {
+                topology.nodes[node].ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &link.up_v6.to_string(),
+                ])?;
+            }
         }
         for link in &topology.links {
             let mask = if link.down == sink {
@@ -283,11 +349,16 @@ impl Topology {
                 down.name(),
             ],
         )?;
-        for (node, interface, address) in [
-            (up, &link.up_if, link.up_addr),
-            (down, &link.down_if, link.down_addr),
+        for (node, interface, v4, v6) in [
+            (up, &link.up_if, link.up_v4, link.up_v6),
+            (down, &link.down_if, link.down_v4, link.down_v6),
         ] {
-            node.ip(&["addr", "add", &format!("{address}/24"), "dev", interface])?;
+            node.ip(&["addr", "add", &format!("{v4}/24"), "dev", interface])?;
+            if self.family == Family::Ipv6 {
+                // `nodad`: usable at once, not after a second of duplicate address detection.
+                let address = format!("{v6}/64");
+                node.ip(&["-6", "addr", "add", &address, "dev", interface, "nodad"])?;
+            }
             node.ip(&["link", "set", interface, "up"])?;
         }
         Ok(())
