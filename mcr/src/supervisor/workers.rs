@@ -426,8 +426,8 @@ impl Worker {
                 worker = self.index,
                 pid,
                 "cannot schedule the worker as {scheduling} (settings.realtime): {error}; it \
-                 runs as {} (set kernel.sched_rt_runtime_us or the cgroup's cpu.rt_runtime_us \
-                 if RT time is not granted to mcr's cgroup)",
+                 runs as {} (real-time scheduling needs CAP_SYS_NICE, and under systemd \
+                 RestrictRealtime=no)",
                 self.scheduled
             ),
         }
