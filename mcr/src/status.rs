@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::RuleState;
+use crate::{config::Scheduling, state::RuleState};
 
 /// What started a reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +126,9 @@ pub struct WorkerStatus {
     #[serde(flatten)]
     pub state: WorkerState,
     pub restarts: u32,
+    /// The scheduling policy the process runs under (`settings.realtime`).
+    #[serde(default)]
+    pub scheduling: Scheduling,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,13 +218,17 @@ pub fn render(status: &StatusReport) -> String {
             let _ = writeln!(out, "{:<width$}  {state}", rule.name);
         }
     }
-    let _ = writeln!(out, "\nWORKER  PID      CPU  STATE       RESTARTS  REASON");
+    let _ = writeln!(
+        out,
+        "\nWORKER  PID      CPU  SCHED    STATE       RESTARTS  REASON"
+    );
     for worker in &status.workers {
         let line = format!(
-            "{:<6}  {:<7}  {:<3}  {:<10}  {:>8}  {}",
+            "{:<6}  {:<7}  {:<3}  {:<7}  {:<10}  {:>8}  {}",
             worker.worker,
             worker.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             worker.cpu.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+            worker.scheduling,
             worker.state,
             worker.restarts,
             worker.state.reason().unwrap_or_default()
@@ -246,6 +253,10 @@ mod tests {
     use crate::state::ForwardingPath;
 
     #[test]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one report and everything it renders, read side by side"
+    )]
     fn rules_and_workers_show_their_state_and_why() {
         let status = StatusReport {
             config: "rules.yaml".into(),
@@ -268,6 +279,7 @@ mod tests {
                     cpu: Some(1),
                     state: WorkerState::Running,
                     restarts: 0,
+                    scheduling: Scheduling::Fifo { priority: 10 },
                 },
                 WorkerStatus {
                     worker: 1,
@@ -277,6 +289,7 @@ mod tests {
                         reason: "exited before it was ready: exit status: 1".into(),
                     },
                     restarts: 7,
+                    scheduling: Scheduling::Normal,
                 },
             ],
             interfaces: Vec::new(),
@@ -331,15 +344,14 @@ mod tests {
             .take(2)
             .map(|line| line.split_whitespace().collect())
             .collect();
-        assert_eq!(rows[0], ["0", "42", "1", "running", "0"]);
+        assert_eq!(rows[0], ["0", "42", "1", "fifo", "10", "running", "0"]);
         assert_eq!(
             rows[1],
             [
-                "1", "-", "0", "failed", "7", "exited", "before", "it", "was", "ready:", "exit",
-                "status:", "1"
+                "1", "-", "0", "normal", "failed", "7", "exited", "before", "it", "was", "ready:",
+                "exit", "status:", "1"
             ]
         );
-
         let json = serde_json::to_value(&status).expect("json");
         assert_eq!(json["workers"][0]["state"], "running");
         assert_eq!(json["workers"][1]["state"], "failed");
@@ -347,5 +359,23 @@ mod tests {
             json["workers"][1]["reason"],
             "exited before it was ready: exit status: 1"
         );
+    }
+
+    #[test]
+    fn a_worker_s_scheduling_is_in_the_json_as_policy_and_priority() {
+        let worker = |scheduling| WorkerStatus {
+            worker: 0,
+            pid: Some(42),
+            cpu: Some(1),
+            state: WorkerState::Running,
+            restarts: 0,
+            scheduling,
+        };
+        let fifo = serde_json::to_value(worker(Scheduling::Fifo { priority: 10 })).expect("json");
+        assert_eq!(fifo["scheduling"]["policy"], "fifo");
+        assert_eq!(fifo["scheduling"]["priority"], 10);
+        let normal = serde_json::to_value(worker(Scheduling::Normal)).expect("json");
+        assert_eq!(normal["scheduling"]["policy"], "normal");
+        assert_eq!(normal["scheduling"].get("priority"), None);
     }
 }

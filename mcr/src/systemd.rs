@@ -212,6 +212,7 @@ mod tests {
             cpu: None,
             state,
             restarts: 0,
+            scheduling: crate::config::Scheduling::Normal,
         };
         StatusReport {
             config: "/etc/mcr/rules.yaml".into(),

@@ -527,3 +527,100 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
     );
     Ok(())
 }
+
+/// The camera rule on one worker, with `realtime` as `settings.realtime` when given.
+fn camera_rules_realtime(realtime: Option<&str>) -> String {
+    let realtime = realtime.map_or_else(String::new, |value| format!("  realtime: {value}\n"));
+    format!(
+        "settings:\n  workers: 1\n  path: worker\n{realtime}rules:\n  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n      - {{interface: out0, destination: 239.2.2.1, port: 6000}}\n"
+    )
+}
+
+/// `(policy, real-time priority)` of process `pid` as the kernel has them (`/proc/<pid>/stat`
+/// fields 41 and 40): policy 0 is `SCHED_OTHER`, 1 `SCHED_FIFO`.
+fn scheduling_of(pid: u32) -> anyhow::Result<(u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name, in brackets, may hold spaces: count fields after it.
+    let rest = stat.rsplit_once(") ").context("no ) in stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3.
+    let field = |n: usize| -> anyhow::Result<u32> {
+        Ok(fields
+            .get(n - 3)
+            .with_context(|| format!("stat has no field {n}: {stat}"))?
+            .parse()?)
+    };
+    Ok((field(41)?, field(40)?))
+}
+
+const SCHED_OTHER: u32 = 0;
+const SCHED_FIFO: u32 = 1;
+
+/// Waits until worker 0 runs under `(policy, priority)`; returns its pid.
+fn worker_scheduled(mcr: &Mcr, expected: (u32, u32)) -> anyhow::Result<u32> {
+    let mut last = None;
+    wait_for(Duration::from_secs(5), || {
+        let pid = pid_of(&running_workers(mcr, Duration::from_secs(5)).ok()?[0])?;
+        last = Some((pid, scheduling_of(pid).ok()?));
+        (last?.1 == expected).then_some(pid)
+    })
+    .with_context(|| {
+        format!(
+            "worker 0 (pid, (policy, priority)) is {last:?}, not {expected:?}; log:\n{}",
+            mcr.log_text()
+        )
+    })
+}
+
+#[test]
+fn realtime_workers_run_sched_fifo_through_a_restart_and_relay() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&camera_rules_realtime(Some("{priority: 20}")))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let first = worker_scheduled(&mcr, (SCHED_FIFO, 20))?;
+    let worker = &mcr.workers()?[0];
+    assert_eq!(worker["scheduling"]["policy"], "fifo", "{worker}");
+    assert_eq!(worker["scheduling"]["priority"], 20, "{worker}");
+    let status = mcr.cli(&["status"])?;
+    let row = status
+        .lines()
+        .skip_while(|line| !line.starts_with("WORKER"))
+        .nth(1)
+        .context("no worker row")?;
+    assert_eq!(
+        row.split_whitespace().take(5).collect::<Vec<_>>(),
+        ["0", &first.to_string(), "0", "fifo", "20"],
+        "{status}"
+    );
+    assert_camera_relayed(&lab)?;
+
+    // A restarted worker is a new process: it gets the policy again.
+    sigkill(first)?;
+    restarted_worker(&mcr, first, Duration::from_secs(2))?;
+    let second = worker_scheduled(&mcr, (SCHED_FIFO, 20))?;
+    assert_ne!(first, second);
+    assert_camera_relayed(&lab)
+}
+
+#[test]
+fn a_reload_switches_running_workers_between_realtime_and_time_sharing() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(&camera_rules_realtime(Some("true")))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let pid = worker_scheduled(&mcr, (SCHED_FIFO, 10))?;
+
+    rules.write(&camera_rules_realtime(None))?;
+    mcr.cli(&["reload"])?;
+    let same = worker_scheduled(&mcr, (SCHED_OTHER, 0))?;
+    assert_eq!(
+        pid, same,
+        "the reload restarted the worker instead of rescheduling it"
+    );
+    assert_eq!(mcr.workers()?[0]["scheduling"]["policy"], "normal");
+    assert_camera_relayed(&lab)?;
+
+    rules.write(&camera_rules_realtime(Some("{priority: 5}")))?;
+    mcr.cli(&["reload"])?;
+    assert_eq!(worker_scheduled(&mcr, (SCHED_FIFO, 5))?, pid);
+    assert_camera_relayed(&lab)
+}

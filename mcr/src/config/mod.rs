@@ -58,7 +58,38 @@ pub struct Settings {
     /// Where the Prometheus/OpenMetrics endpoint listens (`settings.metrics.listen`); no
     /// endpoint without one.
     pub metrics_listen: Option<SocketAddr>,
+    /// How the workers are scheduled (`settings.realtime`).
+    pub scheduling: Scheduling,
 }
+
+/// The scheduling policy the supervisor gives each worker process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "lowercase")]
+pub enum Scheduling {
+    /// The kernel's default time sharing (`SCHED_OTHER`): a worker waits its turn behind
+    /// whatever else runs on its CPU.
+    #[default]
+    Normal,
+    /// `SCHED_FIFO` at `priority`: a woken worker runs at once, ahead of every time-shared
+    /// task on its CPU, and keeps the CPU until it blocks.
+    Fifo { priority: u8 },
+}
+
+impl fmt::Display for Scheduling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Normal => f.pad("normal"),
+            Self::Fifo { priority } => f.pad(&format!("fifo {priority}")),
+        }
+    }
+}
+
+/// `SCHED_FIFO` priority of `realtime: true`: above every time-shared task, below the
+/// kernel's interrupt threads (50) and anything a deployment runs at a higher priority.
+pub const DEFAULT_REALTIME_PRIORITY: u8 = 10;
+/// Highest `settings.realtime.priority`: a worker must never get ahead of the kernel's
+/// threaded interrupt handlers (priority 50), which bring it its packets.
+pub const MAX_REALTIME_PRIORITY: u8 = 49;
 
 /// Who writes a rule's outputs: the classifier in the kernel, or a worker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +329,12 @@ fn syntax_problem(error: &serde_yaml::Error) -> Problem {
     }
 }
 
+/// A YAML value as the user wrote it, near enough, for an error message.
+fn yaml_text(value: &serde_yaml::Value) -> String {
+    let text = serde_yaml::to_string(value).unwrap_or_default();
+    shorten(text.trim_end().to_owned())
+}
+
 /// `message` cut in the middle when long: `serde_yaml` quotes the offending value whole, and a
 /// value can be megabytes long. The start says what is wrong, the end what was expected.
 fn shorten(message: String) -> String {
@@ -332,6 +369,9 @@ struct RawSettings {
     stall_timeout: Option<i64>,
     path: Option<PathChoice>,
     metrics: Option<RawMetrics>,
+    /// `true`, `false` or `{priority: N}`: read as YAML and checked by hand, so that each
+    /// wrong form gets a message naming what is allowed.
+    realtime: Option<serde_yaml::Value>,
 }
 
 #[derive(Default, Deserialize)]
@@ -495,6 +535,9 @@ impl Checker<'_> {
             .metrics
             .and_then(|metrics| metrics.listen)
             .and_then(|listen| self.check_metrics_listen(&listen));
+        let scheduling = raw.realtime.map_or(Scheduling::Normal, |realtime| {
+            self.check_realtime(&realtime)
+        });
         Settings {
             workers,
             cpus,
@@ -502,6 +545,48 @@ impl Checker<'_> {
             stall_timeout,
             path: raw.path.unwrap_or_default(),
             metrics_listen,
+            scheduling,
+        }
+    }
+
+    /// `realtime: true`, `realtime: false`, or `realtime: {priority: N}`.
+    fn check_realtime(&mut self, realtime: &serde_yaml::Value) -> Scheduling {
+        use serde_yaml::Value;
+        const FORMS: &str = "use true, false or {priority: N} with N from 1 to 49";
+        let field = "settings.realtime";
+        match realtime {
+            Value::Bool(false) => Scheduling::Normal,
+            Value::Bool(true) => Scheduling::Fifo {
+                priority: DEFAULT_REALTIME_PRIORITY,
+            },
+            Value::Mapping(options) => {
+                let mut priority = DEFAULT_REALTIME_PRIORITY;
+                for (key, value) in options {
+                    match key.as_str() {
+                        Some("priority") => match value.as_i64().map(u8::try_from) {
+                            Some(Ok(n @ 1..=MAX_REALTIME_PRIORITY)) => priority = n,
+                            _ => self.problem(
+                                format!("{field}.priority"),
+                                format!(
+                                    "priority {}: use 1 to {MAX_REALTIME_PRIORITY} (from 50 up \
+                                     a worker would get ahead of the kernel's interrupt \
+                                     threads, which bring it its packets)",
+                                    yaml_text(value)
+                                ),
+                            ),
+                        },
+                        _ => self.problem(
+                            field.into(),
+                            format!("unknown field {}: {FORMS}", yaml_text(key)),
+                        ),
+                    }
+                }
+                Scheduling::Fifo { priority }
+            }
+            other => {
+                self.problem(field.into(), format!("{}: {FORMS}", yaml_text(other)));
+                Scheduling::Normal
+            }
         }
     }
 

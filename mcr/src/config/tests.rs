@@ -313,6 +313,86 @@ fn error_message_names_file_line_and_field() {
     );
 }
 
+/// `settings` of `GOOD` with `realtime` added; the error text of the one problem, if any.
+fn realtime(value: &str) -> Result<Scheduling, String> {
+    let text = good_with("workers: 2", &format!("workers: 2\n  realtime: {value}"));
+    match parse(&text) {
+        Ok(config) => Ok(config.settings.scheduling),
+        Err(problems) => Err(ConfigError::Invalid {
+            path: "rules.yaml".into(),
+            problems,
+        }
+        .to_string()),
+    }
+}
+
+#[test]
+fn realtime_scheduling_is_off_unless_asked_for() {
+    assert_eq!(
+        parse(GOOD).expect("valid").settings.scheduling,
+        Scheduling::Normal
+    );
+    assert_eq!(realtime("false"), Ok(Scheduling::Normal));
+    assert_eq!(
+        realtime("true"),
+        Ok(Scheduling::Fifo {
+            priority: DEFAULT_REALTIME_PRIORITY
+        })
+    );
+    assert_eq!(
+        realtime("{priority: 1}"),
+        Ok(Scheduling::Fifo { priority: 1 })
+    );
+    assert_eq!(
+        realtime("\n    priority: 49"),
+        Ok(Scheduling::Fifo { priority: 49 })
+    );
+    assert_eq!(
+        realtime("{}"),
+        Ok(Scheduling::Fifo {
+            priority: DEFAULT_REALTIME_PRIORITY
+        })
+    );
+}
+
+#[test]
+fn realtime_priorities_outside_1_to_49_are_rejected_with_their_line() {
+    for bad in ["0", "50", "99", "-3", "300", "high"] {
+        let expected = format!(
+            "rules.yaml:3: settings.realtime.priority: priority {bad}: use 1 to 49 (from 50 up a \
+             worker would get ahead of the kernel's interrupt threads, which bring it its \
+             packets)"
+        );
+        assert_eq!(realtime(&format!("{{priority: {bad}}}")), Err(expected));
+    }
+    // On a line of its own, the error names that line.
+    let error = realtime("\n    priority: 70").expect_err("rejected");
+    assert!(
+        error.starts_with("rules.yaml:4: settings.realtime.priority: priority 70:"),
+        "{error}"
+    );
+}
+
+#[test]
+fn realtime_in_another_form_is_rejected_naming_the_forms_allowed() {
+    assert_eq!(
+        realtime("yes please"),
+        Err(
+            "rules.yaml:3: settings.realtime: yes please: use true, false or {priority: N} \
+             with N from 1 to 49"
+                .into()
+        )
+    );
+    assert_eq!(
+        realtime("{prio: 5}"),
+        Err(
+            "rules.yaml:3: settings.realtime: unknown field prio: use true, false or \
+             {priority: N} with N from 1 to 49"
+                .into()
+        )
+    );
+}
+
 #[test]
 fn stall_timeout() {
     assert_eq!(

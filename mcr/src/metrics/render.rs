@@ -507,6 +507,7 @@ mod tests {
                         cpu: Some(1),
                         state: WorkerState::Running,
                         restarts: 2,
+                        scheduling: crate::config::Scheduling::Normal,
                     },
                     received: 19,
                     shed: 5,

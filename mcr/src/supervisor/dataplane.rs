@@ -19,7 +19,7 @@ use super::workers::{Executable, Progress, Worker, WorkerEvent};
 use crate::{
     bpf::Classifier,
     command::{Command, OutputSpec},
-    config::{Rule, Settings},
+    config::{Rule, Scheduling, Settings},
     counters::{MAX_OUTPUTS, OutputTotals},
     flow::{Family, FlowKey},
     sockets::{
@@ -139,7 +139,11 @@ impl Dataplane {
         let mut workers = Vec::with_capacity(count);
         let mut frame_sockets = Vec::with_capacity(count);
         for index in 0..count {
-            let mut worker = Worker::new(index, cpus.get(index % cpus.len().max(1)).copied())?;
+            let mut worker = Worker::new(
+                index,
+                cpus.get(index % cpus.len().max(1)).copied(),
+                settings.scheduling,
+            )?;
             let frame_socket =
                 egress::open_frame_socket().context("opening a link-layer output socket")?;
             worker.spawn(&executable, user, load_map.as_fd(), &events)?;
@@ -550,6 +554,14 @@ impl Dataplane {
         drop(self.memberships);
     }
 
+    /// Puts every worker, running or started later, under `scheduling` (`settings.realtime`,
+    /// which a reload applies at once).
+    pub fn schedule_workers(&mut self, scheduling: Scheduling) {
+        for worker in &mut self.workers {
+            worker.schedule(scheduling);
+        }
+    }
+
     /// Workers as `mcr status` shows them.
     pub fn worker_summaries(&self) -> Vec<WorkerStatus> {
         self.workers.iter().map(worker_status).collect()
@@ -568,5 +580,6 @@ fn worker_status(worker: &Worker) -> WorkerStatus {
         cpu: worker.cpu,
         state: worker.lifecycle.state().clone(),
         restarts: worker.lifecycle.restarts(),
+        scheduling: worker.scheduled,
     }
 }

@@ -33,7 +33,7 @@ use self::{
 };
 use crate::{
     bpf::Classifier,
-    config::{self, Config},
+    config::{self, Config, Settings},
     control::{Request, Response},
     metrics::{self, ConfigHealth, Snapshot},
     status::{
@@ -413,7 +413,16 @@ impl Supervisor<'_> {
         self.reloads += 1;
         let (result, error) = match parsed {
             Ok(config) => {
-                if config.settings != self.config.settings {
+                let scheduling = config.settings.scheduling;
+                if scheduling != self.config.settings.scheduling {
+                    tracing::info!(%scheduling, "worker scheduling changed (settings.realtime)");
+                    self.dataplane.schedule_workers(scheduling);
+                }
+                let restart_only = Settings {
+                    scheduling,
+                    ..self.config.settings.clone()
+                };
+                if config.settings != restart_only {
                     tracing::warn!(
                         "settings changed; workers, CPUs, user and the metrics address take \
                          effect when mcr restarts"

@@ -32,6 +32,7 @@ use tokio::{
 
 use crate::{
     command::{self, Command},
+    config::Scheduling,
     counters::SharedCounters,
     status::WorkerState,
     worker::CONTROL_FD,
@@ -281,6 +282,10 @@ pub struct Worker {
     pub pid: Option<u32>,
     pub counters: SharedCounters,
     pub lifecycle: Lifecycle,
+    /// What `settings.realtime` asks for, given to each process this worker starts.
+    scheduling: Scheduling,
+    /// What the current process runs under: `scheduling` once it was set.
+    pub scheduled: Scheduling,
     control: Option<OwnedFd>,
     /// Tells the task that waits for the process to kill it.
     kill: Option<oneshot::Sender<()>>,
@@ -288,7 +293,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(index: usize, cpu: Option<usize>) -> anyhow::Result<Self> {
+    pub fn new(index: usize, cpu: Option<usize>, scheduling: Scheduling) -> anyhow::Result<Self> {
         let counters = SharedCounters::create(&format!("mcr-worker-{index}"))
             .context("creating a worker's counter block")?;
         Ok(Self {
@@ -297,6 +302,8 @@ impl Worker {
             pid: None,
             counters,
             lifecycle: Lifecycle::new(Instant::now()),
+            scheduling,
+            scheduled: Scheduling::Normal,
             control: None,
             kill: None,
             generation: 0,
@@ -349,7 +356,12 @@ impl Worker {
         let mut child = command.spawn().context("starting a worker")?;
         self.generation += 1;
         self.pid = child.id();
+        self.scheduled = Scheduling::Normal;
         self.lifecycle.started(Instant::now());
+        // Before the process gets to its loop, so that no packet waits behind time-shared
+        // tasks; the policy survives the worker's switch to an unprivileged user, which could
+        // not raise it itself.
+        self.schedule(self.scheduling);
         let index = self.index;
         let generation = self.generation;
         if let Some(stderr) = child.stderr.take() {
@@ -400,6 +412,27 @@ impl Worker {
         Ok(())
     }
 
+    /// Puts the current process, and every later one, under `scheduling`. A process that
+    /// cannot be given it keeps running as it was, and says so in the log and in `mcr status`.
+    pub fn schedule(&mut self, scheduling: Scheduling) {
+        self.scheduling = scheduling;
+        let Some(pid) = self.pid else { return };
+        match set_scheduling(pid, scheduling) {
+            Ok(()) => {
+                self.scheduled = scheduling;
+                tracing::debug!(worker = self.index, pid, %scheduling, "scheduling set");
+            }
+            Err(error) => tracing::error!(
+                worker = self.index,
+                pid,
+                "cannot schedule the worker as {scheduling} (settings.realtime): {error}; it \
+                 runs as {} (real-time scheduling needs CAP_SYS_NICE, and under systemd \
+                 RestrictRealtime=no)",
+                self.scheduled
+            ),
+        }
+    }
+
     /// Sends a command; a worker that cannot take it is left to crash and be restarted.
     pub fn send(&self, command: &Command, fds: &[BorrowedFd<'_>]) -> anyhow::Result<()> {
         let control = self
@@ -445,6 +478,28 @@ impl Worker {
         }
         self.lifecycle.stopping();
         self.control = None;
+    }
+}
+
+/// Sets the scheduling policy of process `pid`. `SCHED_RESET_ON_FORK`: a worker starts no
+/// process, and none it might start could inherit a real-time policy.
+fn set_scheduling(pid: u32, scheduling: Scheduling) -> io::Result<()> {
+    let (policy, priority) = match scheduling {
+        Scheduling::Normal => (libc::SCHED_OTHER, 0),
+        Scheduling::Fifo { priority } => (libc::SCHED_FIFO, i32::from(priority)),
+    };
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param that outlives the call, which only reads it.
+    let result = unsafe {
+        libc::sched_setscheduler(pid, policy | libc::SCHED_RESET_ON_FORK, &raw const param)
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

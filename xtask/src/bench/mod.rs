@@ -71,7 +71,7 @@ pub struct BenchArgs {
     /// streams50-512, 3hop-512, 1to1-512-v6).
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
-    /// Run only these relays (comma-separated: mcr, mcr-2w, mcr-kernel, kernel, socat).
+    /// Run only these relays (comma-separated: mcr, mcr-rt, mcr-2w, mcr-kernel, kernel, socat).
     #[arg(long, value_delimiter = ',')]
     pub relay: Vec<String>,
     /// Offered rate (input packets per second) of the trial the CPU figures come from.
@@ -357,7 +357,8 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Scenario>> {
             .collect();
         if args.quick {
             for s in &mut scenarios {
-                s.relays.retain(|relay| *relay != relay::MCR_2W);
+                s.relays
+                    .retain(|relay| ![relay::MCR_2W, relay::MCR_RT].contains(relay));
             }
         }
     }

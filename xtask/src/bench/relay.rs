@@ -33,7 +33,12 @@ use super::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayKind {
-    Mcr { workers: usize, path: McrPath },
+    /// `realtime`: the workers run `SCHED_FIFO` (`settings.realtime: true`).
+    Mcr {
+        workers: usize,
+        path: McrPath,
+        realtime: bool,
+    },
     Kernel,
     Socat,
 }
@@ -62,43 +67,55 @@ impl McrPath {
 pub const MCR: RelayKind = RelayKind::Mcr {
     workers: 1,
     path: McrPath::Worker,
+    realtime: false,
+};
+/// MCR on the worker path, one worker under `SCHED_FIFO` (`settings.realtime`).
+pub const MCR_RT: RelayKind = RelayKind::Mcr {
+    workers: 1,
+    path: McrPath::Worker,
+    realtime: true,
 };
 /// MCR on the worker path, two workers.
 pub const MCR_2W: RelayKind = RelayKind::Mcr {
     workers: 2,
     path: McrPath::Worker,
+    realtime: false,
 };
 /// MCR on the kernel path.
 pub const MCR_KERNEL: RelayKind = RelayKind::Mcr {
     workers: 1,
     path: McrPath::Kernel,
+    realtime: false,
 };
 
 impl RelayKind {
     /// Every relay the benchmark knows.
-    pub const ALL: [Self; 5] = [MCR, MCR_2W, MCR_KERNEL, Self::Kernel, Self::Socat];
+    pub const ALL: [Self; 6] = [MCR, MCR_RT, MCR_2W, MCR_KERNEL, Self::Kernel, Self::Socat];
 
     pub fn label(self) -> String {
-        match self {
-            Self::Mcr {
-                workers: 1,
-                path: McrPath::Worker,
-            } => "mcr".to_owned(),
-            Self::Mcr {
-                workers,
-                path: McrPath::Worker,
-            } => format!("mcr-{workers}w"),
-            Self::Mcr {
-                workers: 1,
-                path: McrPath::Kernel,
-            } => "mcr-kernel".to_owned(),
-            Self::Mcr {
-                workers,
-                path: McrPath::Kernel,
-            } => format!("mcr-kernel-{workers}w"),
-            Self::Kernel => "kernel".to_owned(),
-            Self::Socat => "socat".to_owned(),
+        let Self::Mcr {
+            workers,
+            path,
+            realtime,
+        } = self
+        else {
+            return match self {
+                Self::Kernel => "kernel",
+                _ => "socat",
+            }
+            .to_owned();
+        };
+        let mut label = match path {
+            McrPath::Worker => "mcr".to_owned(),
+            McrPath::Kernel => "mcr-kernel".to_owned(),
+        };
+        if workers != 1 {
+            let _ = write!(label, "-{workers}w");
         }
+        if realtime {
+            label.push_str("-rt");
+        }
+        label
     }
 
     /// Whether the relay can re-publish on another group and port.
@@ -210,8 +227,12 @@ impl Relay {
         for (index, hop) in hops.iter().enumerate() {
             let tag = format!("{PREFIX}{}-{}-h{}", std::process::id(), unique(), index + 1);
             match kind {
-                RelayKind::Mcr { workers, path } => {
-                    relay.start_mcr(hop, workers, path, &tag, env)?;
+                RelayKind::Mcr {
+                    workers,
+                    path,
+                    realtime,
+                } => {
+                    relay.start_mcr(hop, workers, path, realtime, &tag, env)?;
                 }
                 RelayKind::Kernel => relay.start_kernel(hop, &tag, env)?,
                 RelayKind::Socat => relay.start_socat(hop, &tag, env)?,
@@ -225,11 +246,12 @@ impl Relay {
         hop: &HopPlan,
         workers: usize,
         path: McrPath,
+        realtime: bool,
         tag: &str,
         env: &RelayEnv,
     ) -> anyhow::Result<()> {
         let mut yaml = format!(
-            "# written by cargo xtask bench\nsettings:\n  workers: {workers}\n  cpus: [{}]\n  path: {}\nrules:\n",
+            "# written by cargo xtask bench\nsettings:\n  workers: {workers}\n  cpus: [{}]\n  path: {}\n  realtime: {realtime}\nrules:\n",
             env.cpus.relay_list(),
             path.name()
         );
@@ -708,6 +730,9 @@ mod tests {
     #[test]
     fn labels_name_the_path_and_the_workers() {
         let labels: Vec<String> = RelayKind::ALL.iter().map(|kind| kind.label()).collect();
-        assert_eq!(labels, ["mcr", "mcr-2w", "mcr-kernel", "kernel", "socat"]);
+        assert_eq!(
+            labels,
+            ["mcr", "mcr-rt", "mcr-2w", "mcr-kernel", "kernel", "socat"]
+        );
     }
 }

@@ -10,7 +10,7 @@ use super::{
     Settings,
     latency::LatencyPoint,
     overload::{FACTORS, OverloadPoint},
-    relay::{MCR, MCR_KERNEL, RelayKind},
+    relay::{MCR, MCR_KERNEL, MCR_RT, RelayKind},
     scenario::Scenario,
     search::{Bound, SearchResult},
     targets::{Target, targets},
@@ -397,7 +397,7 @@ impl Report {
             "| scenario | MCR relay | lossless rate /kernel | CPU per packet /kernel | lossless rate /socat | CPU per packet /socat |\n|---|---|---|---|---|---|"
         );
         for result in &self.scenarios {
-            for ours in [MCR, MCR_KERNEL]
+            for ours in [MCR, MCR_RT, MCR_KERNEL]
                 .iter()
                 .filter_map(|&kind| result.relay(kind))
             {

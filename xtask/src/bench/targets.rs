@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::{
     frame::Family,
     latency::{LOADS, LatencyPoint, Percentiles},
-    relay::{MCR, MCR_2W, MCR_KERNEL, RelayKind},
+    relay::{MCR, MCR_2W, MCR_KERNEL, MCR_RT, RelayKind},
     report::{RelayResult, ScenarioResult, micros, percent, rate, seconds},
     search::Bound,
 };
@@ -318,6 +318,11 @@ fn overload(scenarios: &[ScenarioResult]) -> Vec<Target> {
                 "worker path delivers ≥ 90 % of its lossless rate when overloaded",
             ),
             (
+                MCR_RT,
+                0.9,
+                "worker path delivers ≥ 90 % of its lossless rate when overloaded",
+            ),
+            (
                 MCR_2W,
                 0.9,
                 "worker path delivers ≥ 90 % of its lossless rate when overloaded",
@@ -402,7 +407,7 @@ fn latency(scenarios: &[ScenarioResult]) -> Vec<Target> {
                 targets.push(kernel_path_tail(name, load, ours, kernel));
             }
         }
-        for kind in [MCR, MCR_2W] {
+        for kind in [MCR, MCR_RT, MCR_2W] {
             let Some(ours) = result.relay(kind) else {
                 continue;
             };
