@@ -71,8 +71,8 @@ pub fn unit(tally: &mut Tally) -> anyhow::Result<()> {
 }
 
 /// Builds `mcr`, runs the end-to-end tests, then proves they left nothing behind. Every suite
-/// runs with its rules on the worker path; the forwarding, reload and IPv6 suites run once more
-/// on the kernel path, with the same assertions.
+/// runs with its rules on the worker path; the forwarding, reload and both IPv6 suites run once
+/// more on the kernel path, with the same assertions.
 pub fn integration(tally: &mut Tally) -> anyhow::Result<()> {
     let mcr = build_mcr()?;
     let binary = ("MCR_BIN", mcr.as_os_str());
@@ -92,6 +92,8 @@ pub fn integration(tally: &mut Tally) -> anyhow::Result<()> {
                     "reload",
                     "--test",
                     "ipv6",
+                    "--test",
+                    "ipv6_classifier",
                 ],
                 &[binary, ("MCR_TEST_PATH", OsStr::new("kernel"))],
             )
