@@ -359,17 +359,63 @@ fn overload(scenarios: &[ScenarioResult]) -> Vec<Target> {
                 verdict: if relay.overload.is_empty() {
                     "n/a".to_owned()
                 } else {
-                    verdict(
-                        relay
+                    overload_verdict(
+                        &relay
                             .overload
                             .iter()
-                            .all(|point| point.delivered_over_lossless >= floor),
+                            .map(|point| OverloadReading {
+                                offered_over_lossless: point.trial.offered_pps / point.lossless_pps,
+                                delivered_over_lossless: point.delivered_over_lossless,
+                                generator_bounded: point.generator_bounded,
+                            })
+                            .collect::<Vec<_>>(),
+                        floor,
                     )
                 },
             });
         }
     }
     targets
+}
+
+/// What one overload point offered and delivered, over the relay's lossless rate.
+#[derive(Clone, Copy)]
+struct OverloadReading {
+    offered_over_lossless: f64,
+    delivered_over_lossless: f64,
+    generator_bounded: bool,
+}
+
+/// A point offered less than this over the lossless rate did not overload the relay.
+const OVERLOADED_FROM: f64 = 1.1;
+
+/// Whether every point delivered at least `floor` of the lossless rate. A point the generator
+/// bounded still fails the target when it delivered too little at a rate above the lossless
+/// one, but its pass only stands for what it offered, and a point that did not even offer
+/// more than the lossless rate says nothing about overload.
+fn overload_verdict(points: &[OverloadReading], floor: f64) -> String {
+    let overloaded: Vec<&OverloadReading> = points
+        .iter()
+        .filter(|point| point.offered_over_lossless >= OVERLOADED_FROM)
+        .collect();
+    if overloaded
+        .iter()
+        .any(|point| point.delivered_over_lossless < floor)
+    {
+        return "not met".to_owned();
+    }
+    let Some(most) = overloaded
+        .iter()
+        .map(|point| point.offered_over_lossless)
+        .reduce(f64::max)
+    else {
+        return "undecided: the generator could not offer more than the lossless rate".to_owned();
+    };
+    if points.iter().any(|point| point.generator_bounded) {
+        format!("met up to {most:.1}× offered (the generator's limit)")
+    } else {
+        "met".to_owned()
+    }
 }
 
 /// The worker path's p99 at half load may exceed the kernel's by this much.
@@ -536,6 +582,42 @@ mod tests {
         assert!(at_least(Some(at_least_bound(400e3)), Some(exact(700e3))).starts_with("undecided"));
         assert_eq!(at_least(None, Some(exact(700e3))), "not met");
         assert_eq!(at_least(Some(exact(700e3)), None), "n/a");
+    }
+
+    fn reading(offered: f64, delivered: f64, generator_bounded: bool) -> OverloadReading {
+        OverloadReading {
+            offered_over_lossless: offered,
+            delivered_over_lossless: delivered,
+            generator_bounded,
+        }
+    }
+
+    #[test]
+    fn overload_points_the_generator_bounded_decide_only_what_they_offered() {
+        let full = [
+            reading(1.5, 0.95, false),
+            reading(2.0, 0.93, false),
+            reading(4.0, 0.91, false),
+        ];
+        assert_eq!(overload_verdict(&full, 0.9), "met");
+        let collapsing = [reading(1.5, 0.95, false), reading(4.0, 0.5, false)];
+        assert_eq!(overload_verdict(&collapsing, 0.9), "not met");
+        // The generator reached 1.3× at most: met that far, no further.
+        let bounded = [
+            reading(1.2, 1.1, true),
+            reading(1.3, 1.2, true),
+            reading(1.0, 0.8, true),
+        ];
+        assert_eq!(
+            overload_verdict(&bounded, 0.9),
+            "met up to 1.3× offered (the generator's limit)"
+        );
+        // Offered no more than the lossless rate: delivering less there is not overload.
+        let never_overloaded = [reading(0.99, 0.97, true), reading(0.97, 0.93, true)];
+        assert!(overload_verdict(&never_overloaded, 0.98).starts_with("undecided"));
+        // Too little at a rate that did overload fails, bounded or not.
+        let bounded_failure = [reading(1.4, 0.7, true)];
+        assert_eq!(overload_verdict(&bounded_failure, 0.9), "not met");
     }
 
     fn latency_point(load: f64, p99: f64, p999: f64, max: f64) -> LatencyPoint {
