@@ -43,49 +43,47 @@ pub struct Datagram {
 impl Datagram {
     /// The sequence number the test sender put in the first eight bytes.
     pub fn sequence(&self) -> Option<u64> {
-        let bytes: [u8; 8] = self.payload.get(..8)?.try_into().ok()?;
-        Some(u64::from_be_bytes(bytes))
+        sequence_of(&self.payload)
     }
 }
 
-/// How long the receiver keeps listening after [`Receiver::finish`] once nothing arrives.
-const DRAIN_IDLE: Duration = Duration::from_millis(1500);
-
-pub struct Receiver {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<anyhow::Result<Vec<Datagram>>>,
+/// The sequence number a test sender puts in the first eight bytes of a payload.
+pub(crate) fn sequence_of(payload: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = payload.get(..8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
 }
 
-impl Receiver {
-    /// Listens on `port` inside `netns`; for a multicast `group`, joins it on the interface
-    /// that has address `interface_address`. Returns once the socket is ready.
-    pub fn start(
+/// How long a receiver keeps listening after it is told to finish once nothing arrives.
+const DRAIN_IDLE: Duration = Duration::from_millis(1500);
+
+/// A thread in a namespace that opens a UDP socket there and collects what `receive_one`
+/// makes of each datagram until it is told to stop and the socket has been quiet a moment.
+/// [`Receiver`] and [`crate::Receiver6`] are this with their family's socket and parser.
+pub(crate) struct Listener<T> {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<anyhow::Result<Vec<T>>>,
+}
+
+/// Receives one datagram into the buffer: `None` when the socket's read timeout passed first.
+pub(crate) type ReceiveOne<T> = fn(&UdpSocket, &mut [u8]) -> anyhow::Result<Option<T>>;
+
+impl<T: Send + 'static> Listener<T> {
+    /// Enters `netns` on a thread of its own, opens the socket with `open` there and starts
+    /// receiving with `receive_one`. Returns once the socket is ready.
+    pub(crate) fn start(
         netns: &Netns,
-        group: Option<Ipv4Addr>,
-        interface_address: Ipv4Addr,
-        port: u16,
+        open: impl FnOnce() -> anyhow::Result<UdpSocket> + Send + 'static,
+        receive_one: ReceiveOne<T>,
     ) -> anyhow::Result<Self> {
         let path = netns.path();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready, is_ready) = mpsc::channel();
         let thread_stop = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || -> anyhow::Result<Vec<Datagram>> {
+        let thread = std::thread::spawn(move || -> anyhow::Result<Vec<T>> {
             let socket = (|| -> anyhow::Result<UdpSocket> {
                 let file = File::open(&path).with_context(|| format!("opening {path}"))?;
                 setns(&file, CloneFlags::CLONE_NEWNET).context("entering the sink namespace")?;
-                // Bound to the group, the socket sees only that group's datagrams, and several
-                // receivers can share a port.
-                let bind = SocketAddrV4::new(group.unwrap_or(Ipv4Addr::UNSPECIFIED), port);
-                let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
-                if let Some(group) = group {
-                    socket
-                        .join_multicast_v4(&group, &interface_address)
-                        .with_context(|| format!("joining {group}"))?;
-                }
-                setsockopt(&socket, sockopt::Ipv4RecvTtl, &true)?;
-                setsockopt(&socket, sockopt::IpRecvTos, &true)?;
-                setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
-                setsockopt(&socket, sockopt::ReceiveTimestampns, &true)?;
+                let socket = open()?;
                 setsockopt(&socket, sockopt::RcvBuf, &(8 << 20))?;
                 socket.set_read_timeout(Some(Duration::from_millis(100)))?;
                 Ok(socket)
@@ -100,7 +98,17 @@ impl Receiver {
                     return Err(error);
                 }
             };
-            receive_until_stopped(&socket, &thread_stop)
+            let mut received = Vec::new();
+            let mut buffer = vec![0_u8; 65_536];
+            let mut last = Instant::now();
+            loop {
+                if let Some(datagram) = receive_one(&socket, &mut buffer)? {
+                    received.push(datagram);
+                    last = Instant::now();
+                } else if thread_stop.load(Ordering::Relaxed) && last.elapsed() >= DRAIN_IDLE {
+                    return Ok(received);
+                }
+            }
         });
         match is_ready.recv_timeout(Duration::from_secs(5)) {
             Ok(Ok(())) => Ok(Self { stop, thread }),
@@ -110,11 +118,47 @@ impl Receiver {
     }
 
     /// Stops listening once nothing has arrived for a moment and returns what arrived.
-    pub fn finish(self) -> anyhow::Result<Vec<Datagram>> {
+    pub(crate) fn finish(self) -> anyhow::Result<Vec<T>> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?
+    }
+}
+
+pub struct Receiver(Listener<Datagram>);
+
+impl Receiver {
+    /// Listens on `port` inside `netns`; for a multicast `group`, joins it on the interface
+    /// that has address `interface_address`. Returns once the socket is ready.
+    pub fn start(
+        netns: &Netns,
+        group: Option<Ipv4Addr>,
+        interface_address: Ipv4Addr,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let open = move || -> anyhow::Result<UdpSocket> {
+            // Bound to the group, the socket sees only that group's datagrams, and several
+            // receivers can share a port.
+            let bind = SocketAddrV4::new(group.unwrap_or(Ipv4Addr::UNSPECIFIED), port);
+            let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+            if let Some(group) = group {
+                socket
+                    .join_multicast_v4(&group, &interface_address)
+                    .with_context(|| format!("joining {group}"))?;
+            }
+            setsockopt(&socket, sockopt::Ipv4RecvTtl, &true)?;
+            setsockopt(&socket, sockopt::IpRecvTos, &true)?;
+            setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
+            setsockopt(&socket, sockopt::ReceiveTimestampns, &true)?;
+            Ok(socket)
+        };
+        Listener::start(netns, open, receive_one).map(Self)
+    }
+
+    /// Stops listening once nothing has arrived for a moment and returns what arrived.
+    pub fn finish(self) -> anyhow::Result<Vec<Datagram>> {
+        self.0.finish()
     }
 }
 
@@ -141,60 +185,49 @@ fn clocks_side_by_side() -> Option<(Duration, Duration)> {
     None
 }
 
-fn receive_until_stopped(socket: &UdpSocket, stop: &AtomicBool) -> anyhow::Result<Vec<Datagram>> {
-    let mut received = Vec::new();
-    let mut buffer = vec![0_u8; 65_536];
-    let mut last = Instant::now();
-    loop {
-        let mut space = nix::cmsg_space!(i32, u8, nix::libc::in_pktinfo, nix::libc::timespec);
-        let mut iov = [IoSliceMut::new(&mut buffer)];
-        match recvmsg::<SockaddrIn>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::empty(),
-        ) {
-            Ok(message) => {
-                let mut ttl = 0;
-                let mut tos = 0;
-                let mut destination = Ipv4Addr::UNSPECIFIED;
-                let mut arrived = None;
-                for cmsg in message.cmsgs()? {
-                    match cmsg {
-                        ControlMessageOwned::Ipv4Ttl(value) => {
-                            ttl = u8::try_from(value).unwrap_or(0);
-                        }
-                        ControlMessageOwned::Ipv4Tos(value) => tos = value,
-                        ControlMessageOwned::Ipv4PacketInfo(info) => {
-                            destination = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
-                        }
-                        ControlMessageOwned::ScmTimestampns(realtime) => {
-                            arrived = to_monotonic(Duration::from(realtime));
-                        }
-                        _ => {}
-                    }
-                }
-                let source = message
-                    .address
-                    .map(|a| SocketAddrV4::new(a.ip(), a.port()))
-                    .context("datagram without a source")?;
-                let len = message.bytes;
-                received.push(Datagram {
-                    source,
-                    destination,
-                    ttl,
-                    tos,
-                    payload: buffer[..len].to_vec(),
-                    arrived,
-                });
-                last = Instant::now();
+fn receive_one(socket: &UdpSocket, buffer: &mut [u8]) -> anyhow::Result<Option<Datagram>> {
+    let mut space = nix::cmsg_space!(i32, u8, nix::libc::in_pktinfo, nix::libc::timespec);
+    let mut iov = [IoSliceMut::new(buffer)];
+    let message = match recvmsg::<SockaddrIn>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    ) {
+        Ok(message) => message,
+        Err(nix::Error::EAGAIN | nix::Error::EINTR) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let mut ttl = 0;
+    let mut tos = 0;
+    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let mut arrived = None;
+    for cmsg in message.cmsgs()? {
+        match cmsg {
+            ControlMessageOwned::Ipv4Ttl(value) => {
+                ttl = u8::try_from(value).unwrap_or(0);
             }
-            Err(nix::Error::EAGAIN | nix::Error::EINTR) => {
-                if stop.load(Ordering::Relaxed) && last.elapsed() >= DRAIN_IDLE {
-                    return Ok(received);
-                }
+            ControlMessageOwned::Ipv4Tos(value) => tos = value,
+            ControlMessageOwned::Ipv4PacketInfo(info) => {
+                destination = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
             }
-            Err(error) => return Err(error.into()),
+            ControlMessageOwned::ScmTimestampns(realtime) => {
+                arrived = to_monotonic(Duration::from(realtime));
+            }
+            _ => {}
         }
     }
+    let source = message
+        .address
+        .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+        .context("datagram without a source")?;
+    let len = message.bytes;
+    Ok(Some(Datagram {
+        source,
+        destination,
+        ttl,
+        tos,
+        payload: iov[0][..len].to_vec(),
+        arrived,
+    }))
 }
