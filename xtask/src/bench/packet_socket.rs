@@ -13,7 +13,7 @@
 
 use std::{
     fs::File,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
 };
 
 use anyhow::{Context as _, bail};
@@ -237,21 +237,19 @@ fn open_bound(interface: &str, qdisc: Qdisc) -> anyhow::Result<OwnedFd> {
     tx_timestamps::enable(fd.as_fd())?;
     if qdisc == Qdisc::Bypassed {
         let on: libc::c_int = 1;
-        // SAFETY: `on` is a live c_int and the length given is its size; the kernel copies it.
-        let result = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_QDISC_BYPASS,
-                std::ptr::from_ref(&on).cast(),
-                libc::socklen_t::try_from(size_of::<libc::c_int>())?,
-            )
-        };
-        Errno::result(result).context("setting PACKET_QDISC_BYPASS")?;
+        set_option(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &on)
+            .context("setting PACKET_QDISC_BYPASS")?;
     }
+    bind_to(fd.as_fd(), ifindex, 0).with_context(|| format!("binding to {interface}"))?;
+    Ok(fd)
+}
+
+/// Binds the packet socket `fd` to interface `ifindex` for `protocol` (an `ETH_P_*` value in
+/// host order; 0 receives nothing).
+pub fn bind_to(fd: BorrowedFd, ifindex: u32, protocol: u16) -> anyhow::Result<()> {
     let raw = libc::sockaddr_ll {
         sll_family: u16::try_from(libc::AF_PACKET)?,
-        sll_protocol: 0,
+        sll_protocol: protocol.to_be(),
         sll_ifindex: i32::try_from(ifindex)?,
         sll_hatype: 0,
         sll_pkttype: 0,
@@ -266,6 +264,26 @@ fn open_bound(interface: &str, qdisc: Qdisc) -> anyhow::Result<OwnedFd> {
         )
     }
     .context("building the link-layer address")?;
-    bind(fd.as_raw_fd(), &address).with_context(|| format!("binding to {interface}"))?;
-    Ok(fd)
+    bind(fd.as_raw_fd(), &address).map_err(Into::into)
+}
+
+/// `setsockopt` with a value nix has no wrapper for.
+pub fn set_option<T>(
+    fd: BorrowedFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &T,
+) -> anyhow::Result<()> {
+    // SAFETY: `value` is a live `T` and the length given is its size; the kernel copies it
+    // (a filter program is copied whole, so its instructions need only live for the call).
+    let result = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            option,
+            std::ptr::from_ref(value).cast(),
+            libc::socklen_t::try_from(size_of::<T>())?,
+        )
+    };
+    Errno::result(result).map(drop).map_err(Into::into)
 }

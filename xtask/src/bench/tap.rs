@@ -36,12 +36,13 @@ use nix::{
     sched::{CloneFlags, setns},
     sys::{
         mman::{MapFlags, ProtFlags, mmap, munmap},
-        socket::{AddressFamily, LinkAddr, SockFlag, SockType, SockaddrLike as _, bind, socket},
+        socket::{AddressFamily, SockFlag, SockType, socket},
     },
 };
 
 use super::{
     frame::Family,
+    packet_socket::{bind_to, set_option},
     stamp::{MAGIC, STAMP_LEN, Stamp},
     topology::Netns,
 };
@@ -260,45 +261,9 @@ fn open_socket(interface: &str, family: Family) -> anyhow::Result<OwnedFd> {
     };
     set_option(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_RX_RING, &request)
         .context("setting up the receive ring")?;
-    let raw = libc::sockaddr_ll {
-        sll_family: u16::try_from(libc::AF_PACKET)?,
-        sll_protocol: ETH_P_ALL.to_be(),
-        sll_ifindex: i32::try_from(ifindex)?,
-        sll_hatype: 0,
-        sll_pkttype: 0,
-        sll_halen: 0,
-        sll_addr: [0; 8],
-    };
-    // SAFETY: `raw` is a complete `sockaddr_ll` and the length given is its size.
-    let address = unsafe {
-        LinkAddr::from_raw(
-            std::ptr::from_ref(&raw).cast(),
-            Some(libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>())?),
-        )
-    }
-    .context("building the link-layer address")?;
-    bind(fd.as_raw_fd(), &address).with_context(|| format!("binding the tap to {interface}"))?;
+    bind_to(fd.as_fd(), ifindex, ETH_P_ALL)
+        .with_context(|| format!("binding the tap to {interface}"))?;
     Ok(fd)
-}
-
-fn set_option<T>(
-    fd: BorrowedFd,
-    level: libc::c_int,
-    option: libc::c_int,
-    value: &T,
-) -> anyhow::Result<()> {
-    // SAFETY: `value` is a live `T` and the length given is its size; the kernel copies it
-    // (a filter program is copied whole, so its instructions need only live for the call).
-    let result = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            option,
-            std::ptr::from_ref(value).cast(),
-            libc::socklen_t::try_from(size_of::<T>())?,
-        )
-    };
-    Errno::result(result).map(drop).map_err(Into::into)
 }
 
 /// Samples the ring had no room for (`PACKET_STATISTICS`, which resets as it is read).

@@ -16,6 +16,8 @@ use std::os::fd::{AsRawFd as _, BorrowedFd};
 use anyhow::{Context as _, bail};
 use nix::{errno::Errno, libc};
 
+use super::packet_socket::set_option;
+
 /// `SCM_TS_OPT_ID` (Linux 6.13, `asm-generic/socket.h`): the timestamp's id, per packet.
 const SCM_TS_OPT_ID: libc::c_int = 81;
 /// `SO_TIMESTAMPING` as the kernel reports it back (the 64-bit `timespec` flavour on 64-bit
@@ -42,24 +44,12 @@ pub fn enable(fd: BorrowedFd) -> anyhow::Result<()> {
     let flags = libc::SOF_TIMESTAMPING_SOFTWARE
         | libc::SOF_TIMESTAMPING_OPT_ID
         | libc::SOF_TIMESTAMPING_OPT_TSONLY;
-    set_int(fd, libc::SO_TIMESTAMPING, i32::try_from(flags)?).context("setting SO_TIMESTAMPING")?;
-    set_int(fd, libc::SO_RCVBUFFORCE, i32::try_from(ERROR_QUEUE_BUFFER)?)
+    let flags = libc::c_int::try_from(flags)?;
+    set_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPING, &flags)
+        .context("setting SO_TIMESTAMPING")?;
+    let buffer = libc::c_int::try_from(ERROR_QUEUE_BUFFER)?;
+    set_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &buffer)
         .context("setting SO_RCVBUFFORCE for the timestamps")
-}
-
-fn set_int(fd: BorrowedFd, option: libc::c_int, value: libc::c_int) -> anyhow::Result<()> {
-    let len = libc::socklen_t::try_from(size_of::<libc::c_int>())?;
-    // SAFETY: `value` is a live c_int and the length given is its size; the kernel copies it.
-    let result = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            std::ptr::from_ref(&value).cast(),
-            len,
-        )
-    };
-    Errno::result(result).map(drop).map_err(Into::into)
 }
 
 const CMSG_HEADER: usize = size_of::<libc::cmsghdr>();
