@@ -67,8 +67,8 @@ fn label(value: f64) -> String {
     }
 }
 
-/// The SVG element, title and legend.
-fn header(report: &Report, panels: &[&ScenarioResult], width: f64, height: f64) -> String {
+/// The SVG element on a white background, with `title` and the run's mode and date.
+fn svg_open(width: f64, height: f64, title: &str, report: &Report) -> String {
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -77,9 +77,20 @@ fn header(report: &Report, panels: &[&ScenarioResult], width: f64, height: f64) 
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         svg,
-        r#"<text x="10" y="20" font-size="14" font-weight="bold">Delivered vs offered packets/s per relay ({} run, {})</text>"#,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">{title} ({} run, {})</text>"#,
         report.meta.settings.mode,
         escape(&report.meta.date)
+    );
+    svg
+}
+
+/// The SVG element, title and legend.
+fn header(report: &Report, panels: &[&ScenarioResult], width: f64, height: f64) -> String {
+    let mut svg = svg_open(
+        width,
+        height,
+        "Delivered vs offered packets/s per relay",
+        report,
     );
     let mut relays: Vec<String> = Vec::new();
     for scenario in panels {
@@ -313,17 +324,11 @@ pub fn render_latency(report: &Report) -> Option<String> {
     // Room for the title and the key, however few panels.
     let width = (PANEL_W * columns as f64).max(720.0);
     let height = HEADER + PANEL_H * rows as f64;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="10" y="20" font-size="14" font-weight="bold">One-way latency per relay at 10 %, 50 %, 90 % of its lossless rate ({} run, {})</text>"#,
-        report.meta.settings.mode,
-        escape(&report.meta.date)
+    let mut svg = svg_open(
+        width,
+        height,
+        "One-way latency per relay at 10 %, 50 %, 90 % of its lossless rate",
+        report,
     );
     let relays = relay_names(&panels);
     let mut x = 10.0;
