@@ -56,39 +56,36 @@ pub(crate) fn sequence_of(payload: &[u8]) -> Option<u64> {
 /// How long a receiver keeps listening after it is told to finish once nothing arrives.
 const DRAIN_IDLE: Duration = Duration::from_millis(1500);
 
-/// A thread in a namespace that opens a UDP socket there and collects what `receive_one`
-/// makes of each datagram until it is told to stop and the socket has been quiet a moment.
-/// [`Receiver`] and [`crate::Receiver6`] are this with their family's socket and parser.
-pub(crate) struct Listener<T> {
+/// A thread in a namespace that opens a socket there and collects what `receive` makes of
+/// what arrives, until it is told to stop and the socket has been quiet for `quiet`.
+/// [`Receiver`] and [`crate::Receiver6`] are this with their family's UDP socket and parser.
+pub struct Listener<T> {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<anyhow::Result<Vec<T>>>,
 }
 
-/// Receives one datagram into the buffer: `None` when the socket's read timeout passed first.
-pub(crate) type ReceiveOne<T> = fn(&UdpSocket, &mut [u8]) -> anyhow::Result<Option<T>>;
-
 impl<T: Send + 'static> Listener<T> {
-    /// Enters `netns` on a thread of its own, opens the socket with `open` there and starts
-    /// receiving with `receive_one`. Returns once the socket is ready.
-    pub(crate) fn start(
+    /// Runs `open` inside `netns` on a thread of its own, then `receive` until stopped;
+    /// `receive` returns `None` when nothing arrived within the socket's timeout. Returns once
+    /// the socket is open.
+    pub fn start<S: 'static>(
         netns: &Netns,
-        open: impl FnOnce() -> anyhow::Result<UdpSocket> + Send + 'static,
-        receive_one: ReceiveOne<T>,
+        quiet: Duration,
+        open: impl FnOnce() -> anyhow::Result<S> + Send + 'static,
+        mut receive: impl FnMut(&S) -> anyhow::Result<Option<T>> + Send + 'static,
     ) -> anyhow::Result<Self> {
         let path = netns.path();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready, is_ready) = mpsc::channel();
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::spawn(move || -> anyhow::Result<Vec<T>> {
-            let socket = (|| -> anyhow::Result<UdpSocket> {
-                let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-                setns(&file, CloneFlags::CLONE_NEWNET).context("entering the sink namespace")?;
-                let socket = open()?;
-                setsockopt(&socket, sockopt::RcvBuf, &(8 << 20))?;
-                socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-                Ok(socket)
-            })();
-            let socket = match socket {
+            let opened = File::open(&path)
+                .with_context(|| format!("opening {path}"))
+                .and_then(|file| {
+                    setns(&file, CloneFlags::CLONE_NEWNET).context("entering the namespace")
+                })
+                .and_then(|()| open());
+            let socket = match opened {
                 Ok(socket) => {
                     let _ = ready.send(Ok(()));
                     socket
@@ -99,13 +96,12 @@ impl<T: Send + 'static> Listener<T> {
                 }
             };
             let mut received = Vec::new();
-            let mut buffer = vec![0_u8; 65_536];
             let mut last = Instant::now();
             loop {
-                if let Some(datagram) = receive_one(&socket, &mut buffer)? {
-                    received.push(datagram);
+                if let Some(item) = receive(&socket)? {
+                    received.push(item);
                     last = Instant::now();
-                } else if thread_stop.load(Ordering::Relaxed) && last.elapsed() >= DRAIN_IDLE {
+                } else if thread_stop.load(Ordering::Relaxed) && last.elapsed() >= quiet {
                     return Ok(received);
                 }
             }
@@ -118,12 +114,31 @@ impl<T: Send + 'static> Listener<T> {
     }
 
     /// Stops listening once nothing has arrived for a moment and returns what arrived.
-    pub(crate) fn finish(self) -> anyhow::Result<Vec<T>> {
+    pub fn finish(self) -> anyhow::Result<Vec<T>> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?
     }
+}
+
+/// A test receiver's UDP socket from `open`, with room for a burst and a read timeout that
+/// lets it notice when to stop; collects with `receive_one` into a 64 KiB buffer.
+pub(crate) fn udp_listener<T: Send + 'static>(
+    netns: &Netns,
+    open: impl FnOnce() -> anyhow::Result<UdpSocket> + Send + 'static,
+    receive_one: fn(&UdpSocket, &mut [u8]) -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<Listener<T>> {
+    let open = move || -> anyhow::Result<UdpSocket> {
+        let socket = open()?;
+        setsockopt(&socket, sockopt::RcvBuf, &(8 << 20))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(socket)
+    };
+    let mut buffer = vec![0_u8; 65_536];
+    Listener::start(netns, DRAIN_IDLE, open, move |socket| {
+        receive_one(socket, &mut buffer)
+    })
 }
 
 pub struct Receiver(Listener<Datagram>);
@@ -153,7 +168,7 @@ impl Receiver {
             setsockopt(&socket, sockopt::ReceiveTimestampns, &true)?;
             Ok(socket)
         };
-        Listener::start(netns, open, receive_one).map(Self)
+        udp_listener(netns, open, receive_one).map(Self)
     }
 
     /// Stops listening once nothing has arrived for a moment and returns what arrived.

@@ -15,7 +15,7 @@ use nix::{
 
 use crate::{
     Netns,
-    receiver::{Listener, sequence_of},
+    receiver::{Listener, sequence_of, udp_listener},
 };
 
 /// One IPv6 datagram as it arrived.
@@ -65,7 +65,7 @@ impl Receiver6 {
             setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)?;
             Ok(socket)
         };
-        Listener::start(netns, open, receive_one).map(Self)
+        udp_listener(netns, open, receive_one).map(Self)
     }
 
     /// Stops listening once nothing has arrived for a moment and returns what arrived.

@@ -13,25 +13,19 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV6},
     os::fd::{AsRawFd as _, OwnedFd},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-    thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use mcr_common::{
     ANY_SOURCE6, KEEP_DSCP, KernelOutput, KernelOutputs, MAP_KERNEL_OUTPUTS, MAP_OUTPUT_STATS,
     MAP_RULES6, OutputCounters, PATH_KERNEL, RuleKey6, RuleSlot,
 };
 use mcr_tests::{
-    Datagram6, ETH_P_8021AD, ETH_P_8021Q, Expected, Frame6, GENERATOR6, GENERATOR6_2, Lab, Mcr,
-    Netns, OTHER_HOST_MAC, RELAY_OUT0, RELAY6_OUT0, Receiver, Receiver6, RulesFile, SINK, Stream,
-    assert_delivered, in_netns,
+    Datagram6, ETH_P_8021AD, ETH_P_8021Q, Expected, Frame6, GENERATOR6, GENERATOR6_2, Lab,
+    Listener, Mcr, Netns, OTHER_HOST_MAC, RELAY_OUT0, RELAY6_OUT0, Receiver, Receiver6, RulesFile,
+    SINK, Stream, assert_delivered, in_netns,
     ipv6::{
         DESTINATION_OPTIONS, HOP_BY_HOP, ICMPV6, multicast_mac, pseudo_header_sum, udp_checksum,
     },
@@ -880,70 +874,8 @@ fn an_ipv4_output_in_an_ipv6_output_set_is_refused_and_counted() -> anyhow::Resu
 // ---------------------------------------------------------------------------------------
 // Capturing frames on the wire.
 
-/// A thread in a namespace that collects what a socket receives until told to stop and the
-/// socket has been quiet for a moment.
-struct Collector<T> {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<anyhow::Result<Vec<T>>>,
-}
-
+/// How long a capture listens on once the wire has gone quiet.
 const DRAIN_IDLE: Duration = Duration::from_millis(800);
-
-impl<T: Send + 'static> Collector<T> {
-    /// Runs `open` inside `netns`, then `receive` until stopped; `receive` returns `None`
-    /// when nothing arrived within the socket's timeout.
-    fn start<S: 'static>(
-        netns: &Netns,
-        open: impl FnOnce() -> anyhow::Result<S> + Send + 'static,
-        mut receive: impl FnMut(&S) -> anyhow::Result<Option<T>> + Send + 'static,
-    ) -> anyhow::Result<Self> {
-        let path = netns.path();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = Arc::clone(&stop);
-        let (ready, is_ready) = mpsc::channel();
-        let thread = std::thread::spawn(move || -> anyhow::Result<Vec<T>> {
-            let opened = std::fs::File::open(&path)
-                .with_context(|| format!("opening {path}"))
-                .and_then(|file| {
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .context("entering the namespace")
-                })
-                .and_then(|()| open());
-            let socket = match opened {
-                Ok(socket) => {
-                    let _ = ready.send(Ok(()));
-                    socket
-                }
-                Err(error) => {
-                    let _ = ready.send(Err(error.to_string()));
-                    return Err(error);
-                }
-            };
-            let mut collected = Vec::new();
-            let mut last = Instant::now();
-            loop {
-                if let Some(item) = receive(&socket)? {
-                    collected.push(item);
-                    last = Instant::now();
-                } else if thread_stop.load(Ordering::Relaxed) && last.elapsed() >= DRAIN_IDLE {
-                    return Ok(collected);
-                }
-            }
-        });
-        match is_ready.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => Ok(Self { stop, thread }),
-            Ok(Err(error)) => bail!("collector did not start: {error}"),
-            Err(_) => bail!("collector did not start within 5 s"),
-        }
-    }
-
-    fn finish(self) -> anyhow::Result<Vec<T>> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the collector thread panicked"))?
-    }
-}
 
 /// A frame as a packet socket got it.
 struct Captured {
@@ -957,7 +889,7 @@ struct Captured {
 const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
 
 /// Every IPv6 frame that arrives on `interface` in `netns`, whole.
-fn capture(netns: &Netns, interface: &'static str) -> anyhow::Result<Collector<Captured>> {
+fn capture(netns: &Netns, interface: &'static str) -> anyhow::Result<Listener<Captured>> {
     let open = move || -> anyhow::Result<OwnedFd> {
         let ifindex = if_nametoindex(interface).with_context(|| format!("no {interface}"))?;
         let socket = socket(
@@ -1045,7 +977,7 @@ fn capture(netns: &Netns, interface: &'static str) -> anyhow::Result<Collector<C
             checksum_pending,
         }))
     };
-    Collector::start(netns, open, receive)
+    Listener::start(netns, DRAIN_IDLE, open, receive)
 }
 
 /// Checks a frame the kernel path sent: Ethernet addresses, the IPv6 header (flow label
