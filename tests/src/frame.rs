@@ -123,14 +123,8 @@ impl Frame {
         let udp_len = self.ports.map_or(0, |_| 8) + self.payload.len();
         let header_len = 20 + self.options.len();
         let total_len = u16::try_from(header_len + udp_len).expect("test frames are small");
-        let mut frame = Vec::with_capacity(14 + 4 * self.tags.len() + usize::from(total_len));
-        frame.extend_from_slice(&self.destination_mac);
-        frame.extend_from_slice(&SENDER_MAC);
-        for (tpid, vlan) in &self.tags {
-            frame.extend_from_slice(&tpid.to_be_bytes());
-            frame.extend_from_slice(&vlan.to_be_bytes());
-        }
-        frame.extend_from_slice(&0x0800_u16.to_be_bytes());
+        let mut frame = ethernet_header(self.destination_mac, &self.tags, 0x0800);
+        frame.reserve(usize::from(total_len));
 
         let mut ip = vec![0_u8; 20];
         ip[0] = 0x40 | u8::try_from(header_len / 4).expect("IHL fits in four bits");
@@ -175,6 +169,24 @@ fn header_checksum(header: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !u16::try_from(sum).expect("folded to 16 bits")
+}
+
+/// The Ethernet header of a test frame: `destination_mac`, [`SENDER_MAC`], the VLAN `tags`
+/// (TPID, tag; outer first) and `ethertype`.
+pub(crate) fn ethernet_header(
+    destination_mac: [u8; 6],
+    tags: &[(u16, u16)],
+    ethertype: u16,
+) -> Vec<u8> {
+    let mut header = Vec::with_capacity(14 + 4 * tags.len());
+    header.extend_from_slice(&destination_mac);
+    header.extend_from_slice(&SENDER_MAC);
+    for (tpid, vlan) in tags {
+        header.extend_from_slice(&tpid.to_be_bytes());
+        header.extend_from_slice(&vlan.to_be_bytes());
+    }
+    header.extend_from_slice(&ethertype.to_be_bytes());
+    header
 }
 
 /// Sends `frames` as they are on `interface` inside `netns`, from a packet socket that

@@ -4,7 +4,7 @@
 
 use std::net::Ipv6Addr;
 
-use crate::frame::SENDER_MAC;
+use crate::frame::ethernet_header;
 
 pub const HOP_BY_HOP: u8 = 0;
 pub const ROUTING: u8 = 43;
@@ -227,14 +227,7 @@ impl Frame6 {
 
     /// The frame on the wire.
     pub fn bytes(&self) -> Vec<u8> {
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&self.destination_mac);
-        frame.extend_from_slice(&SENDER_MAC);
-        for (tpid, vlan) in &self.tags {
-            frame.extend_from_slice(&tpid.to_be_bytes());
-            frame.extend_from_slice(&vlan.to_be_bytes());
-        }
-        frame.extend_from_slice(&self.ethertype.to_be_bytes());
+        let mut frame = ethernet_header(self.destination_mac, &self.tags, self.ethertype);
 
         let mut payload = Vec::new();
         for (i, (_, body)) in self.extensions.iter().enumerate() {
