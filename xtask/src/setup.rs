@@ -14,11 +14,12 @@ use anyhow::{Context as _, bail};
 use crate::{output, run};
 
 /// Debian packages the tests, the demonstration and the benchmark use.
-const DEBIAN_PACKAGES: [&str; 9] = [
+const DEBIAN_PACKAGES: [&str; 10] = [
     "bpftool",     // map inspection in the tests
     "iproute2",    // namespaces and veth pairs
     "util-linux",  // nsenter
     "nftables",    // kernel-side packet counters at the benchmark sink
+    "ethtool",     // no UDP segmentation offload on relays' veths (bench/topology.rs)
     "smcroute",    // the kernel's multicast forwarding, the benchmark's reference
     "socat",       // the user-space reference relay
     "netsniff-ng", // trafgen, the benchmark's generator

@@ -316,6 +316,7 @@ fn check_tools() -> anyhow::Result<()> {
     for tool in [
         "tc",
         "nft",
+        "ethtool",
         "smcrouted",
         "socat",
         "taskset",

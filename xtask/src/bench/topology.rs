@@ -103,6 +103,34 @@ impl Netns {
         run("ip", &["netns", "exec", &self.name, "sh", "-c", &script]).map(drop)
     }
 
+    /// Turns off UDP segmentation offload on `interface` (see [`Topology::build`] for why)
+    /// and checks that it is off.
+    pub fn split_udp_segments(&self, interface: &str) -> anyhow::Result<()> {
+        let ethtool = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", self.name.as_str(), "ethtool"];
+            full.extend_from_slice(args);
+            run("ip", &full).with_context(|| {
+                format!(
+                    "ethtool {} in {} (ethtool is installed by cargo xtask setup)",
+                    args.join(" "),
+                    self.name
+                )
+            })
+        };
+        ethtool(&["-K", interface, "tx-udp-segmentation", "off"])?;
+        match udp_segmentation_offloaded(&ethtool(&["-k", interface])?) {
+            Some(false) => Ok(()),
+            Some(true) => anyhow::bail!(
+                "tx-udp-segmentation of {interface} in {} is still on after ethtool -K … off",
+                self.name
+            ),
+            None => anyhow::bail!(
+                "ethtool -k {interface} in {} does not list tx-udp-segmentation",
+                self.name
+            ),
+        }
+    }
+
     /// Counters of every interface in the namespace, by name.
     pub fn interface_stats(&self) -> anyhow::Result<BTreeMap<String, IfStats>> {
         let text = self.ip(&["-s", "-j", "link", "show"])?;
@@ -150,6 +178,14 @@ struct IpStats {
 struct IpCounters {
     packets: u64,
     dropped: u64,
+}
+
+/// Whether `ethtool -k` output says `tx-udp-segmentation` is on; `None` when it is not listed.
+fn udp_segmentation_offloaded(features: &str) -> Option<bool> {
+    features.lines().find_map(|line| {
+        let state = line.trim().strip_prefix("tx-udp-segmentation:")?;
+        Some(state.trim_start().starts_with("on"))
+    })
 }
 
 /// The kernel's counters of one interface.
@@ -239,6 +275,18 @@ impl Topology {
     /// Link `k` uses `10.(k+1).0.1` upstream and `10.(k+1).0.2` downstream, and for `family`
     /// IPv6 also `fd00:(k+1)::1` and `fd00:(k+1)::2` (a /64 each). Interfaces: `gen0` → `in0`
     /// of relay 1, `out0` → `in0` between relays, `out<j>` → `sink<j>` into the sink.
+    ///
+    /// Every interface a relay sends from has UDP segmentation offload (`tx-udp-segmentation`)
+    /// off. A relay that sends a batch of one flow's datagrams as one GSO packet (MCR's
+    /// workers do) hands the kernel one super-packet for N datagrams. Before a real wire it is
+    /// split into N packets, by the NIC or, for a NIC without the offload, by the kernel on
+    /// the sending CPU. A veth advertises the offload and carries the super-packet whole into
+    /// the next namespace: the sink's counters and latency tap would count one packet where
+    /// the wire carries N, and the splitting would be done by the receiving side's CPU. With
+    /// the offload off the kernel splits it before the veth, on the relay's CPU, as for a NIC
+    /// without UDP segmentation offload: the relay pays for the splitting, the conservative
+    /// case. The kernel's forwarding, socat and MCR's kernel path never send such packets, so
+    /// the setting changes nothing for them; it is the same for every relay.
     pub fn build(
         hops: usize,
         fanout: usize,
@@ -291,6 +339,9 @@ impl Topology {
         };
         for link in &topology.links {
             topology.connect(link)?;
+            if (1..=hops).contains(&link.up) {
+                topology.nodes[link.up].split_udp_segments(&link.up_if)?;
+            }
         }
         // Relays and the sink route everything else upstream (nothing depends on it; it
         // keeps the source addresses reachable for anyone who checks).
@@ -435,5 +486,33 @@ pub fn sweep_stale() {
                 let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines around it in `ethtool -k` of a veth (ethtool 6.1): the tunnel variant must
+    /// not be taken for it.
+    const VETH_FEATURES: &str = "Features for out0:\n\
+        generic-segmentation-offload: on\n\
+        \ttx-udp_tnl-segmentation: on\n\
+        \ttx-udp_tnl-csum-segmentation: on\n\
+        \ttx-udp-segmentation: STATE\n\
+        rx-udp-gro-forwarding: off\n";
+
+    #[test]
+    fn ethtool_features_say_whether_udp_segmentation_is_offloaded() {
+        let with = |state: &str| VETH_FEATURES.replace("STATE", state);
+        assert_eq!(udp_segmentation_offloaded(&with("on")), Some(true));
+        assert_eq!(udp_segmentation_offloaded(&with("off")), Some(false));
+        assert_eq!(udp_segmentation_offloaded(&with("on [fixed]")), Some(true));
+        assert_eq!(
+            udp_segmentation_offloaded(&with("off [requested on]")),
+            Some(false)
+        );
+        let without = VETH_FEATURES.replace("\ttx-udp-segmentation: STATE\n", "");
+        assert_eq!(udp_segmentation_offloaded(&without), None);
     }
 }
