@@ -143,7 +143,28 @@ impl RelayKind {
                 "MCR's own counters: rules' send_errors (copies the kernel refused to send), plus what the workers dropped of packets handed to them (kernel_drops, queue_full)"
             }
             Self::Kernel => "none (no socket)",
-            Self::Socat => "Udp RcvbufErrors of the relay namespace (/proc/net/snmp)",
+            Self::Socat => {
+                "Udp RcvbufErrors and SndbufErrors of the relay namespace (/proc/net/snmp)"
+            }
+        }
+    }
+
+    /// What this relay's loss column "relay shed" means.
+    pub fn shed_source(self) -> &'static str {
+        match self {
+            Self::Mcr {
+                path: McrPath::Worker,
+                ..
+            } => {
+                "MCR's own counters: rules' shed (packets the classifier dropped because their worker was a full window behind)"
+            }
+            Self::Mcr {
+                path: McrPath::Kernel,
+                ..
+            } => {
+                "MCR's own counters: rules' shed, of the packets the kernel path hands to a worker (over an output's MTU) when that worker is a full window behind"
+            }
+            Self::Kernel | Self::Socat => "none (no such counter)",
         }
     }
 }
@@ -193,6 +214,9 @@ pub struct RelayCounters {
     pub input_drops: u64,
     /// Copies the relay could not send (send queue or socket buffer full, send errors).
     pub output_drops: u64,
+    /// Input packets MCR's classifier dropped because the rule's worker was a full window
+    /// behind (its rules' `shed`); 0 for other relays.
+    pub shed: u64,
 }
 
 impl RelayCounters {
@@ -202,6 +226,7 @@ impl RelayCounters {
             sent: self.sent.saturating_sub(before.sent),
             input_drops: self.input_drops.saturating_sub(before.input_drops),
             output_drops: self.output_drops.saturating_sub(before.output_drops),
+            shed: self.shed.saturating_sub(before.shed),
         }
     }
 }
@@ -496,17 +521,12 @@ impl Relay {
                 for socket in &self.mcr_sockets {
                     let rules = mcr_json(&self.mcr, socket, false)?;
                     let workers = mcr_json(&self.mcr, socket, true)?;
-                    for rule in rules.as_array().into_iter().flatten() {
-                        total.received += rule["rx_packets"].as_u64().unwrap_or(0);
-                        total.output_drops += rule["drops"]["queue_full"].as_u64().unwrap_or(0)
-                            + rule["drops"]["send_errors"].as_u64().unwrap_or(0);
-                        for output in rule["outputs"].as_array().into_iter().flatten() {
-                            total.sent += output["tx_packets"].as_u64().unwrap_or(0);
-                        }
-                    }
-                    for worker in workers.as_array().into_iter().flatten() {
-                        total.input_drops += worker["kernel_drops"].as_u64().unwrap_or(0);
-                    }
+                    let hop = mcr_counters(&rules, &workers);
+                    total.received += hop.received;
+                    total.sent += hop.sent;
+                    total.input_drops += hop.input_drops;
+                    total.output_drops += hop.output_drops;
+                    total.shed += hop.shed;
                 }
             }
             RelayKind::Socat => {
@@ -544,6 +564,27 @@ impl Relay {
         }
         text
     }
+}
+
+/// One MCR instance's counters from `mcr stats --json` (`rules`) and `mcr stats --json
+/// --workers` (`workers`). Shed packets are not in a rule's `rx_packets` (the classifier
+/// counts a packet as one or the other), and the rules' `shed` and the workers' count the
+/// same packets, so only the rules' is taken.
+fn mcr_counters(rules: &serde_json::Value, workers: &serde_json::Value) -> RelayCounters {
+    let mut counters = RelayCounters::default();
+    for rule in rules.as_array().into_iter().flatten() {
+        counters.received += rule["rx_packets"].as_u64().unwrap_or(0);
+        counters.output_drops += rule["drops"]["queue_full"].as_u64().unwrap_or(0)
+            + rule["drops"]["send_errors"].as_u64().unwrap_or(0);
+        counters.shed += rule["shed"].as_u64().unwrap_or(0);
+        for output in rule["outputs"].as_array().into_iter().flatten() {
+            counters.sent += output["tx_packets"].as_u64().unwrap_or(0);
+        }
+    }
+    for worker in workers.as_array().into_iter().flatten() {
+        counters.input_drops += worker["kernel_drops"].as_u64().unwrap_or(0);
+    }
+    counters
 }
 
 /// Whether `mcr stats --json` shows rules, all of them active on `path`.
@@ -699,6 +740,12 @@ fn mroute_counters(netns: &str, family: Family, in_interface: &str) -> anyhow::R
 
 #[cfg(test)]
 mod tests {
+    use mcr::{
+        config::Scheduling,
+        state::{ForwardingPath, RuleState},
+        stats::{OutputStats, RuleDrops, RuleStats, WorkerStats},
+        status::{WorkerState, WorkerStatus},
+    };
     use serde_json::json;
 
     use super::*;
@@ -725,6 +772,91 @@ mod tests {
             "s0: active, path kernel; s1: active, path worker (out0 is not an Ethernet interface)"
         );
         assert_eq!(rule_states(&waiting), "s0: waiting, path none (no in0)");
+    }
+
+    /// A worker-path rule of `mcr stats --json` with these counters, serialized from MCR's own
+    /// type so that a renamed field fails here rather than reading as 0.
+    fn rule(rx_packets: u64, shed: u64, queue_full: u64, tx_packets: &[u64]) -> RuleStats {
+        RuleStats {
+            name: "s0".into(),
+            input: "in0:239.1.1.1:5000".into(),
+            state: RuleState::Active {
+                path: ForwardingPath::Worker,
+                reason: None,
+            },
+            rx_packets,
+            rx_bytes: rx_packets * 512,
+            rx_pps: 0.0,
+            rx_bps: 0.0,
+            min_ttl: None,
+            below_min_ttl: 0,
+            to_worker: 0,
+            shed,
+            drops: RuleDrops {
+                queue_full,
+                send_errors: 1,
+            },
+            outputs: tx_packets
+                .iter()
+                .enumerate()
+                .map(|(j, &tx_packets)| OutputStats {
+                    interface: Some(format!("out{j}")),
+                    destination: "239.2.2.1:6000".into(),
+                    ttl: TTL,
+                    dscp: None,
+                    tx_packets,
+                    tx_bytes: tx_packets * 512,
+                    tx_errors: 0,
+                    queue_full: 0,
+                    tx_pps: 0.0,
+                    tx_bps: 0.0,
+                })
+                .collect(),
+        }
+    }
+
+    fn worker(index: usize, shed: u64, kernel_drops: u64) -> WorkerStats {
+        WorkerStats {
+            process: WorkerStatus {
+                worker: index,
+                pid: Some(100),
+                cpu: Some(1),
+                state: WorkerState::Running,
+                restarts: 0,
+                scheduling: Scheduling::Normal,
+            },
+            received: 10,
+            shed,
+            kernel_drops,
+            malformed: 0,
+            too_big: 0,
+            no_rule: 0,
+            no_buffer: 0,
+        }
+    }
+
+    #[test]
+    fn mcr_counters_take_shed_from_the_rules_apart_from_socket_drops() {
+        let rules = serde_json::to_value(vec![
+            rule(1_000, 300, 4, &[990, 990]),
+            rule(500, 20, 0, &[500]),
+        ])
+        .expect("serializable");
+        // The workers count the same shed packets as the rules: not added twice.
+        let workers =
+            serde_json::to_value(vec![worker(0, 300, 7), worker(1, 20, 2)]).expect("serializable");
+        let counters = mcr_counters(&rules, &workers);
+        assert_eq!(counters.received, 1_500);
+        assert_eq!(counters.sent, 2_480);
+        assert_eq!(counters.shed, 320);
+        assert_eq!(counters.input_drops, 9);
+        assert_eq!(counters.output_drops, 4 + 1 + 1);
+
+        let before = RelayCounters {
+            shed: 20,
+            ..counters
+        };
+        assert_eq!(counters.since(before).shed, 300);
     }
 
     #[test]

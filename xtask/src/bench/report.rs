@@ -296,10 +296,7 @@ impl Report {
             );
         }
         let _ = writeln!(md);
-        let _ = writeln!(md, "## Where the relay-socket column comes from\n");
-        for kind in [MCR, MCR_KERNEL, RelayKind::Kernel, RelayKind::Socat] {
-            let _ = writeln!(md, "- {}: {}", kind.label(), kind.socket_drops_source());
-        }
+        relay_counters_markdown(&mut md);
         let failures = self.failures();
         if !failures.is_empty() {
             let _ = writeln!(md, "\n## Failures\n");
@@ -550,6 +547,20 @@ fn factors_text() -> String {
     }
 }
 
+/// Where the loss shares "relay socket" and "relay shed" come from, relay by relay.
+fn relay_counters_markdown(md: &mut String) {
+    let _ = writeln!(md, "## Where relay socket and relay shed come from\n");
+    for kind in [MCR, MCR_KERNEL, RelayKind::Kernel, RelayKind::Socat] {
+        let _ = writeln!(
+            md,
+            "- {}: relay socket: {}; relay shed: {}",
+            kind.label(),
+            kind.socket_drops_source(),
+            kind.shed_source()
+        );
+    }
+}
+
 /// One relay's line of a scenario table.
 fn relay_row(relay: &RelayResult) -> String {
     let figures = relay.figures();
@@ -666,6 +677,7 @@ fn where_lost(trial: &Trial) -> String {
         ("generator", loss.generator),
         ("relay interface", loss.relay_interface),
         ("relay socket", loss.relay_socket),
+        ("relay shed", loss.relay_shed),
         ("relay other", loss.relay_other),
         ("sink interface", loss.sink_interface),
         ("sink", loss.sink),
@@ -678,5 +690,38 @@ fn where_lost(trial: &Trial) -> String {
         "nowhere".to_owned()
     } else {
         parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_where_names_shed_apart_from_the_rest_of_the_relay() {
+        let mut trial = Trial::lossless_at(100_000.0, 10_000);
+        assert_eq!(where_lost(&trial), "nowhere");
+        trial.loss.relay_socket = 100;
+        trial.loss.relay_shed = 2_500;
+        trial.loss.relay_other = 1;
+        assert_eq!(
+            where_lost(&trial),
+            "relay socket 1.00 %, relay shed 25.00 %, relay other 0.01 %"
+        );
+    }
+
+    #[test]
+    fn the_markdown_says_where_shed_comes_from_for_every_relay() {
+        let mut md = String::new();
+        relay_counters_markdown(&mut md);
+        for kind in [MCR, MCR_KERNEL, RelayKind::Kernel, RelayKind::Socat] {
+            let line = md
+                .lines()
+                .find(|line| line.starts_with(&format!("- {}:", kind.label())))
+                .unwrap_or_else(|| panic!("no line for {}", kind.label()));
+            assert!(line.contains(kind.shed_source()), "{line}");
+            assert!(line.contains(kind.socket_drops_source()), "{line}");
+        }
+        assert!(md.contains("rules' shed"), "{md}");
     }
 }

@@ -30,6 +30,9 @@ pub struct Loss {
     /// Dropped by the relay's socket or ring before the relay read them, or refused on send
     /// (see `RelayKind::socket_drops_source`).
     pub relay_socket: u64,
+    /// Shed by MCR's classifier because the rule's worker was a full window behind (overload;
+    /// see `RelayKind::shed_source`). 0 for other relays.
+    pub relay_shed: u64,
     /// Received by the relay's interface but not sent, for reasons its counters do not name.
     pub relay_other: u64,
     /// Dropped entering the sink (receive backlog) or lost on the way.
@@ -319,9 +322,14 @@ impl Bench<'_> {
             };
         }
         let relay_counters = after.relay.since(before.relay);
-        let socket = relay_counters.input_drops * copies + relay_counters.output_drops;
-        loss.relay_socket = socket.min(relay_lost);
-        loss.relay_other = relay_lost - loss.relay_socket;
+        let split = RelayLoss::split(
+            relay_lost,
+            relay_counters.input_drops * copies + relay_counters.output_drops,
+            relay_counters.shed * copies,
+        );
+        loss.relay_socket = split.socket;
+        loss.relay_shed = split.shed;
+        loss.relay_other = split.other;
         loss
     }
 
@@ -361,6 +369,7 @@ impl Bench<'_> {
             loss.generator
                 + loss.relay_interface
                 + loss.relay_socket
+                + loss.relay_shed
                 + loss.relay_other
                 + loss.sink_interface
                 + loss.sink,
@@ -423,6 +432,31 @@ impl Trial {
     }
 }
 
+/// The deliveries lost inside the relays, by what the relays' own counters say.
+#[derive(Debug, PartialEq, Eq)]
+struct RelayLoss {
+    socket: u64,
+    shed: u64,
+    other: u64,
+}
+
+impl RelayLoss {
+    /// Splits `lost` (what the relays' interfaces received, times the fan-out, but did not
+    /// send) into what the relays counted as dropped at a socket (`socket`) and as shed
+    /// (`shed`), and the rest. A relay's counter can run ahead of its interfaces' (it is read
+    /// a moment later), so each share is capped by what is left: the shares never add up to
+    /// more than `lost`.
+    fn split(lost: u64, socket: u64, shed: u64) -> Self {
+        let socket = socket.min(lost);
+        let shed = shed.min(lost - socket);
+        Self {
+            socket,
+            shed,
+            other: lost - socket - shed,
+        }
+    }
+}
+
 /// How an interface's counters moved between two snapshots.
 fn interface_delta(before: &Snapshot, after: &Snapshot, node: usize, interface: &str) -> IfStats {
     let get = |snapshot: &Snapshot| {
@@ -461,4 +495,56 @@ fn backlog_drops() -> anyhow::Result<u64> {
         .filter_map(|line| line.split_whitespace().nth(1))
         .filter_map(|dropped| u64::from_str_radix(dropped, 16).ok())
         .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_loss_is_split_into_socket_shed_and_the_rest() {
+        assert_eq!(
+            RelayLoss::split(1_000, 100, 600),
+            RelayLoss {
+                socket: 100,
+                shed: 600,
+                other: 300
+            }
+        );
+        // Overload on MCR's worker path: everything lost was shed.
+        assert_eq!(
+            RelayLoss::split(4_000, 0, 4_000),
+            RelayLoss {
+                socket: 0,
+                shed: 4_000,
+                other: 0
+            }
+        );
+        // Counters ahead of the interfaces: the shares stop at what was lost.
+        assert_eq!(
+            RelayLoss::split(500, 300, 400),
+            RelayLoss {
+                socket: 300,
+                shed: 200,
+                other: 0
+            }
+        );
+        assert_eq!(
+            RelayLoss::split(200, 300, 400),
+            RelayLoss {
+                socket: 200,
+                shed: 0,
+                other: 0
+            }
+        );
+        // A relay without such counters: all of it is "other".
+        assert_eq!(
+            RelayLoss::split(70, 0, 0),
+            RelayLoss {
+                socket: 0,
+                shed: 0,
+                other: 70
+            }
+        );
+    }
 }
