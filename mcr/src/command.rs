@@ -27,6 +27,18 @@ pub struct FrameHeader {
     pub port: u16,
     /// IPv4 TTL, or IPv6 hop limit.
     pub ttl: u8,
+    /// The output interface's Ethernet source address and MTU, when it is an Ethernet
+    /// interface: the worker then writes the whole frame and sends runs of same-size packets
+    /// as one segmentation-offload send on the egress's Ethernet socket.
+    pub ethernet: Option<EthernetOrigin>,
+}
+
+/// What the worker needs to write an output's Ethernet header and to keep the packets of a
+/// segmented send within the interface's MTU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EthernetOrigin {
+    pub mac: [u8; 6],
+    pub mtu: u32,
 }
 
 /// The source and destination of a framed output, which also say its family: an IPv4 or an
@@ -77,9 +89,13 @@ pub enum Command {
     RemoveInput {
         input: u32,
     },
-    /// Send the frames of every multicast output on the attached send-only link-layer socket
-    /// (one per worker: packet sockets cost the kernel an RCU grace period each to close).
-    SetEgress,
+    /// Send the frames of every multicast output on the attached send-only link-layer sockets
+    /// (one set per worker: packet sockets cost the kernel an RCU grace period each to close):
+    /// IP packets on the first; with `ethernet`, whole Ethernet frames with a segmentation
+    /// header on the second (see `sockets::egress::EgressSockets`).
+    SetEgress {
+        ethernet: bool,
+    },
     /// Forward `key` to `outputs`. An output with a frame header is framed by the worker and
     /// sent on the egress socket; each other output brings its own connected UDP socket,
     /// attached in order. Replaces the rule's outputs if `slot` is already known.
@@ -171,8 +187,8 @@ impl Command {
     /// How many descriptors this command must carry.
     pub fn expected_fds(&self) -> usize {
         match self {
-            Self::Init { .. } => 2,
-            Self::AddInput { .. } | Self::SetEgress => 1,
+            Self::Init { .. } | Self::SetEgress { ethernet: true } => 2,
+            Self::AddInput { .. } | Self::SetEgress { ethernet: false } => 1,
             Self::AddRule { outputs, .. } => outputs.iter().filter(|o| o.frame.is_none()).count(),
             Self::RemoveInput { .. } | Self::RemoveRule { .. } | Self::Shutdown => 0,
         }
@@ -183,7 +199,7 @@ impl Command {
             Self::Init { .. } => "init",
             Self::AddInput { .. } => "add-input",
             Self::RemoveInput { .. } => "remove-input",
-            Self::SetEgress => "set-egress",
+            Self::SetEgress { .. } => "set-egress",
             Self::AddRule { .. } => "add-rule",
             Self::RemoveRule { .. } => "remove-rule",
             Self::Shutdown => "shutdown",

@@ -311,8 +311,8 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         "one receiving packet socket per worker on in0"
     );
     assert_eq!(
-        all, 4,
-        "and one sending socket per worker, for multicast outputs"
+        all, 6,
+        "and two sending sockets per worker (IP packets, Ethernet frames), for multicast outputs"
     );
 
     // The only rule moves to an interface that does not exist: in0 loses its sockets; the
@@ -327,7 +327,7 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         "{status}"
     );
     let closed = wait_for(Duration::from_secs(3), || {
-        (packet_sockets(&lab).ok()? == (2, 0)).then_some(())
+        (packet_sockets(&lab).ok()? == (4, 0)).then_some(())
     });
     ensure!(
         closed.is_some(),

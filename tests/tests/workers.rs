@@ -375,10 +375,12 @@ fn workers_hold_only_the_descriptors_mcr_gave_them() -> anyhow::Result<()> {
     assert_eq!(
         rest,
         [
-            // Its counter block, its ring, the input's packet socket, the multicast output's
-            // link-layer socket and the unicast output's UDP socket: nothing else.
+            // Its counter block, its ring, the input's packet socket, the two link-layer
+            // sockets of multicast outputs (IP packets; Ethernet frames) and the unicast
+            // output's UDP socket: nothing else.
             "/memfd:mcr-worker-0 (deleted)",
             "anon_inode:[io_uring]",
+            "packet socket",
             "packet socket",
             "packet socket",
             "udp socket",
@@ -525,6 +527,81 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
         shed,
         "nothing more was shed"
     );
+    Ok(())
+}
+
+/// Frames that entered `interface` of `netns`, by the kernel's count.
+fn frames_received(netns: &mcr_tests::Netns, interface: &str) -> anyhow::Result<u64> {
+    let text = netns.ip(&["-s", "-j", "link", "show", "dev", interface])?;
+    let links: serde_json::Value = serde_json::from_str(&text)?;
+    links[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .with_context(|| format!("no receive counter for {interface}: {text}"))
+}
+
+#[test]
+fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(
+        "settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n      - {interface: out1, destination: 239.2.2.2, port: 6002, dscp: 46}\n",
+    )?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
+    let pid = Pid::from_raw(i32::try_from(pid)?);
+    let first = Ipv4Addr::new(239, 2, 2, 1);
+    let second = Ipv4Addr::new(239, 2, 2, 2);
+    let receivers = [
+        Receiver::start(&lab.sink, Some(first), SINK, 6000)?,
+        Receiver::start(&lab.sink_2, Some(second), mcr_tests::SINK_2, 6002)?,
+    ];
+    let frames_before = [
+        frames_received(&lab.sink, "sink0")?,
+        frames_received(&lab.sink_2, "sink1")?,
+    ];
+
+    // 3,000 datagrams wait while the worker is stopped (within its window: none is shed);
+    // once it runs, it takes them in batches and sends runs of up to 16 per output.
+    kill(pid, Signal::SIGSTOP)?;
+    let burst = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 300, 3000);
+    let sent = send_udp(&lab.generator, &burst);
+    kill(pid, Signal::SIGCONT)?;
+    sent?;
+    let [to_first, to_second] = receivers;
+    let expected = [
+        (to_first.finish()?, first, RELAY_OUT0, "sink0"),
+        (to_second.finish()?, second, mcr_tests::RELAY_OUT1, "sink1"),
+    ];
+    let rule = mcr.rule_stats("cam")?;
+    for (index, (arrived, destination, source, interface)) in expected.iter().enumerate() {
+        // Each datagram once, in order, whole, from the relay's address.
+        assert_delivered(
+            arrived,
+            &burst,
+            Expected {
+                destination: (*destination).into(),
+                source: (*source).into(),
+                ttl: 16,
+            },
+        )?;
+        assert_eq!(
+            rule["outputs"][index]["tx_packets"], burst.count,
+            "every datagram counted as sent: {rule}"
+        );
+        // The test's veths pass a run whole to the receiving namespace (whose UDP layer
+        // splits it for the socket), so fewer frames than datagrams arrive: runs were sent.
+        let frames = frames_received(if index == 0 { &lab.sink } else { &lab.sink_2 }, interface)?
+            - frames_before[index];
+        eprintln!(
+            "{interface}: {} datagrams in {frames} frames",
+            arrived.len()
+        );
+        ensure!(
+            frames < burst.count / 2,
+            "{interface}: {frames} frames for {} datagrams: the backlog did not leave in runs",
+            burst.count
+        );
+    }
+    assert_eq!(rule["shed"], 0, "{rule}");
     Ok(())
 }
 

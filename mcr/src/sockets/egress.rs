@@ -12,7 +12,7 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    command::{FrameAddresses, FrameHeader},
+    command::{EthernetOrigin, FrameAddresses, FrameHeader},
     config::Output,
 };
 
@@ -26,20 +26,54 @@ pub struct Origin {
     pub interface: String,
     pub ifindex: u32,
     pub address: IpAddr,
+    /// The interface's MAC and MTU when it is an Ethernet interface. Part of the origin so
+    /// that a changed MAC or MTU re-plumbs the rule like a changed address does.
+    pub ethernet: Option<EthernetOrigin>,
 }
 
 /// Send buffer of a worker's link-layer socket, shared by all its multicast outputs.
 const FRAME_SEND_BUFFER: usize = 16 * 1024 * 1024;
 
-/// A worker's link-layer socket for multicast outputs: the worker writes the IPv4 and UDP
-/// headers itself and hands whole IP packets to the output interface named in each send,
-/// which skips the per-packet route lookup that the kernel does for every multicast UDP send
-/// (decision 0004). Protocol 0: the socket sends only and never receives a copy of any
-/// interface's traffic.
-pub fn open_frame_socket() -> io::Result<OwnedFd> {
-    let socket = Socket::new(Domain::PACKET, Type::DGRAM.nonblocking().cloexec(), None)?;
-    enlarge_send_buffer(&socket, FRAME_SEND_BUFFER);
-    Ok(socket.into())
+/// A worker's link-layer sockets for multicast outputs. The worker writes the IP and UDP
+/// headers itself and hands whole packets to the output interface named in each send, which
+/// skips the per-packet route lookup that the kernel does for every multicast UDP send
+/// (decision 0004). Protocol 0: they send only and never receive a copy of any interface's
+/// traffic.
+pub struct EgressSockets {
+    /// `SOCK_DGRAM`: IP packets, the kernel writes the link-layer header. For interfaces that
+    /// are not Ethernet (tunnels).
+    pub packets: OwnedFd,
+    /// `SOCK_RAW` with a `virtio_net_hdr` in front of each frame (`PACKET_VNET_HDR`): whole
+    /// Ethernet frames, and runs of same-size datagrams of one flow as one send that the kernel
+    /// (or the NIC) splits into packets (UDP segmentation offload, decision 0014). `None` where
+    /// the kernel refuses the option; Ethernet outputs then go on `packets`, one by one.
+    pub ethernet: Option<OwnedFd>,
+}
+
+/// Opens a worker's [`EgressSockets`].
+pub fn open_egress_sockets() -> io::Result<EgressSockets> {
+    let packets = Socket::new(Domain::PACKET, Type::DGRAM.nonblocking().cloexec(), None)?;
+    enlarge_send_buffer(&packets, FRAME_SEND_BUFFER);
+    let ethernet = Socket::new(Domain::PACKET, Type::RAW.nonblocking().cloexec(), None)
+        .and_then(|socket| {
+            let on: nix::libc::c_int = 1;
+            super::set_option(
+                socket.as_fd(),
+                nix::libc::SOL_PACKET,
+                nix::libc::PACKET_VNET_HDR,
+                &on,
+            )?;
+            enlarge_send_buffer(&socket, FRAME_SEND_BUFFER);
+            Ok(OwnedFd::from(socket))
+        })
+        .inspect_err(|error| {
+            tracing::warn!(%error, "no segmentation offload socket; Ethernet outputs send one packet at a time");
+        })
+        .ok();
+    Ok(EgressSockets {
+        packets: packets.into(),
+        ethernet,
+    })
 }
 
 /// Sets the send buffer to `bytes`, beyond `net.core.wmem_max` where the process may.
@@ -77,6 +111,7 @@ pub fn frame_header(output: &Output, origin: &Origin) -> Option<FrameHeader> {
         addresses,
         port: output.port,
         ttl: output.ttl,
+        ethernet: origin.ethernet,
     })
 }
 

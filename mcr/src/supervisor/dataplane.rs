@@ -18,12 +18,12 @@ use tokio::sync::mpsc;
 use super::workers::{Executable, Progress, Worker, WorkerEvent};
 use crate::{
     bpf::Classifier,
-    command::{Command, OutputSpec},
+    command::{Command, EthernetOrigin, OutputSpec},
     config::{Rule, Scheduling, Settings},
     counters::{MAX_OUTPUTS, OutputTotals},
     flow::{Family, FlowKey},
     sockets::{
-        egress::{self, Origin},
+        egress::{self, EgressSockets, Origin},
         ingress::FanoutGroup,
         interfaces,
         memberships::{Membership, Memberships},
@@ -65,10 +65,21 @@ pub fn resolve_origins(rule: &Rule) -> Result<Vec<Option<Origin>>, Waiting> {
                         },
                     }
                 })?;
+            // Best effort: an interface that cannot be read now gets its frames one by one.
+            let ethernet = interfaces::link_by_name(interface)
+                .ok()
+                .filter(interfaces::Link::is_ethernet)
+                .and_then(|link| {
+                    Some(EthernetOrigin {
+                        mac: link.mac?,
+                        mtu: link.mtu,
+                    })
+                });
             Ok(Some(Origin {
                 interface: interface.clone(),
                 ifindex,
                 address,
+                ethernet,
             }))
         })
         .collect()
@@ -101,8 +112,8 @@ struct RouteState {
 
 pub struct Dataplane {
     workers: Vec<Worker>,
-    /// Each worker's link-layer socket for multicast outputs, kept across its restarts.
-    frame_sockets: Vec<OwnedFd>,
+    /// Each worker's link-layer sockets for multicast outputs, kept across its restarts.
+    frame_sockets: Vec<EgressSockets>,
     /// The binary every worker is started from.
     executable: Executable,
     /// The classifier's map of worker loads, handed to each worker at start.
@@ -144,12 +155,12 @@ impl Dataplane {
                 cpus.get(index % cpus.len().max(1)).copied(),
                 settings.scheduling,
             )?;
-            let frame_socket =
-                egress::open_frame_socket().context("opening a link-layer output socket")?;
+            let sockets =
+                egress::open_egress_sockets().context("opening link-layer output sockets")?;
             worker.spawn(&executable, user, load_map.as_fd(), &events)?;
-            worker.send(&Command::SetEgress, &[frame_socket.as_fd()])?;
+            send_egress(&worker, &sockets)?;
             workers.push(worker);
-            frame_sockets.push(frame_socket);
+            frame_sockets.push(sockets);
         }
         Ok(Self {
             workers,
@@ -430,7 +441,7 @@ impl Dataplane {
     /// Sends a newly started worker `index` its inputs and rules.
     fn hand_over(&self, index: usize) -> anyhow::Result<()> {
         let worker = &self.workers[index];
-        worker.send(&Command::SetEgress, &[self.frame_sockets[index].as_fd()])?;
+        send_egress(worker, &self.frame_sockets[index])?;
         for input in self.inputs.values() {
             let socket = &input.group.sockets[index];
             worker.send(
@@ -570,6 +581,20 @@ impl Dataplane {
     /// Pids of the workers still running (for the shutdown grace period).
     pub fn pids(&self) -> Vec<u32> {
         self.workers.iter().filter_map(|w| w.pid).collect()
+    }
+}
+
+/// Hands `worker` its link-layer output sockets.
+fn send_egress(worker: &Worker, sockets: &EgressSockets) -> anyhow::Result<()> {
+    match &sockets.ethernet {
+        Some(ethernet) => worker.send(
+            &Command::SetEgress { ethernet: true },
+            &[sockets.packets.as_fd(), ethernet.as_fd()],
+        ),
+        None => worker.send(
+            &Command::SetEgress { ethernet: false },
+            &[sockets.packets.as_fd()],
+        ),
     }
 }
 

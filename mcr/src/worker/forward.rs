@@ -2,7 +2,10 @@
 //! one thread.
 //!
 //! Per packet: one completion from a multishot receive (into a provided buffer), a parse, at
-//! most two hash lookups, one send submission per output straight from the receive buffer.
+//! most two hash lookups, and sends straight from the receive buffer. Packets of a rule whose
+//! outputs are all Ethernet-framed wait until the end of the loop turn in a run of their flow
+//! (same length and DSCP/ECN byte), so that each output sends the run at once, split into
+//! packets by the kernel (decision 0014); other packets are sent one by one as they come.
 //! IPv6 framed outputs need a UDP checksum: the payload's part of it is found once per packet,
 //! without reading the payload when the input carries a checksum, and each output adds its own
 //! header fields. No allocation, no logging, no system call of its own: submissions go to the
@@ -24,6 +27,7 @@ use super::{
     buffers::{Buffer, Buffers, Ring},
     frames::{Frame, FrameSlab},
     load::LoadPage,
+    segments::{EthernetFrame, MAX_RUN, RunSlab, run_limit},
 };
 use crate::{
     command::{self, Command, MAX_MESSAGE},
@@ -51,6 +55,10 @@ const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
 const KIND_CONTROL: u64 = 3;
 const KIND_CANCEL: u64 = 4;
+const KIND_RUN: u64 = 5;
+
+/// Flows with a run waiting at once; a packet of one more flow sends the oldest run.
+const MAX_PENDING_RUNS: usize = 8;
 
 fn recv_data(input: u32) -> u64 {
     (KIND_RECV << KIND_SHIFT) | u64::from(input)
@@ -60,6 +68,13 @@ fn recv_data(input: u32) -> u64 {
 fn send_data(buffer: Buffer, slot: u32, counter: u32) -> u64 {
     (KIND_SEND << KIND_SHIFT)
         | (u64::from(buffer.raw()) << 40)
+        | (u64::from(slot & FIELD_MASK) << 20)
+        | u64::from(counter & FIELD_MASK)
+}
+
+/// An Ethernet send's user data: its slot (which names its buffers) and its output counter.
+fn run_data(slot: u32, counter: u32) -> u64 {
+    (KIND_RUN << KIND_SHIFT)
         | (u64::from(slot & FIELD_MASK) << 20)
         | u64::from(counter & FIELD_MASK)
 }
@@ -104,6 +119,43 @@ struct Output {
 struct Route {
     slot: u32,
     outputs: Vec<Output>,
+    /// The largest payload whose packets wait in runs: every output is Ethernet-framed and
+    /// the payload fits each one's MTU. 0 when some output is not Ethernet-framed.
+    run_payload: usize,
+}
+
+impl Route {
+    fn new(slot: u32, outputs: Vec<Output>) -> Self {
+        let run_payload = outputs
+            .iter()
+            .map(|output| match &output.egress {
+                Egress::Framed(frame) => frame
+                    .ethernet
+                    .as_ref()
+                    .map_or(0, EthernetFrame::max_payload),
+                Egress::Socket { .. } => 0,
+            })
+            .min()
+            .unwrap_or(0);
+        Self {
+            slot,
+            outputs,
+            run_payload,
+        }
+    }
+}
+
+/// Packets of one flow waiting to be sent together: same rule, payload length and DSCP/ECN
+/// byte, in arrival order.
+struct Run {
+    /// The key of the rule they matched.
+    key: FlowKey,
+    payload_len: usize,
+    dscp_ecn: u8,
+    buffers: [Buffer; MAX_RUN],
+    /// Where each payload starts in its buffer.
+    starts: [usize; MAX_RUN],
+    count: usize,
 }
 
 /// Everything the loop owns except the ring itself.
@@ -115,6 +167,13 @@ pub struct Forwarder {
     frames: FrameSlab,
     /// The link-layer socket framed outputs send on, once the supervisor has sent it.
     frame_socket: Option<OwnedFd>,
+    /// The socket Ethernet-framed outputs send on, whole frames behind a `virtio_net_hdr`.
+    ethernet_socket: Option<OwnedFd>,
+    runs_slab: RunSlab,
+    /// Runs waiting for the end of the loop turn, oldest first.
+    runs: Vec<Run>,
+    /// The kernel splits runs (it refused one with `EINVAL` otherwise: a kernel before 6.2).
+    segmenting: bool,
     /// This worker's page of the classifier's load map.
     load: LoadPage,
     inputs: Vec<Input>,
@@ -156,6 +215,10 @@ impl Forwarder {
             buffers,
             frames: FrameSlab::new(MAX_IN_FLIGHT),
             frame_socket: None,
+            ethernet_socket: None,
+            runs_slab: RunSlab::new(MAX_IN_FLIGHT),
+            runs: Vec::with_capacity(MAX_PENDING_RUNS),
+            segmenting: true,
             load,
             inputs: Vec::new(),
             routes: HashMap::new(),
@@ -188,6 +251,7 @@ impl Forwarder {
             for cqe in cq.by_ref() {
                 self.complete(&cqe, &submitter, &mut sq)?;
             }
+            self.send_runs(&submitter, &mut sq)?;
             self.load.taken(
                 self.counters
                     .block()
@@ -214,8 +278,14 @@ impl Forwarder {
                 self.sent(cqe);
                 Ok(())
             }
+            KIND_RUN => {
+                self.run_sent(cqe);
+                Ok(())
+            }
             KIND_CONTROL => {
-                // Sends queued so far refer to sockets a command may close: submit them first.
+                // Sends queued so far refer to sockets a command may close, and waiting runs
+                // to rules it may remove: send and submit them first.
+                self.send_runs(submitter, sq)?;
                 sq.sync();
                 submitter.submit()?;
                 self.control_ready(submitter, sq)?;
@@ -300,16 +370,35 @@ impl Forwarder {
         };
         let key = flow_key(self.inputs[input].ifindex, &datagram);
         // Source-specific rules first, then the rule for any sender.
-        let route = if let Some(route) = self.routes.get(&key) {
-            route
-        } else {
-            let Some(route) = self.routes.get(&key.any_source()) else {
-                bump(&totals.no_rule, 1);
-                self.buffers.recycle(buffer);
-                return Ok(());
-            };
-            route
+        let Some((&key, route)) = self
+            .routes
+            .get_key_value(&key)
+            .or_else(|| self.routes.get_key_value(&key.any_source()))
+        else {
+            bump(&totals.no_rule, 1);
+            self.buffers.recycle(buffer);
+            return Ok(());
         };
+        let payload_len = datagram.payload.len();
+        if self.ethernet_socket.is_some() && (1..=route.run_payload).contains(&payload_len) {
+            let start = datagram.payload.start;
+            return self.join_run(
+                key,
+                buffer,
+                start,
+                payload_len,
+                datagram.dscp_ecn,
+                submitter,
+                sq,
+            );
+        }
+        // Sent now: a run of its flow that is waiting goes first.
+        if let Some(index) = self.runs.iter().position(|run| run.key == key) {
+            let run = self.runs.remove(index);
+            self.send_run(&run, submitter, sq)?;
+        }
+        let bytes = self.buffers.buffer(buffer, len);
+        let route = &self.routes[&key];
 
         let outputs = route.outputs.len();
         if sq.capacity() - sq.len() < outputs {
@@ -333,13 +422,12 @@ impl Forwarder {
         let mut payload_sum = None;
         let mut queued = 0;
         for output in &route.outputs {
-            // The input's DSCP/ECN byte, or the output's DSCP with the input's ECN bits.
-            let dscp_ecn = output.dscp.map_or(datagram.dscp_ecn, |dscp| {
-                (dscp << 2) | (datagram.dscp_ecn & ECN_BITS)
-            });
+            let dscp_ecn = output_dscp_ecn(output, datagram.dscp_ecn);
             let prepared = send_entry(
                 &mut self.frames,
+                &mut self.runs_slab,
                 self.frame_socket.as_ref(),
+                self.ethernet_socket.as_ref(),
                 output,
                 buffer,
                 payload,
@@ -369,6 +457,185 @@ impl Forwarder {
             .hold(buffer, u16::try_from(outputs).unwrap_or(u16::MAX));
         self.in_flight += outputs;
         Ok(())
+    }
+
+    /// Adds a packet to the run of its flow, which is sent once it is full, once a packet of
+    /// the flow does not fit it, or at the end of the loop turn.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one packet's facts, passed on as they are"
+    )]
+    fn join_run(
+        &mut self,
+        key: FlowKey,
+        buffer: Buffer,
+        start: usize,
+        payload_len: usize,
+        dscp_ecn: u8,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let limit = if self.segmenting {
+            run_limit(payload_len)
+        } else {
+            1
+        };
+        if let Some(index) = self.runs.iter().position(|run| run.key == key) {
+            let run = &mut self.runs[index];
+            if run.payload_len == payload_len && run.dscp_ecn == dscp_ecn && run.count < limit {
+                run.buffers[run.count] = buffer;
+                run.starts[run.count] = start;
+                run.count += 1;
+                if run.count == limit {
+                    let run = self.runs.remove(index);
+                    self.send_run(&run, submitter, sq)?;
+                }
+                return Ok(());
+            }
+            let run = self.runs.remove(index);
+            self.send_run(&run, submitter, sq)?;
+        }
+        if self.runs.len() == MAX_PENDING_RUNS {
+            let oldest = self.runs.remove(0);
+            self.send_run(&oldest, submitter, sq)?;
+        }
+        let run = Run {
+            key,
+            payload_len,
+            dscp_ecn,
+            buffers: [buffer; MAX_RUN],
+            starts: [start; MAX_RUN],
+            count: 1,
+        };
+        if limit == 1 {
+            return self.send_run(&run, submitter, sq);
+        }
+        self.runs.push(run);
+        Ok(())
+    }
+
+    /// Sends every waiting run, oldest first.
+    fn send_runs(
+        &mut self,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let runs = std::mem::take(&mut self.runs);
+        for run in &runs {
+            self.send_run(run, submitter, sq)?;
+        }
+        self.runs = runs;
+        self.runs.clear();
+        Ok(())
+    }
+
+    /// Queues one Ethernet send of `run` per output of its rule.
+    fn send_run(
+        &mut self,
+        run: &Run,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let buffers = &run.buffers[..run.count];
+        let (Some(route), Some(socket)) = (self.routes.get(&run.key), &self.ethernet_socket) else {
+            // The rule went away while its packets waited (not possible between commands).
+            for &buffer in buffers {
+                self.buffers.recycle(buffer);
+            }
+            return Ok(());
+        };
+        let outputs = route.outputs.len();
+        if sq.capacity() - sq.len() < outputs {
+            sq.sync();
+            submitter.submit()?;
+            sq.sync();
+        }
+        let count = run.count as u64;
+        if self.in_flight + outputs > MAX_IN_FLIGHT || sq.capacity() - sq.len() < outputs {
+            for output in &route.outputs {
+                bump(
+                    &self.counters.block().outputs[output.counter as usize].queue_full,
+                    count,
+                );
+            }
+            for &buffer in buffers {
+                self.buffers.recycle(buffer);
+            }
+            return Ok(());
+        }
+        let mut payloads: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
+        for ((payload, &buffer), &start) in payloads.iter_mut().zip(buffers).zip(&run.starts) {
+            let bytes = self.buffers.buffer(buffer, start + run.payload_len);
+            *payload = &bytes[start..];
+        }
+        let mut queued = 0;
+        for output in &route.outputs {
+            let Egress::Framed(frame) = &output.egress else {
+                continue;
+            };
+            let dscp_ecn = output_dscp_ecn(output, run.dscp_ecn);
+            let Some((slot, message)) =
+                self.runs_slab
+                    .prepare(frame, buffers, &payloads[..run.count], dscp_ecn)
+            else {
+                bump(
+                    &self.counters.block().outputs[output.counter as usize].queue_full,
+                    count,
+                );
+                continue;
+            };
+            let send = opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
+                .flags(nix::libc::MSG_DONTWAIT as u32)
+                .build()
+                .user_data(run_data(slot, output.counter));
+            // SAFETY: the payloads lie in the run's buffers, which are not recycled before the
+            // last of these sends completes (`Buffers::hold`); the headers, I/O vector and
+            // message live in their slab slot until the send completes; the socket stays open
+            // because sends are submitted before any command can close it.
+            unsafe { sq.push(&send) }.expect("room was checked above");
+            queued += 1;
+        }
+        for &buffer in buffers {
+            if queued == 0 {
+                self.buffers.recycle(buffer);
+            } else {
+                self.buffers
+                    .hold(buffer, u16::try_from(queued).unwrap_or(u16::MAX));
+            }
+        }
+        self.in_flight += queued;
+        Ok(())
+    }
+
+    fn run_sent(&mut self, cqe: &cqueue::Entry) {
+        let data = cqe.user_data();
+        let slot = u32::try_from((data >> 20) & u64::from(FIELD_MASK)).unwrap_or(NO_SLOT);
+        let counter = usize::try_from(data & u64::from(FIELD_MASK)).unwrap_or(usize::MAX);
+        let Some(sent) = self.runs_slab.release(slot) else {
+            return;
+        };
+        let count = sent.count as u64;
+        if cqe.result() == -nix::libc::EINVAL && sent.count > 1 && self.segmenting {
+            tracing::warn!(
+                "the kernel does not split UDP runs (VIRTIO_NET_HDR_GSO_UDP_L4 needs Linux 6.2); \
+                 sending packets one by one"
+            );
+            self.segmenting = false;
+        }
+        if let Some(output) = self.counters.block().outputs.get(counter) {
+            match cqe.result() {
+                result if result >= 0 => {
+                    bump(&output.packets, count);
+                    bump(&output.bytes, sent.payload_bytes as u64);
+                }
+                result if result == -nix::libc::EAGAIN => bump(&output.queue_full, count),
+                _ => bump(&output.errors, count),
+            }
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        for &buffer in sent.buffers() {
+            self.buffers.sent(buffer);
+        }
     }
 
     fn sent(&mut self, cqe: &cqueue::Entry) {
@@ -503,8 +770,10 @@ impl Forwarder {
                     tracing::debug!(input, "input removed");
                 }
             }
-            Command::SetEgress => {
-                self.frame_socket = fds.into_iter().next();
+            Command::SetEgress { .. } => {
+                let mut fds = fds.into_iter();
+                self.frame_socket = fds.next();
+                self.ethernet_socket = fds.next();
             }
             Command::AddRule { slot, key, outputs } => {
                 if outputs.iter().any(|o| o.counter as usize >= MAX_OUTPUTS) {
@@ -531,7 +800,7 @@ impl Forwarder {
                         })
                     })
                     .collect();
-                self.routes.insert(key, Route { slot, outputs });
+                self.routes.insert(key, Route::new(slot, outputs));
                 tracing::debug!(slot, "rule added");
             }
             Command::RemoveRule { slot } => {
@@ -545,6 +814,13 @@ impl Forwarder {
         }
         Ok(())
     }
+}
+
+/// The input's DSCP/ECN byte, or `output`'s DSCP with the input's ECN bits.
+fn output_dscp_ecn(output: &Output, input: u8) -> u8 {
+    output
+        .dscp
+        .map_or(input, |dscp| (dscp << 2) | (input & ECN_BITS))
 }
 
 /// The route key of `datagram`, received on interface `ifindex`: the key of its source-specific
@@ -577,9 +853,15 @@ fn flow_key(ifindex: u32, datagram: &Datagram) -> FlowKey {
 /// a UDP checksum, which only IPv6 framed outputs ask for. A full socket buffer fails a send at
 /// once (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow
 /// overtake it.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the slabs and sockets are separate fields"
+)]
 fn send_entry(
     frames: &mut FrameSlab,
+    runs: &mut RunSlab,
     frame_socket: Option<&OwnedFd>,
+    ethernet_socket: Option<&OwnedFd>,
     output: &Output,
     buffer: Buffer,
     payload: &[u8],
@@ -601,6 +883,15 @@ fn send_entry(
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()
                 .user_data(send_data(buffer, slot, output.counter))
+        }
+        // A run of one: the kernel (or the NIC) completes its UDP checksum.
+        Egress::Framed(frame) if frame.is_ethernet() && ethernet_socket.is_some() => {
+            let socket = ethernet_socket?;
+            let (slot, message) = runs.prepare(frame, &[buffer], &[payload], dscp_ecn)?;
+            opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
+                .flags(nix::libc::MSG_DONTWAIT as u32)
+                .build()
+                .user_data(run_data(slot, output.counter))
         }
         Egress::Framed(frame) => {
             let socket = frame_socket?;

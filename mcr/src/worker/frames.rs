@@ -14,6 +14,7 @@ use std::cell::Cell;
 
 use nix::libc;
 
+use super::segments::EthernetFrame;
 use crate::{
     command::{FrameAddresses, FrameHeader},
     packet::OnesComplementSum,
@@ -29,7 +30,7 @@ pub const HEADER_ROOM: usize = IPV6_HEADER_LEN;
 const IPPROTO_UDP: u8 = 17;
 
 /// What differs between the families beyond the template.
-enum Family {
+pub(super) enum Family {
     V4 {
         /// IPv4 identification of the next packet.
         next_id: Cell<u16>,
@@ -44,9 +45,13 @@ enum Family {
 /// A multicast output's fixed header fields and link-layer destination.
 pub struct Frame {
     /// The headers with every per-packet field zero: 28 bytes for IPv4, 48 for IPv6.
-    template: [u8; HEADER_ROOM],
-    family: Family,
-    address: libc::sockaddr_ll,
+    pub(super) template: [u8; HEADER_ROOM],
+    pub(super) family: Family,
+    pub(super) address: libc::sockaddr_ll,
+    /// On an Ethernet interface: the Ethernet header, written by the worker too, and what
+    /// keeps runs within the MTU (see `segments`). `None` sends IP packets and lets the kernel
+    /// write the link-layer header.
+    pub(super) ethernet: Option<EthernetFrame>,
 }
 
 impl Frame {
@@ -102,7 +107,13 @@ impl Frame {
             template,
             family,
             address,
+            ethernet: EthernetFrame::new(header, ethertype),
         }
+    }
+
+    /// Sent as a whole Ethernet frame on the egress's Ethernet socket.
+    pub fn is_ethernet(&self) -> bool {
+        self.ethernet.is_some()
     }
 
     /// Writes into `out` the headers for a packet carrying `payload_len` bytes with DSCP/ECN
@@ -323,6 +334,7 @@ mod tests {
             },
             port: 6000,
             ttl: 7,
+            ethernet: None,
         })
     }
 
@@ -342,6 +354,7 @@ mod tests {
             },
             port: 6000,
             ttl: 9,
+            ethernet: None,
         })
     }
 
@@ -503,6 +516,7 @@ mod tests {
             },
             port: 7000,
             ttl: 3,
+            ethernet: None,
         });
         for len in [0, 1, 2, 3, 7, 100, 1401] {
             let payload = pattern(len);

@@ -9,6 +9,7 @@ mod frames;
 mod load;
 mod privileges;
 mod sandbox;
+mod segments;
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
