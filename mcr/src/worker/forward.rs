@@ -400,18 +400,9 @@ impl Forwarder {
         let bytes = self.buffers.buffer(buffer, len);
         let route = &self.routes[&key];
 
-        let outputs = route.outputs.len();
-        if sq.capacity() - sq.len() < outputs {
-            sq.sync();
-            submitter.submit()?;
-            sq.sync();
-        }
-        if self.in_flight + outputs > MAX_IN_FLIGHT || sq.capacity() - sq.len() < outputs {
+        if !room_for(self.in_flight, route.outputs.len(), submitter, sq)? {
             for output in &route.outputs {
-                bump(
-                    &self.counters.block().outputs[output.counter as usize].queue_full,
-                    1,
-                );
+                queue_full(&self.counters, output.counter, 1);
             }
             self.buffers.recycle(buffer);
             return Ok(());
@@ -435,10 +426,7 @@ impl Forwarder {
                 || *payload_sum.get_or_insert_with(|| datagram.payload_sum(bytes)),
             );
             let Some(send) = prepared else {
-                bump(
-                    &self.counters.block().outputs[output.counter as usize].queue_full,
-                    1,
-                );
+                queue_full(&self.counters, output.counter, 1);
                 continue;
             };
             // SAFETY: the payload lies in buffer `buffer`, which is not recycled before the
@@ -544,19 +532,10 @@ impl Forwarder {
             }
             return Ok(());
         };
-        let outputs = route.outputs.len();
-        if sq.capacity() - sq.len() < outputs {
-            sq.sync();
-            submitter.submit()?;
-            sq.sync();
-        }
         let count = run.count as u64;
-        if self.in_flight + outputs > MAX_IN_FLIGHT || sq.capacity() - sq.len() < outputs {
+        if !room_for(self.in_flight, route.outputs.len(), submitter, sq)? {
             for output in &route.outputs {
-                bump(
-                    &self.counters.block().outputs[output.counter as usize].queue_full,
-                    count,
-                );
+                queue_full(&self.counters, output.counter, count);
             }
             for &buffer in buffers {
                 self.buffers.recycle(buffer);
@@ -578,10 +557,7 @@ impl Forwarder {
                 self.runs_slab
                     .prepare(frame, buffers, &payloads[..run.count], dscp_ecn)
             else {
-                bump(
-                    &self.counters.block().outputs[output.counter as usize].queue_full,
-                    count,
-                );
+                queue_full(&self.counters, output.counter, count);
                 continue;
             };
             let send = opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
@@ -903,6 +879,29 @@ fn send_entry(
         }
     };
     Some(entry)
+}
+
+/// Counts `packets` not sent to the output with counter `counter` for want of room.
+fn queue_full(counters: &SharedCounters, counter: u32, packets: u64) {
+    if let Some(output) = counters.block().outputs.get(counter as usize) {
+        bump(&output.queue_full, packets);
+    }
+}
+
+/// Whether `entries` more sends fit, beside `in_flight` sends, the in-flight bound and the
+/// submission queue; submits what is queued first when the queue lacks the room.
+fn room_for(
+    in_flight: usize,
+    entries: usize,
+    submitter: &Submitter<'_>,
+    sq: &mut squeue::SubmissionQueue<'_>,
+) -> anyhow::Result<bool> {
+    if sq.capacity() - sq.len() < entries {
+        sq.sync();
+        submitter.submit()?;
+        sq.sync();
+    }
+    Ok(in_flight + entries <= MAX_IN_FLIGHT && sq.capacity() - sq.len() >= entries)
 }
 
 /// Pushes one entry, submitting first if the queue is full.

@@ -14,7 +14,7 @@ use std::cell::Cell;
 
 use nix::libc;
 
-use super::segments::EthernetFrame;
+use super::{segments::EthernetFrame, slots::Slots};
 use crate::{
     command::{FrameAddresses, FrameHeader},
     packet::OnesComplementSum,
@@ -203,8 +203,7 @@ struct FrameSend {
 
 /// Storage for the sends in flight, allocated once.
 pub struct FrameSlab {
-    sends: Box<[FrameSend]>,
-    free: Vec<u32>,
+    sends: Slots<FrameSend>,
 }
 
 impl FrameSlab {
@@ -222,11 +221,9 @@ impl FrameSlab {
                 }
             }
         };
-        let sends: Box<[FrameSend]> = (0..capacity).map(|_| empty()).collect();
-        let free = (0..u32::try_from(capacity).unwrap_or(u32::MAX))
-            .rev()
-            .collect();
-        Self { sends, free }
+        Self {
+            sends: Slots::new(capacity, empty),
+        }
     }
 
     /// Fills a free slot for `payload` sent through `frame` with DSCP/ECN byte `dscp_ecn`
@@ -239,8 +236,7 @@ impl FrameSlab {
         dscp_ecn: u8,
         payload_sum: impl FnOnce() -> OnesComplementSum,
     ) -> Option<(u32, *const libc::msghdr)> {
-        let slot = self.free.pop()?;
-        let send = &mut self.sends[slot as usize];
+        let (slot, send) = self.sends.take()?;
         let header_len = frame.write_header(&mut send.header, payload.len(), dscp_ecn, payload_sum);
         send.address = frame.address;
         send.overhead = header_len;
@@ -273,8 +269,7 @@ impl FrameSlab {
         dscp_ecn: u8,
         ipv6: bool,
     ) -> Option<(u32, *const libc::msghdr)> {
-        let slot = self.free.pop()?;
-        let send = &mut self.sends[slot as usize];
+        let (slot, send) = self.sends.take()?;
         send.overhead = 0;
         send.iov[0] = libc::iovec {
             iov_base: payload.as_ptr().cast_mut().cast(),
@@ -306,10 +301,7 @@ impl FrameSlab {
 
     /// Frees `slot`; returns the bytes its send reported beyond the payload.
     pub fn release(&mut self, slot: u32) -> usize {
-        self.free.push(slot);
-        self.sends
-            .get(slot as usize)
-            .map_or(0, |send| send.overhead)
+        self.sends.give_back(slot).map_or(0, |send| send.overhead)
     }
 }
 

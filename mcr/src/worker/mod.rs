@@ -10,6 +10,7 @@ mod load;
 mod privileges;
 mod sandbox;
 mod segments;
+mod slots;
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},

@@ -12,6 +12,7 @@ use nix::libc;
 use super::{
     buffers::Buffer,
     frames::{Family, Frame, HEADER_ROOM, IPV4_HEADER_LEN, IPV6_HEADER_LEN, ipv4_checksum},
+    slots::Slots,
 };
 use crate::{command::FrameHeader, packet::OnesComplementSum};
 
@@ -168,8 +169,7 @@ impl RunSent {
 
 /// Storage for the Ethernet sends in flight, allocated once.
 pub struct RunSlab {
-    sends: Box<[RunSend]>,
-    free: Vec<u32>,
+    sends: Slots<RunSend>,
 }
 
 impl RunSlab {
@@ -188,11 +188,9 @@ impl RunSlab {
                 }
             }
         };
-        let sends: Box<[RunSend]> = (0..capacity).map(|_| empty()).collect();
-        let free = (0..u32::try_from(capacity).unwrap_or(u32::MAX))
-            .rev()
-            .collect();
-        Self { sends, free }
+        Self {
+            sends: Slots::new(capacity, empty),
+        }
     }
 
     /// Fills a free slot with the send of `payloads` (same length, read from `buffers`, one
@@ -208,10 +206,11 @@ impl RunSlab {
         let count = payloads.len();
         let payload_len = payloads.first().map_or(0, |payload| payload.len());
         debug_assert!(count >= 1 && count <= run_limit(payload_len) && buffers.len() == count);
-        let slot = *self.free.last()?;
-        let send = &mut self.sends[slot as usize];
+        if !frame.is_ethernet() {
+            return None;
+        }
+        let (slot, send) = self.sends.take()?;
         let header_len = frame.write_run_header(&mut send.header, payload_len, count, dscp_ecn)?;
-        self.free.pop();
         send.address = frame.address;
         send.count = count;
         send.payload_bytes = payload_len * count;
@@ -238,8 +237,7 @@ impl RunSlab {
 
     /// Frees `slot`; returns what its send carried.
     pub fn release(&mut self, slot: u32) -> Option<RunSent> {
-        let send = self.sends.get(slot as usize)?;
-        self.free.push(slot);
+        let send = self.sends.give_back(slot)?;
         Some(RunSent {
             buffers: send.buffers,
             count: send.count,
