@@ -605,6 +605,43 @@ fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Res
     Ok(())
 }
 
+#[test]
+fn runs_follow_an_output_interface_whose_mtu_shrinks() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let rules = RulesFile::new(
+        "settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
+    )?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
+    let pid = Pid::from_raw(i32::try_from(pid)?);
+    let output = Ipv4Addr::new(239, 2, 2, 1);
+    // 1300-byte payloads make 1328-byte packets: more than out0 carries once its MTU is 1200.
+    // The receiving end keeps 1500, so a packet sent too long would still arrive there.
+    lab.relay
+        .ip(&["link", "set", "dev", "out0", "mtu", "1200"])?;
+    // The supervisor sees the link change and re-plumbs the rule (it settles for 200 ms).
+    std::thread::sleep(Duration::from_secs(2));
+
+    let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
+    kill(pid, Signal::SIGSTOP)?;
+    let burst = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 1300, 40);
+    let sent = send_udp(&lab.generator, &burst);
+    kill(pid, Signal::SIGCONT)?;
+    sent?;
+    let arrived = receiver.finish()?;
+    let rule = mcr.rule_stats("cam")?;
+    // Each packet was refused as too long for out0 rather than sent in a run sized for the
+    // old MTU.
+    ensure!(
+        arrived.is_empty(),
+        "{} datagrams left out0 longer than its MTU: {rule}",
+        arrived.len()
+    );
+    assert_eq!(rule["outputs"][0]["tx_errors"], burst.count, "{rule}");
+    assert_eq!(rule["outputs"][0]["tx_packets"], 0, "{rule}");
+    Ok(())
+}
+
 /// The camera rule on one worker, with `realtime` as `settings.realtime` when given.
 fn camera_rules_realtime(realtime: Option<&str>) -> String {
     let realtime = realtime.map_or_else(String::new, |value| format!("  realtime: {value}\n"));
