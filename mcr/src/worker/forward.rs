@@ -58,7 +58,7 @@ const KIND_CANCEL: u64 = 4;
 const KIND_RUN: u64 = 5;
 
 /// Flows with a run waiting at once; a packet of one more flow sends the oldest run.
-const MAX_PENDING_RUNS: usize = 8;
+const MAX_PENDING_RUNS: usize = 64;
 
 fn recv_data(input: u32) -> u64 {
     (KIND_RECV << KIND_SHIFT) | u64::from(input)
@@ -122,6 +122,8 @@ struct Route {
     /// The largest payload whose packets wait in runs: every output is Ethernet-framed and
     /// the payload fits each one's MTU. 0 when some output is not Ethernet-framed.
     run_payload: usize,
+    /// Some output frames IPv6 itself and needs the payload's part of the UDP checksum.
+    needs_payload_sum: bool,
 }
 
 impl Route {
@@ -137,10 +139,14 @@ impl Route {
             })
             .min()
             .unwrap_or(0);
+        let needs_payload_sum = outputs
+            .iter()
+            .any(|output| matches!(&output.egress, Egress::Framed(frame) if frame.is_ipv6()));
         Self {
             slot,
             outputs,
             run_payload,
+            needs_payload_sum,
         }
     }
 }
@@ -156,6 +162,9 @@ struct Run {
     /// Where each payload starts in its buffer.
     starts: [usize; MAX_RUN],
     count: usize,
+    /// The first packet's payload sum, for a run that ends up one packet long (see
+    /// [`Forwarder::send_each`]).
+    payload_sum: Option<OnesComplementSum>,
 }
 
 /// Everything the loop owns except the ring itself.
@@ -380,6 +389,10 @@ impl Forwarder {
             return Ok(());
         };
         let payload_len = datagram.payload.len();
+        // IPv6 framed outputs need the payload's part of their UDP checksum when sent one by
+        // one: taken from the input's checksum where it has one (so a payload corrupted on
+        // the way still fails the output's), else summed.
+        let payload_sum = route.needs_payload_sum.then(|| datagram.payload_sum(bytes));
         if self.ethernet_socket.is_some() && (1..=route.run_payload).contains(&payload_len) {
             let start = datagram.payload.start;
             return self.join_run(
@@ -388,18 +401,47 @@ impl Forwarder {
                 start,
                 payload_len,
                 datagram.dscp_ecn,
+                payload_sum,
                 submitter,
                 sq,
             );
         }
         // Sent now: a run of its flow that is waiting goes first.
         if let Some(index) = self.runs.iter().position(|run| run.key == key) {
-            let run = self.runs.remove(index);
+            let run = self.runs.swap_remove(index);
             self.send_run(&run, submitter, sq)?;
         }
-        let bytes = self.buffers.buffer(buffer, len);
-        let route = &self.routes[&key];
+        let start = datagram.payload.start;
+        self.send_each(
+            key,
+            buffer,
+            start..start + payload_len,
+            datagram.dscp_ecn,
+            payload_sum,
+            submitter,
+            sq,
+        )
+    }
 
+    /// Queues one send of the payload at `payload` in `buffer` to every output of rule `key`.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one packet's facts, passed on as they are"
+    )]
+    fn send_each(
+        &mut self,
+        key: FlowKey,
+        buffer: Buffer,
+        payload: std::ops::Range<usize>,
+        dscp_ecn: u8,
+        payload_sum: Option<OnesComplementSum>,
+        submitter: &Submitter<'_>,
+        sq: &mut squeue::SubmissionQueue<'_>,
+    ) -> anyhow::Result<()> {
+        let Some(route) = self.routes.get(&key) else {
+            self.buffers.recycle(buffer);
+            return Ok(());
+        };
         if !room_for(self.in_flight, route.outputs.len(), submitter, sq)? {
             for output in &route.outputs {
                 queue_full(&self.counters, output.counter, 1);
@@ -407,23 +449,17 @@ impl Forwarder {
             self.buffers.recycle(buffer);
             return Ok(());
         }
-        let payload = &bytes[datagram.payload.clone()];
-        // Computed for the first IPv6 output that needs it, then shared by the others; a
-        // packet relayed to IPv4 outputs only never has it computed.
-        let mut payload_sum = None;
+        let payload = &self.buffers.buffer(buffer, payload.end)[payload];
         let mut queued = 0;
         for output in &route.outputs {
-            let dscp_ecn = output_dscp_ecn(output, datagram.dscp_ecn);
             let prepared = send_entry(
                 &mut self.frames,
-                &mut self.runs_slab,
                 self.frame_socket.as_ref(),
-                self.ethernet_socket.as_ref(),
                 output,
                 buffer,
                 payload,
-                dscp_ecn,
-                || *payload_sum.get_or_insert_with(|| datagram.payload_sum(bytes)),
+                output_dscp_ecn(output, dscp_ecn),
+                || payload_sum.unwrap_or_default(),
             );
             let Some(send) = prepared else {
                 queue_full(&self.counters, output.counter, 1);
@@ -440,10 +476,9 @@ impl Forwarder {
             self.buffers.recycle(buffer);
             return Ok(());
         }
-        let outputs = queued;
         self.buffers
-            .hold(buffer, u16::try_from(outputs).unwrap_or(u16::MAX));
-        self.in_flight += outputs;
+            .hold(buffer, u16::try_from(queued).unwrap_or(u16::MAX));
+        self.in_flight += queued;
         Ok(())
     }
 
@@ -460,6 +495,7 @@ impl Forwarder {
         start: usize,
         payload_len: usize,
         dscp_ecn: u8,
+        payload_sum: Option<OnesComplementSum>,
         submitter: &Submitter<'_>,
         sq: &mut squeue::SubmissionQueue<'_>,
     ) -> anyhow::Result<()> {
@@ -475,22 +511,23 @@ impl Forwarder {
                 run.starts[run.count] = start;
                 run.count += 1;
                 if run.count == limit {
-                    let run = self.runs.remove(index);
+                    let run = self.runs.swap_remove(index);
                     self.send_run(&run, submitter, sq)?;
                 }
                 return Ok(());
             }
-            let run = self.runs.remove(index);
+            let run = self.runs.swap_remove(index);
             self.send_run(&run, submitter, sq)?;
         }
         if self.runs.len() == MAX_PENDING_RUNS {
-            let oldest = self.runs.remove(0);
+            let oldest = self.runs.swap_remove(0);
             self.send_run(&oldest, submitter, sq)?;
         }
         let run = Run {
             key,
             payload_len,
             dscp_ecn,
+            payload_sum,
             buffers: [buffer; MAX_RUN],
             starts: [start; MAX_RUN],
             count: 1,
@@ -517,13 +554,27 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Queues one Ethernet send of `run` per output of its rule.
+    /// Queues one Ethernet send of `run` per output of its rule, split by the kernel. A run of
+    /// one packet is sent as any single packet: measured, an IP packet on the other link-layer
+    /// socket costs less than a frame behind a `virtio_net_hdr` (decision 0014).
     fn send_run(
         &mut self,
         run: &Run,
         submitter: &Submitter<'_>,
         sq: &mut squeue::SubmissionQueue<'_>,
     ) -> anyhow::Result<()> {
+        if run.count == 1 {
+            let start = run.starts[0];
+            return self.send_each(
+                run.key,
+                run.buffers[0],
+                start..start + run.payload_len,
+                run.dscp_ecn,
+                run.payload_sum,
+                submitter,
+                sq,
+            );
+        }
         let buffers = &run.buffers[..run.count];
         let (Some(route), Some(socket)) = (self.routes.get(&run.key), &self.ethernet_socket) else {
             // The rule went away while its packets waited (not possible between commands).
@@ -829,15 +880,9 @@ fn flow_key(ifindex: u32, datagram: &Datagram) -> FlowKey {
 /// a UDP checksum, which only IPv6 framed outputs ask for. A full socket buffer fails a send at
 /// once (`MSG_DONTWAIT`) instead of parking it, which would let later packets of the flow
 /// overtake it.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the slabs and sockets are separate fields"
-)]
 fn send_entry(
     frames: &mut FrameSlab,
-    runs: &mut RunSlab,
     frame_socket: Option<&OwnedFd>,
-    ethernet_socket: Option<&OwnedFd>,
     output: &Output,
     buffer: Buffer,
     payload: &[u8],
@@ -859,15 +904,6 @@ fn send_entry(
                 .flags(nix::libc::MSG_DONTWAIT as u32)
                 .build()
                 .user_data(send_data(buffer, slot, output.counter))
-        }
-        // A run of one: the kernel (or the NIC) completes its UDP checksum.
-        Egress::Framed(frame) if frame.is_ethernet() && ethernet_socket.is_some() => {
-            let socket = ethernet_socket?;
-            let (slot, message) = runs.prepare(frame, &[buffer], &[payload], dscp_ecn)?;
-            opcode::SendMsg::new(Fd(socket.as_raw_fd()), message)
-                .flags(nix::libc::MSG_DONTWAIT as u32)
-                .build()
-                .user_data(run_data(slot, output.counter))
         }
         Egress::Framed(frame) => {
             let socket = frame_socket?;

@@ -111,6 +111,11 @@ impl Frame {
         }
     }
 
+    /// Sends IPv6 (and needs the payload's part of the UDP checksum when sent alone).
+    pub fn is_ipv6(&self) -> bool {
+        matches!(self.family, Family::V6 { .. })
+    }
+
     /// Sent as a whole Ethernet frame on the egress's Ethernet socket.
     pub fn is_ethernet(&self) -> bool {
         self.ethernet.is_some()
