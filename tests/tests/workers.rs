@@ -450,16 +450,26 @@ fn a_stopped_worker_is_shown_stalled_and_restarted() -> anyhow::Result<()> {
     assert_camera_relayed(&lab)
 }
 
+/// The camera rule with `outputs` (rules-file lines) on one worker that may be stopped for
+/// a while without being taken for wedged (a stall timeout of 30 s): the rules file (kept
+/// while MCR runs), MCR and the worker's pid.
+fn one_stoppable_worker(lab: &Lab, outputs: &str) -> anyhow::Result<(RulesFile, Mcr, Pid)> {
+    let rules = RulesFile::new(&format!(
+        "settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n{outputs}"
+    ))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
+    Ok((rules, mcr, Pid::from_raw(i32::try_from(pid)?)))
+}
+
 #[test]
 fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     // A stall timeout well past the overload below: the worker is behind, not wedged.
-    let rules = RulesFile::new(
-        "settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
+    let (_rules, mcr, pid) = one_stoppable_worker(
+        &lab,
+        "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
     )?;
-    let mcr = Mcr::start(&lab.relay, rules.path())?;
-    let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
-    let pid = Pid::from_raw(i32::try_from(pid)?);
     let group = Ipv4Addr::new(239, 1, 1, 1);
     let output = Ipv4Addr::new(239, 2, 2, 1);
 
@@ -542,12 +552,10 @@ fn frames_received(netns: &mcr_tests::Netns, interface: &str) -> anyhow::Result<
 #[test]
 fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Result<()> {
     let lab = Lab::new()?;
-    let rules = RulesFile::new(
-        "settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n      - {interface: out1, destination: 239.2.2.2, port: 6002, dscp: 46}\n",
+    let (_rules, mcr, pid) = one_stoppable_worker(
+        &lab,
+        "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n      - {interface: out1, destination: 239.2.2.2, port: 6002, dscp: 46}\n",
     )?;
-    let mcr = Mcr::start(&lab.relay, rules.path())?;
-    let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
-    let pid = Pid::from_raw(i32::try_from(pid)?);
     let first = Ipv4Addr::new(239, 2, 2, 1);
     let second = Ipv4Addr::new(239, 2, 2, 2);
     let receivers = [
@@ -608,12 +616,10 @@ fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Res
 #[test]
 fn runs_follow_an_output_interface_whose_mtu_shrinks() -> anyhow::Result<()> {
     let lab = Lab::new()?;
-    let rules = RulesFile::new(
-        "settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n  - name: cam\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs:\n      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
+    let (_rules, mcr, pid) = one_stoppable_worker(
+        &lab,
+        "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
     )?;
-    let mcr = Mcr::start(&lab.relay, rules.path())?;
-    let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
-    let pid = Pid::from_raw(i32::try_from(pid)?);
     let output = Ipv4Addr::new(239, 2, 2, 1);
     // 1300-byte payloads make 1328-byte packets: more than out0 carries once its MTU is 1200.
     // The receiving end keeps 1500, so a packet sent too long would still arrive there.
