@@ -35,7 +35,7 @@ pub use latency::{Delays, SteadyStream, send_steady};
 pub use mcr::{Launch, Mcr, mcr_binary};
 pub use netns::{Netns, in_netns, run as run_tool, unique_name, veth};
 pub use path::TestPath;
-pub use receiver::{Datagram, Listener, Receiver};
+pub use receiver::{Datagram, Listener, Receiver, receive_message};
 pub use receiver6::{Datagram6, Receiver6};
 pub use traffic::{Stream, send_udp};
 

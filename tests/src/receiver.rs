@@ -200,18 +200,33 @@ fn clocks_side_by_side() -> Option<(Duration, Duration)> {
     None
 }
 
+/// One message from a non-blocking socket, with its control messages in `space`; `None` when
+/// nothing is waiting or a signal cut the call short.
+#[allow(
+    clippy::ptr_arg,
+    reason = "nix's recvmsg takes the control buffer as a Vec"
+)]
+pub fn receive_message<'a, 'outer, 'inner, S: nix::sys::socket::SockaddrLike + 'a>(
+    fd: std::os::fd::RawFd,
+    iov: &'outer mut [IoSliceMut<'inner>],
+    space: &'a mut Vec<u8>,
+) -> anyhow::Result<Option<nix::sys::socket::RecvMsg<'a, 'outer, S>>>
+where
+    'inner: 'outer,
+{
+    match recvmsg::<S>(fd, iov, Some(space), MsgFlags::empty()) {
+        Ok(message) => Ok(Some(message)),
+        Err(nix::Error::EAGAIN | nix::Error::EINTR) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
 fn receive_one(socket: &UdpSocket, buffer: &mut [u8]) -> anyhow::Result<Option<Datagram>> {
     let mut space = nix::cmsg_space!(i32, u8, nix::libc::in_pktinfo, nix::libc::timespec);
     let mut iov = [IoSliceMut::new(buffer)];
-    let message = match recvmsg::<SockaddrIn>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    ) {
-        Ok(message) => message,
-        Err(nix::Error::EAGAIN | nix::Error::EINTR) => return Ok(None),
-        Err(error) => return Err(error.into()),
+    let Some(message) = receive_message::<SockaddrIn>(socket.as_raw_fd(), &mut iov, &mut space)?
+    else {
+        return Ok(None);
     };
     let mut ttl = 0;
     let mut tos = 0;

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use nix::{
     net::if_::if_nametoindex,
-    sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn6, recvmsg, setsockopt, sockopt},
+    sys::socket::{ControlMessageOwned, SockaddrIn6, setsockopt, sockopt},
 };
 
 use crate::{
@@ -77,15 +77,10 @@ impl Receiver6 {
 fn receive_one(socket: &UdpSocket, buffer: &mut [u8]) -> anyhow::Result<Option<Datagram6>> {
     let mut space = nix::cmsg_space!(i32, i32, nix::libc::in6_pktinfo);
     let mut iov = [IoSliceMut::new(buffer)];
-    let message = match recvmsg::<SockaddrIn6>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    ) {
-        Ok(message) => message,
-        Err(nix::Error::EAGAIN | nix::Error::EINTR) => return Ok(None),
-        Err(error) => return Err(error.into()),
+    let Some(message) =
+        super::receiver::receive_message::<SockaddrIn6>(socket.as_raw_fd(), &mut iov, &mut space)?
+    else {
+        return Ok(None);
     };
     let mut hop_limit = 0;
     let mut traffic_class = 0;

@@ -35,8 +35,8 @@ use nix::{
     libc,
     net::if_::if_nametoindex,
     sys::socket::{
-        AddressFamily, ControlMessageOwned, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType,
-        bind, recvmsg, setsockopt, socket, sockopt,
+        AddressFamily, ControlMessageOwned, LinkAddr, SockFlag, SockProtocol, SockType, bind,
+        setsockopt, socket, sockopt,
     },
 };
 use serde_json::Value;
@@ -944,15 +944,10 @@ fn capture(netns: &Netns, interface: &'static str) -> anyhow::Result<Listener<Ca
     let receive = move |socket: &OwnedFd| -> anyhow::Result<Option<Captured>> {
         let mut space = nix::cmsg_space!(libc::tpacket_auxdata);
         let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
-        let message = match recvmsg::<LinkAddr>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::empty(),
-        ) {
-            Ok(message) => message,
-            Err(nix::Error::EAGAIN | nix::Error::EINTR) => return Ok(None),
-            Err(error) => return Err(error.into()),
+        let Some(message) =
+            mcr_tests::receive_message::<LinkAddr>(socket.as_raw_fd(), &mut iov, &mut space)?
+        else {
+            return Ok(None);
         };
         // Not what the sink itself sends (MLD reports).
         if message
