@@ -39,6 +39,12 @@ pub struct WorkerTotals {
     /// Turns of the worker's loop: the supervisor compares readings to tell a stalled worker
     /// from a busy or an idle one.
     pub progress: AtomicU64,
+    /// Sends the kernel accepted, to any output: each one packet, or a run of packets the
+    /// kernel splits (decision 0014).
+    pub sends: AtomicU64,
+    /// Packets those sends carried; `sent / sends` is how many packets a send carries on
+    /// average (1 when no runs form).
+    pub sent: AtomicU64,
 }
 
 /// What one output sent.

@@ -106,6 +106,19 @@ pub struct WorkerStats {
     pub no_rule: u64,
     /// Times receiving paused because every buffer was in use.
     pub no_buffer: u64,
+    /// Sends the kernel accepted (each one packet or a run of them) and the packets they
+    /// carried, over all outputs: `sent / sends` packets per send.
+    #[serde(default)]
+    pub sends: u64,
+    #[serde(default)]
+    pub sent: u64,
+}
+
+impl WorkerStats {
+    /// Packets per send, when the worker has sent anything.
+    pub fn per_send(&self) -> Option<f64> {
+        (self.sends > 0).then(|| self.sent as f64 / self.sends as f64)
+    }
 }
 
 /// Everything `mcr stats` receives from a running instance.
@@ -397,6 +410,8 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
             "TOO-BIG",
             "NO-RULE",
             "NO-BUFFER",
+            "SENDS",
+            "PER-SEND",
         ],
         4,
     );
@@ -416,6 +431,8 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
             worker.too_big.to_string(),
             worker.no_rule.to_string(),
             worker.no_buffer.to_string(),
+            worker.sends.to_string(),
+            optional(worker.per_send().map(|ratio| format!("{ratio:.1}"))),
         ]);
     }
     table
@@ -537,6 +554,8 @@ mod tests {
                 too_big: 0,
                 no_rule: 0,
                 no_buffer: 0,
+                sends: 4,
+                sent: 7,
             }],
             skipped: Skipped {
                 malformed: 1,
@@ -597,9 +616,14 @@ mod tests {
         assert_eq!(
             lines[5],
             [
-                "0", "42", "1", "running", "3", "7", "0", "5", "0", "0", "0", "0"
+                "0", "42", "1", "running", "3", "7", "0", "5", "0", "0", "0", "0", "4", "1.8"
             ]
         );
+        // A worker that has sent nothing has no packets per send.
+        let mut idle = report.clone();
+        idle.workers[0].sends = 0;
+        idle.workers[0].sent = 0;
+        assert_eq!(cells(&render_table(&idle))[5][12..], ["0", "-"]);
 
         // With two rules a total follows them.
         let mut two = report.clone();
@@ -685,6 +709,8 @@ mod tests {
             too_big: 0,
             no_rule: 0,
             no_buffer: 0,
+            sends: 0,
+            sent: 0,
         }
     }
 
@@ -729,7 +755,7 @@ mod tests {
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
             [
-                "1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0", "0"
+                "1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0", "0", "0", "-"
             ]
         );
         let reasons: Vec<&str> = table

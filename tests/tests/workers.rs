@@ -610,6 +610,19 @@ fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Res
         );
     }
     assert_eq!(rule["shed"], 0, "{rule}");
+    // The worker's own counters tell the operator the same: every datagram of both outputs
+    // sent, in far fewer sends.
+    let sent = mcr.workers_total("sent")?;
+    let sends = mcr.workers_total("sends")?;
+    assert_eq!(
+        sent,
+        2 * burst.count,
+        "sent counts every datagram once per output"
+    );
+    ensure!(
+        sends > 0 && sends < sent / 2,
+        "{sends} sends for {sent} datagrams: mcr stats does not show the runs"
+    );
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use prometheus_client::{
 use super::Snapshot;
 use crate::{
     state::{ForwardingPath, RuleState},
-    stats::{OutputStats, StatsReport},
+    stats::{OutputStats, StatsReport, WorkerStats},
 };
 
 /// The exposition formats a scraper can ask for.
@@ -329,6 +329,28 @@ fn encode_outputs(e: &mut DescriptorEncoder<'_>, stats: &StatsReport) -> std::fm
     Ok(())
 }
 
+/// A counter family with one sample per worker, labelled `worker`.
+fn worker_counter(
+    e: &mut DescriptorEncoder<'_>,
+    stats: &StatsReport,
+    name: &str,
+    help: &str,
+    value: impl Fn(&WorkerStats) -> u64,
+) -> std::fmt::Result {
+    family(
+        e,
+        name,
+        help,
+        None,
+        stats.workers.iter().map(|worker| {
+            (
+                [("worker", worker.process.worker.to_string())],
+                counter(value(worker)),
+            )
+        }),
+    )
+}
+
 /// Workers: state, restarts, and what they lost before a rule was known.
 fn encode_workers(e: &mut DescriptorEncoder<'_>, stats: &StatsReport) -> std::fmt::Result {
     family(
@@ -349,29 +371,19 @@ fn encode_workers(e: &mut DescriptorEncoder<'_>, stats: &StatsReport) -> std::fm
             })
         }),
     )?;
-    family(
+    worker_counter(
         e,
+        stats,
         "mcr_worker_restarts",
         "Times the worker process was started again after it ended or was killed",
-        None,
-        stats.workers.iter().map(|worker| {
-            (
-                [("worker", worker.process.worker.to_string())],
-                counter(u64::from(worker.process.restarts)),
-            )
-        }),
+        |worker| u64::from(worker.process.restarts),
     )?;
-    family(
+    worker_counter(
         e,
+        stats,
         "mcr_worker_received_packets",
         "Packets the worker received from its sockets",
-        None,
-        stats.workers.iter().map(|worker| {
-            (
-                [("worker", worker.process.worker.to_string())],
-                counter(worker.received),
-            )
-        }),
+        |worker| worker.received,
     )?;
     family(
         e,
@@ -398,17 +410,27 @@ fn encode_workers(e: &mut DescriptorEncoder<'_>, stats: &StatsReport) -> std::fm
             })
         }),
     )?;
-    family(
+    worker_counter(
         e,
+        stats,
         "mcr_worker_no_buffer",
         "Times the worker paused receiving because every receive buffer was in use",
-        None,
-        stats.workers.iter().map(|worker| {
-            (
-                [("worker", worker.process.worker.to_string())],
-                counter(worker.no_buffer),
-            )
-        }),
+        |worker| worker.no_buffer,
+    )?;
+    worker_counter(
+        e,
+        stats,
+        "mcr_worker_sends",
+        "Sends the kernel accepted from the worker, to any output: each one packet or a run of \
+         packets the kernel splits",
+        |worker| worker.sends,
+    )?;
+    worker_counter(
+        e,
+        stats,
+        "mcr_worker_sent_packets",
+        "Packets the worker's sends carried; divided by mcr_worker_sends, packets per send",
+        |worker| worker.sent,
     )?;
     Ok(())
 }
@@ -440,7 +462,7 @@ mod tests {
     use super::*;
     use crate::{
         metrics::ConfigHealth,
-        stats::{RuleDrops, RuleStats, Skipped, StatsReport, WorkerStats},
+        stats::{RuleDrops, RuleStats, Skipped},
         status::WorkerState,
         status::WorkerStatus,
     };
@@ -516,6 +538,8 @@ mod tests {
                     too_big: 1,
                     no_rule: 0,
                     no_buffer: 6,
+                    sends: 8,
+                    sent: 19,
                 }],
                 skipped: Skipped {
                     fragments: 7,
@@ -637,6 +661,8 @@ mod tests {
             "mcr_worker_dropped_packets_total{worker=\"0\",reason=\"too_big\"} 1",
         );
         has_line(&text, "mcr_worker_no_buffer_total{worker=\"0\"} 6");
+        has_line(&text, "mcr_worker_sends_total{worker=\"0\"} 8");
+        has_line(&text, "mcr_worker_sent_packets_total{worker=\"0\"} 19");
         has_line(
             &text,
             "mcr_classifier_skipped_packets_total{reason=\"fragments\"} 7",

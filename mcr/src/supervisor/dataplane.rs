@@ -544,6 +544,8 @@ impl Dataplane {
                     too_big: totals.too_big.load(Ordering::Relaxed),
                     no_rule: totals.no_rule.load(Ordering::Relaxed),
                     no_buffer: totals.no_buffer.load(Ordering::Relaxed),
+                    sends: totals.sends.load(Ordering::Relaxed),
+                    sent: totals.sent.load(Ordering::Relaxed),
                 }
             })
             .collect()

@@ -649,11 +649,14 @@ impl Forwarder {
             );
             self.segmenting = false;
         }
-        if let Some(output) = self.counters.block().outputs.get(counter) {
+        let block = self.counters.block();
+        if let Some(output) = block.outputs.get(counter) {
             match cqe.result() {
                 result if result >= 0 => {
                     bump(&output.packets, count);
                     bump(&output.bytes, sent.payload_bytes as u64);
+                    bump(&block.totals.sends, 1);
+                    bump(&block.totals.sent, count);
                 }
                 result if result == -nix::libc::EAGAIN => bump(&output.queue_full, count),
                 _ => bump(&output.errors, count),
@@ -676,11 +679,14 @@ impl Forwarder {
         } else {
             self.frames.release(slot) as u64
         };
-        if let Some(output) = self.counters.block().outputs.get(counter) {
+        let block = self.counters.block();
+        if let Some(output) = block.outputs.get(counter) {
             match u64::try_from(cqe.result()) {
                 Ok(bytes) => {
                     bump(&output.packets, 1);
                     bump(&output.bytes, bytes.saturating_sub(headers));
+                    bump(&block.totals.sends, 1);
+                    bump(&block.totals.sent, 1);
                 }
                 Err(_) if cqe.result() == -nix::libc::EAGAIN => bump(&output.queue_full, 1),
                 Err(_) => bump(&output.errors, 1),

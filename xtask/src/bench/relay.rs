@@ -217,6 +217,10 @@ pub struct RelayCounters {
     /// Input packets MCR's classifier dropped because the rule's worker was a full window
     /// behind (its rules' `shed`); 0 for other relays.
     pub shed: u64,
+    /// MCR's workers: sends the kernel accepted, and the packets they carried (a run of
+    /// datagrams is one send); 0 for other relays.
+    pub worker_sends: u64,
+    pub worker_sent: u64,
 }
 
 impl RelayCounters {
@@ -227,7 +231,26 @@ impl RelayCounters {
             input_drops: self.input_drops.saturating_sub(before.input_drops),
             output_drops: self.output_drops.saturating_sub(before.output_drops),
             shed: self.shed.saturating_sub(before.shed),
+            worker_sends: self.worker_sends.saturating_sub(before.worker_sends),
+            worker_sent: self.worker_sent.saturating_sub(before.worker_sent),
         }
+    }
+
+    /// Packets per send of MCR's workers, once they sent anything.
+    pub fn per_send(&self) -> Option<f64> {
+        (self.worker_sends > 0).then(|| self.worker_sent as f64 / self.worker_sends as f64)
+    }
+}
+
+impl std::ops::AddAssign for RelayCounters {
+    fn add_assign(&mut self, hop: Self) {
+        self.received += hop.received;
+        self.sent += hop.sent;
+        self.input_drops += hop.input_drops;
+        self.output_drops += hop.output_drops;
+        self.shed += hop.shed;
+        self.worker_sends += hop.worker_sends;
+        self.worker_sent += hop.worker_sent;
     }
 }
 
@@ -521,12 +544,7 @@ impl Relay {
                 for socket in &self.mcr_sockets {
                     let rules = mcr_json(&self.mcr, socket, false)?;
                     let workers = mcr_json(&self.mcr, socket, true)?;
-                    let hop = mcr_counters(&rules, &workers);
-                    total.received += hop.received;
-                    total.sent += hop.sent;
-                    total.input_drops += hop.input_drops;
-                    total.output_drops += hop.output_drops;
-                    total.shed += hop.shed;
+                    total += mcr_counters(&rules, &workers);
                 }
             }
             RelayKind::Socat => {
@@ -583,6 +601,8 @@ fn mcr_counters(rules: &serde_json::Value, workers: &serde_json::Value) -> Relay
     }
     for worker in workers.as_array().into_iter().flatten() {
         counters.input_drops += worker["kernel_drops"].as_u64().unwrap_or(0);
+        counters.worker_sends += worker["sends"].as_u64().unwrap_or(0);
+        counters.worker_sent += worker["sent"].as_u64().unwrap_or(0);
     }
     counters
 }
@@ -832,6 +852,8 @@ mod tests {
             too_big: 0,
             no_rule: 0,
             no_buffer: 0,
+            sends: 100 + index as u64,
+            sent: 400,
         }
     }
 
@@ -851,12 +873,18 @@ mod tests {
         assert_eq!(counters.shed, 320);
         assert_eq!(counters.input_drops, 9);
         assert_eq!(counters.output_drops, 4 + 1 + 1);
+        assert_eq!((counters.worker_sends, counters.worker_sent), (201, 800));
 
         let before = RelayCounters {
             shed: 20,
             ..counters
         };
         assert_eq!(counters.since(before).shed, 300);
+        // The hops of a chain add up, the workers' sends too.
+        let mut chain = counters;
+        chain += counters;
+        assert_eq!((chain.worker_sends, chain.worker_sent), (402, 1_600));
+        assert_eq!(chain.received, 3_000);
     }
 
     #[test]

@@ -336,6 +336,7 @@ impl Report {
         let _ = writeln!(md);
         latency_markdown(md, result);
         overload_notes(md, result);
+        batching_notes(md, result);
         if let Some(baseline) = &result.baseline
             && let Some(cpu) = &baseline.cpu
         {
@@ -538,6 +539,53 @@ fn overload_notes(md: &mut String, result: &ScenarioResult) {
     }
 }
 
+/// How many packets each of MCR's worker sends carried, at the CPU rate, at the lossless rate
+/// and at each overload point: 1.0 is a packet per send, more is runs (decision 0014).
+fn batching_notes(md: &mut String, result: &ScenarioResult) {
+    let per_send = |trial: Option<&Trial>| -> Option<String> {
+        trial
+            .and_then(|trial| trial.relay.per_send())
+            .map(|ratio| format!("{ratio:.1}"))
+    };
+    let lines: Vec<String> = result
+        .relays
+        .iter()
+        .filter_map(|relay| {
+            let lossless = relay
+                .trials
+                .iter()
+                .filter(|trial| trial.lossless())
+                .max_by(|a, b| a.offered_pps.total_cmp(&b.offered_pps));
+            let mut points = vec![
+                (
+                    "at the CPU rate".to_owned(),
+                    per_send(relay.at_cpu_rate.as_ref()),
+                ),
+                ("lossless".to_owned(), per_send(lossless)),
+            ];
+            points.extend(
+                relay
+                    .overload
+                    .iter()
+                    .map(|point| (point.label(), per_send(Some(&point.trial)))),
+            );
+            let shown: Vec<String> = points
+                .into_iter()
+                .filter_map(|(label, ratio)| Some(format!("{label} {}", ratio?)))
+                .collect();
+            (!shown.is_empty()).then(|| format!("{} {}", relay.relay, shown.join(", ")))
+        })
+        .collect();
+    if !lines.is_empty() {
+        let _ = writeln!(
+            md,
+            "Packets per send of MCR's workers (`sent / sends` of `mcr stats --workers`; 1.0: \
+             each packet on its own, more: runs): {}.\n",
+            lines.join("; ")
+        );
+    }
+}
+
 /// `1.5×, 2× and 4×`.
 fn factors_text() -> String {
     let labels: Vec<String> = FACTORS.iter().map(|factor| format!("{factor}×")).collect();
@@ -723,5 +771,48 @@ mod tests {
             assert!(line.contains(kind.socket_drops_source()), "{line}");
         }
         assert!(md.contains("rules' shed"), "{md}");
+    }
+
+    #[test]
+    fn packets_per_send_come_from_the_lossless_trial_and_the_overload_points() {
+        let trial = |offered: f64, lost: u64, sends: u64, sent: u64| {
+            let mut trial = Trial::lossless_at(offered, 100_000);
+            trial.delivered -= lost;
+            trial.loss_pct = lost as f64 / 1000.0;
+            trial.relay.worker_sends = sends;
+            trial.relay.worker_sent = sent;
+            trial
+        };
+        let mut relay = RelayResult::new(MCR);
+        relay.at_cpu_rate = Some(trial(50_000.0, 0, 1_000, 1_000));
+        relay.trials = vec![
+            trial(100_000.0, 0, 800, 1_000),
+            // The highest lossless trial is the one that counts, not the last or a lossy one.
+            trial(200_000.0, 0, 500, 1_000),
+            trial(400_000.0, 5_000, 100, 1_000),
+        ];
+        relay.overload = vec![OverloadPoint {
+            factor: 2.0,
+            lossless_pps: 200_000.0,
+            requested_pps: 400_000.0,
+            delivered_input_pps: 200_000.0,
+            delivered_over_lossless: 1.0,
+            generator_bounded: false,
+            trial: trial(400_000.0, 5_000, 125, 1_000),
+        }];
+        let result = ScenarioResult {
+            scenario: crate::bench::scenario::all().remove(0),
+            baseline: None,
+            relays: vec![relay, RelayResult::new(RelayKind::Kernel)],
+            error: None,
+        };
+        let mut md = String::new();
+        batching_notes(&mut md, &result);
+        assert!(
+            md.contains("mcr at the CPU rate 1.0, lossless 2.0, 2× 8.0."),
+            "{md}"
+        );
+        // The kernel's forwarding has no sends of its own to show.
+        assert!(!md.contains("kernel"), "{md}");
     }
 }
