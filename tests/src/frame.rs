@@ -1,9 +1,13 @@
 //! Ethernet frames built byte by byte, for traffic a UDP socket cannot send (VLAN tags,
 //! another host's MAC, broken headers, impossible sources, fragments), and a raw packet
 //! socket to send them from a namespace.
+//!
+//! What a test frame has whatever its IP version lives here: the Ethernet header with its
+//! VLAN tags, the addresses, the hop limit, the UDP header and the one's-complement sum.
+//! [`crate::Frame`] (IPv4) and [`crate::Frame6`] add the header only their version has.
 
 use std::{
-    net::Ipv4Addr,
+    fmt::Debug,
     os::fd::{AsRawFd as _, OwnedFd},
 };
 
@@ -25,41 +29,56 @@ pub const OTHER_HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
-/// An Ethernet frame carrying IPv4 and, unless it is a non-first fragment, UDP. Starts out
-/// valid; each builder method breaks or changes one thing.
-#[derive(Clone, Debug)]
-pub struct Frame {
-    destination_mac: [u8; 6],
-    /// VLAN tags, outermost first: (TPID, TCI).
-    tags: Vec<(u16, u16)>,
-    source: Ipv4Addr,
-    destination: Ipv4Addr,
-    ttl: u8,
-    /// The IPv4 flags-and-offset field.
-    frag_off: u16,
-    /// Flipped into the correct header checksum.
-    checksum_flip: u16,
-    /// IPv4 options, a multiple of four bytes.
-    options: Vec<u8>,
-    /// The UDP header's ports; `None` puts the payload straight after the IPv4 header.
-    ports: Option<(u16, u16)>,
-    payload: Vec<u8>,
+/// The UDP source port of every built frame.
+const SOURCE_PORT: u16 = 4000;
+
+/// The header fields only one IP version has, and the addresses that version uses.
+pub trait IpFields: Clone + Debug {
+    type Addr: Copy + Debug;
 }
 
-impl Frame {
-    /// UDP from `source:4000` to `group:port` with `payload`, TTL 64, sent to the group's MAC.
-    pub fn udp(source: Ipv4Addr, group: Ipv4Addr, port: u16, payload: Vec<u8>) -> Self {
+/// An Ethernet frame carrying an IP packet of the version `Ip` stands for and, unless a test
+/// says otherwise, UDP. Starts out valid; each builder method breaks or changes one thing.
+#[derive(Clone, Debug)]
+pub struct UdpFrame<Ip: IpFields> {
+    pub(crate) destination_mac: [u8; 6],
+    /// VLAN tags, outermost first: (TPID, TCI).
+    pub(crate) tags: Vec<(u16, u16)>,
+    pub(crate) source: Ip::Addr,
+    pub(crate) destination: Ip::Addr,
+    /// The IPv4 TTL or the IPv6 hop limit.
+    pub(crate) hop_limit: u8,
+    /// The UDP header's ports.
+    pub(crate) ports: (u16, u16),
+    /// Whether the UDP header is written: a non-first fragment or another protocol than UDP
+    /// has the payload straight after the IP header.
+    pub(crate) udp_header: bool,
+    pub(crate) payload: Vec<u8>,
+    /// The rest of the IP header.
+    pub(crate) ip: Ip,
+}
+
+impl<Ip: IpFields> UdpFrame<Ip> {
+    /// UDP from `source:4000` to `group:port` with `payload`, hop limit 64, sent to
+    /// `destination_mac`, with `ip` for the rest of the IP header.
+    pub(crate) fn new(
+        destination_mac: [u8; 6],
+        source: Ip::Addr,
+        group: Ip::Addr,
+        port: u16,
+        payload: Vec<u8>,
+        ip: Ip,
+    ) -> Self {
         Self {
-            destination_mac: multicast_mac(group),
+            destination_mac,
             tags: Vec::new(),
             source,
             destination: group,
-            ttl: 64,
-            frag_off: 0,
-            checksum_flip: 0,
-            options: Vec::new(),
-            ports: Some((4000, port)),
+            hop_limit: 64,
+            ports: (SOURCE_PORT, port),
+            udp_header: true,
             payload,
+            ip,
         }
     }
 
@@ -71,122 +90,77 @@ impl Frame {
     }
 
     #[must_use]
+    #[expect(
+        clippy::wrong_self_convention,
+        reason = "a builder method: it takes the frame and gives it back changed, like the others"
+    )]
     pub fn to_mac(mut self, mac: [u8; 6]) -> Self {
         self.destination_mac = mac;
         self
     }
 
     #[must_use]
-    pub fn from(mut self, source: Ipv4Addr) -> Self {
+    pub fn from(mut self, source: Ip::Addr) -> Self {
         self.source = source;
         self
     }
 
+    /// Sends to `destination`, keeping the MAC.
     #[must_use]
-    pub fn ttl(mut self, ttl: u8) -> Self {
-        self.ttl = ttl;
+    pub fn to(mut self, destination: Ip::Addr) -> Self {
+        self.destination = destination;
         self
     }
 
-    /// IPv4 options after the fixed header (`options.len()` a multiple of 4, at most 40).
-    #[must_use]
-    pub fn options(mut self, options: &[u8]) -> Self {
-        assert!(
-            options.len().is_multiple_of(4) && options.len() <= 40,
-            "options fill whole words, at most ten"
-        );
-        self.options = options.to_vec();
-        self
-    }
-
-    /// A header checksum that does not add up.
-    #[must_use]
-    pub fn bad_checksum(mut self) -> Self {
-        // Changes the field by less than 0xffff, so it cannot land on the other
-        // representation of the same one's-complement value.
-        self.checksum_flip = 0x00ff;
-        self
-    }
-
-    /// The last fragment of a datagram: its final `len` bytes of payload at `offset` 8-byte
-    /// units, with no UDP header.
-    #[must_use]
-    pub fn last_fragment(mut self, offset: u16, len: usize) -> Self {
-        self.frag_off = offset & 0x1fff;
-        self.ports = None;
-        self.payload.truncate(len);
-        self
-    }
-
-    /// The frame on the wire.
-    pub fn bytes(&self) -> Vec<u8> {
-        let udp_len = self.ports.map_or(0, |_| 8) + self.payload.len();
-        let header_len = 20 + self.options.len();
-        let total_len = u16::try_from(header_len + udp_len).expect("test frames are small");
-        let mut frame = ethernet_header(self.destination_mac, &self.tags, 0x0800);
-        frame.reserve(usize::from(total_len));
-
-        let mut ip = vec![0_u8; 20];
-        ip[0] = 0x40 | u8::try_from(header_len / 4).expect("IHL fits in four bits");
-        ip[2..4].copy_from_slice(&total_len.to_be_bytes());
-        ip[4..6].copy_from_slice(&0x1234_u16.to_be_bytes());
-        ip[6..8].copy_from_slice(&self.frag_off.to_be_bytes());
-        ip[8] = self.ttl;
-        ip[9] = 17;
-        ip[12..16].copy_from_slice(&self.source.octets());
-        ip[16..20].copy_from_slice(&self.destination.octets());
-        ip.extend_from_slice(&self.options);
-        let checksum = header_checksum(&ip) ^ self.checksum_flip;
-        ip[10..12].copy_from_slice(&checksum.to_be_bytes());
-        frame.extend_from_slice(&ip);
-
-        if let Some((source_port, destination_port)) = self.ports {
-            let udp_len = u16::try_from(udp_len).expect("test frames are small");
-            frame.extend_from_slice(&source_port.to_be_bytes());
-            frame.extend_from_slice(&destination_port.to_be_bytes());
-            frame.extend_from_slice(&udp_len.to_be_bytes());
-            // No checksum: IPv4 allows it, and the relay does not check it.
-            frame.extend_from_slice(&[0, 0]);
+    /// The Ethernet header: the destination MAC, [`SENDER_MAC`], the VLAN tags and
+    /// `ethertype`.
+    pub(crate) fn ethernet_header(&self, ethertype: u16) -> Vec<u8> {
+        let mut header = Vec::with_capacity(14 + 4 * self.tags.len());
+        header.extend_from_slice(&self.destination_mac);
+        header.extend_from_slice(&SENDER_MAC);
+        for (tpid, vlan) in &self.tags {
+            header.extend_from_slice(&tpid.to_be_bytes());
+            header.extend_from_slice(&vlan.to_be_bytes());
         }
-        frame.extend_from_slice(&self.payload);
-        frame
+        header.extend_from_slice(&ethertype.to_be_bytes());
+        header
+    }
+
+    /// What follows the IP header: the UDP datagram, its length field `length_excess` bytes
+    /// more than its length and its checksum field zero, or the bare payload when there is no
+    /// UDP header.
+    pub(crate) fn upper_layer(&self, length_excess: u16) -> Vec<u8> {
+        if !self.udp_header {
+            return self.payload.clone();
+        }
+        let len = u16::try_from(8 + self.payload.len()).expect("test frames are small");
+        let mut datagram = Vec::with_capacity(usize::from(len));
+        datagram.extend_from_slice(&self.ports.0.to_be_bytes());
+        datagram.extend_from_slice(&self.ports.1.to_be_bytes());
+        datagram.extend_from_slice(&(len + length_excess).to_be_bytes());
+        datagram.extend_from_slice(&[0, 0]);
+        datagram.extend_from_slice(&self.payload);
+        datagram
     }
 }
 
-/// RFC 1112: 01:00:5e and the low 23 bits of the group.
-fn multicast_mac(group: Ipv4Addr) -> [u8; 6] {
-    let [_, b, c, d] = group.octets();
-    [0x01, 0x00, 0x5e, b & 0x7f, c, d]
-}
-
-/// The IPv4 header checksum of `header`, whose checksum field is zero.
-fn header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
+/// `start` plus the 16-bit words of `bytes` (the last padded with a zero byte), folded to 16
+/// bits: the sum the IPv4 header checksum and the UDP checksum are the complement of.
+pub(crate) fn ones_complement_sum(start: u16, bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
         .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
-        .sum();
+        .map(|pair| {
+            u32::from(u16::from_be_bytes([
+                pair[0],
+                pair.get(1).copied().unwrap_or(0),
+            ]))
+        })
+        .sum::<u32>()
+        + u32::from(start);
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !u16::try_from(sum).expect("folded to 16 bits")
-}
-
-/// The Ethernet header of a test frame: `destination_mac`, [`SENDER_MAC`], the VLAN `tags`
-/// (TPID, tag; outer first) and `ethertype`.
-pub(crate) fn ethernet_header(
-    destination_mac: [u8; 6],
-    tags: &[(u16, u16)],
-    ethertype: u16,
-) -> Vec<u8> {
-    let mut header = Vec::with_capacity(14 + 4 * tags.len());
-    header.extend_from_slice(&destination_mac);
-    header.extend_from_slice(&SENDER_MAC);
-    for (tpid, vlan) in tags {
-        header.extend_from_slice(&tpid.to_be_bytes());
-        header.extend_from_slice(&vlan.to_be_bytes());
-    }
-    header.extend_from_slice(&ethertype.to_be_bytes());
-    header
+    u16::try_from(sum).expect("folded to 16 bits")
 }
 
 /// Sends `frames` as they are on `interface` inside `netns`, from a packet socket that
@@ -232,62 +206,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_valid_frame_has_a_checksum_that_adds_up() {
-        let frame = Frame::udp(
-            Ipv4Addr::new(10, 1, 0, 1),
-            Ipv4Addr::new(239, 129, 1, 2),
-            5000,
-            b"abc".to_vec(),
-        )
-        .bytes();
-        assert_eq!(frame[..6], [0x01, 0x00, 0x5e, 0x01, 0x01, 0x02]);
-        assert_eq!(frame[12..14], [0x08, 0x00]);
-        assert_eq!(frame.len(), 14 + 20 + 8 + 3);
-        assert_eq!(
-            header_checksum(&frame[14..34]),
-            0,
-            "sum over a valid header"
-        );
-        assert_eq!(frame[38..40], [0, 11], "UDP length");
+    fn an_odd_byte_counts_as_the_high_half_of_a_word() {
+        assert_eq!(ones_complement_sum(0, &[0x12, 0x34, 0x56]), 0x6834);
     }
 
     #[test]
-    fn each_builder_changes_what_it_says() {
-        let base = Frame::udp(
-            Ipv4Addr::new(10, 1, 0, 1),
-            Ipv4Addr::new(239, 1, 1, 1),
-            5000,
-            vec![7; 4],
-        );
-        let qinq = base
-            .clone()
-            .tagged(ETH_P_8021AD, 100)
-            .tagged(ETH_P_8021Q, 42)
-            .bytes();
-        assert_eq!(
-            qinq[12..22],
-            [0x88, 0xa8, 0, 100, 0x81, 0x00, 0, 42, 0x08, 0x00]
-        );
-        assert_ne!(
-            header_checksum(&base.clone().bad_checksum().bytes()[14..34]),
-            0
-        );
-        let fragment = base.clone().last_fragment(185, 1).bytes();
-        assert_eq!(fragment.len(), 14 + 20 + 1, "no UDP header");
-        assert_eq!(fragment[20..22], 185_u16.to_be_bytes());
-        assert_eq!(base.clone().ttl(0).bytes()[22], 0);
-        let with_options = base.clone().options(&[1; 40]).bytes();
-        assert_eq!(with_options[14], 0x4f, "IHL 15");
-        assert_eq!(
-            header_checksum(&with_options[14..74]),
-            0,
-            "options are summed"
-        );
-        let redirected = base
-            .from(Ipv4Addr::LOCALHOST)
-            .to_mac(OTHER_HOST_MAC)
-            .bytes();
-        assert_eq!(redirected[..6], OTHER_HOST_MAC);
-        assert_eq!(redirected[26..30], [127, 0, 0, 1]);
+    fn carries_wrap_around() {
+        assert_eq!(ones_complement_sum(0xffff, &[0, 2]), 2);
+        assert_eq!(ones_complement_sum(0, &[0xff, 0xff, 0xff, 0xff]), 0xffff);
     }
 }

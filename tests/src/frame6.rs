@@ -4,7 +4,7 @@
 
 use std::net::Ipv6Addr;
 
-use crate::frame::ethernet_header;
+use crate::frame::{IpFields, UdpFrame, ones_complement_sum};
 
 pub const HOP_BY_HOP: u8 = 0;
 pub const ROUTING: u8 = 43;
@@ -18,25 +18,21 @@ const EXPERIMENTAL_OPTION: u8 = 0x1e;
 
 /// An Ethernet frame carrying IPv6 and, behind any extension headers, UDP (or another
 /// protocol). Starts out valid; each builder method breaks or changes one thing.
+pub type Frame6 = UdpFrame<Ipv6Fields>;
+
+/// What an IPv6 frame has beyond the addresses, the hop limit and the UDP header.
 #[derive(Clone, Debug)]
-pub struct Frame6 {
-    destination_mac: [u8; 6],
-    /// VLAN tags, outermost first: (TPID, TCI).
-    tags: Vec<(u16, u16)>,
+pub struct Ipv6Fields {
     /// The Ethernet type after any tags: IPv6's, unless a test says otherwise.
     ethertype: u16,
     /// The version field of the IP header: 6, unless a test says otherwise.
     version: u8,
     traffic_class: u8,
     flow_label: u32,
-    hop_limit: u8,
-    source: Ipv6Addr,
-    destination: Ipv6Addr,
     /// Extension headers in order: (their type, their bytes after the first two).
     extensions: Vec<(u8, Vec<u8>)>,
     /// The protocol after the extension headers; the UDP header is written only for UDP.
     protocol: u8,
-    ports: (u16, u16),
     /// Added to the UDP length field.
     udp_len_excess: u16,
     zero_checksum: bool,
@@ -44,71 +40,42 @@ pub struct Frame6 {
     payload_len: Option<u16>,
     /// Bytes of the IPv6 header (and what follows) the frame keeps, if it is cut short.
     cut_at: Option<usize>,
-    payload: Vec<u8>,
+}
+
+impl IpFields for Ipv6Fields {
+    type Addr = Ipv6Addr;
 }
 
 impl Frame6 {
     /// UDP from `source:4000` to `group:port` with `payload`, hop limit 64, traffic class 0,
     /// a correct checksum, sent to the group's MAC.
     pub fn udp(source: Ipv6Addr, group: Ipv6Addr, port: u16, payload: Vec<u8>) -> Self {
-        Self {
-            destination_mac: multicast_mac(group),
-            tags: Vec::new(),
+        let ip = Ipv6Fields {
             ethertype: 0x86dd,
             version: 6,
             traffic_class: 0,
             flow_label: 0x1_2345,
-            hop_limit: 64,
-            source,
-            destination: group,
             extensions: Vec::new(),
             protocol: UDP,
-            ports: (4000, port),
             udp_len_excess: 0,
             zero_checksum: false,
             payload_len: None,
             cut_at: None,
-            payload,
-        }
-    }
-
-    /// Adds a VLAN tag inside those already there (the first call gives the outer tag).
-    #[must_use]
-    pub fn tagged(mut self, tpid: u16, vlan: u16) -> Self {
-        self.tags.push((tpid, vlan));
-        self
+        };
+        Self::new(multicast_mac(group), source, group, port, payload, ip)
     }
 
     /// Another Ethernet type than IPv6's in front of the same IPv6 packet.
     #[must_use]
     pub fn ethertype(mut self, ethertype: u16) -> Self {
-        self.ethertype = ethertype;
+        self.ip.ethertype = ethertype;
         self
     }
 
     /// Another version than 6 in the IPv6 header.
     #[must_use]
     pub fn version(mut self, version: u8) -> Self {
-        self.version = version;
-        self
-    }
-
-    #[must_use]
-    pub fn to_mac(mut self, mac: [u8; 6]) -> Self {
-        self.destination_mac = mac;
-        self
-    }
-
-    #[must_use]
-    pub fn from(mut self, source: Ipv6Addr) -> Self {
-        self.source = source;
-        self
-    }
-
-    /// Sends to `destination`, keeping the MAC.
-    #[must_use]
-    pub fn to(mut self, destination: Ipv6Addr) -> Self {
-        self.destination = destination;
+        self.ip.version = version;
         self
     }
 
@@ -120,7 +87,7 @@ impl Frame6 {
 
     #[must_use]
     pub fn traffic_class(mut self, traffic_class: u8) -> Self {
-        self.traffic_class = traffic_class;
+        self.ip.traffic_class = traffic_class;
         self
     }
 
@@ -139,14 +106,14 @@ impl Frame6 {
             u8::try_from(len - 4).expect("at most 252"),
         ];
         body.resize(len - 2, 0);
-        self.extensions.push((kind, body));
+        self.ip.extensions.push((kind, body));
         self
     }
 
     /// Appends a routing header of type 0 with no segments left (8 bytes).
     #[must_use]
     pub fn routing(mut self) -> Self {
-        self.extensions.push((ROUTING, vec![0, 0, 0, 0, 0, 0]));
+        self.ip.extensions.push((ROUTING, vec![0, 0, 0, 0, 0, 0]));
         self
     }
 
@@ -156,7 +123,7 @@ impl Frame6 {
         let offset_and_flag = (offset << 3) | u16::from(more);
         let mut body = offset_and_flag.to_be_bytes().to_vec();
         body.extend_from_slice(&0x1234_5678_u32.to_be_bytes());
-        self.extensions.push((FRAGMENT, body));
+        self.ip.extensions.push((FRAGMENT, body));
         self
     }
 
@@ -164,7 +131,7 @@ impl Frame6 {
     /// 16 bytes).
     #[must_use]
     pub fn authentication(mut self) -> Self {
-        self.extensions.push((AUTHENTICATION, vec![0; 14]));
+        self.ip.extensions.push((AUTHENTICATION, vec![0; 14]));
         self
     }
 
@@ -172,21 +139,22 @@ impl Frame6 {
     /// is.
     #[must_use]
     pub fn protocol(mut self, protocol: u8) -> Self {
-        self.protocol = protocol;
+        self.ip.protocol = protocol;
+        self.udp_header = protocol == UDP;
         self
     }
 
     /// A UDP checksum of 0, which IPv6 does not allow.
     #[must_use]
     pub fn zero_checksum(mut self) -> Self {
-        self.zero_checksum = true;
+        self.ip.zero_checksum = true;
         self
     }
 
     /// A payload length field of `len`, whatever follows the header.
     #[must_use]
     pub fn payload_len(mut self, len: u16) -> Self {
-        self.payload_len = Some(len);
+        self.ip.payload_len = Some(len);
         self
     }
 
@@ -194,51 +162,43 @@ impl Frame6 {
     /// fixed header itself short.
     #[must_use]
     pub fn cut_at(mut self, len: usize) -> Self {
-        self.cut_at = Some(len);
+        self.ip.cut_at = Some(len);
         self
     }
 
     /// A UDP length field `excess` bytes longer than the datagram.
     #[must_use]
     pub fn udp_len_excess(mut self, excess: u16) -> Self {
-        self.udp_len_excess = excess;
+        self.ip.udp_len_excess = excess;
         self
     }
 
     /// The UDP datagram (header and payload) as sent, or the bare payload for another
     /// protocol.
-    fn upper_layer(&self) -> Vec<u8> {
-        if self.protocol != UDP {
-            return self.payload.clone();
+    fn datagram(&self) -> Vec<u8> {
+        let mut datagram = self.upper_layer(self.ip.udp_len_excess);
+        if self.udp_header && !self.ip.zero_checksum {
+            let checksum = udp_checksum(self.source, self.destination, &datagram);
+            datagram[6..8].copy_from_slice(&checksum.to_be_bytes());
         }
-        let len = u16::try_from(8 + self.payload.len()).expect("test frames are small");
-        let mut udp = Vec::with_capacity(usize::from(len));
-        udp.extend_from_slice(&self.ports.0.to_be_bytes());
-        udp.extend_from_slice(&self.ports.1.to_be_bytes());
-        udp.extend_from_slice(&(len + self.udp_len_excess).to_be_bytes());
-        udp.extend_from_slice(&[0, 0]);
-        udp.extend_from_slice(&self.payload);
-        if !self.zero_checksum {
-            let checksum = udp_checksum(self.source, self.destination, &udp);
-            udp[6..8].copy_from_slice(&checksum.to_be_bytes());
-        }
-        udp
+        datagram
     }
 
     /// The frame on the wire.
     pub fn bytes(&self) -> Vec<u8> {
-        let mut frame = ethernet_header(self.destination_mac, &self.tags, self.ethertype);
+        let mut frame = self.ethernet_header(self.ip.ethertype);
+        let link_len = frame.len();
 
         let mut payload = Vec::new();
-        for (i, (_, body)) in self.extensions.iter().enumerate() {
-            let next = self
-                .extensions
+        let extensions = &self.ip.extensions;
+        for (i, (kind, body)) in extensions.iter().enumerate() {
+            let next = extensions
                 .get(i + 1)
-                .map_or(self.protocol, |(kind, _)| *kind);
+                .map_or(self.ip.protocol, |(kind, _)| *kind);
             payload.push(next);
             // Options and routing headers count 8-byte units after the first; a fragment
             // header has a reserved byte; AH counts 4-byte units less two.
-            let len = match self.extensions[i].0 {
+            let len = match *kind {
                 FRAGMENT => 0,
                 AUTHENTICATION => u8::try_from((body.len() + 2) / 4 - 2).expect("short"),
                 _ => u8::try_from((body.len() + 2) / 8 - 1).expect("short"),
@@ -246,16 +206,16 @@ impl Frame6 {
             payload.push(len);
             payload.extend_from_slice(body);
         }
-        payload.extend_from_slice(&self.upper_layer());
+        payload.extend_from_slice(&self.datagram());
 
-        let first = self
-            .extensions
+        let first = extensions
             .first()
-            .map_or(self.protocol, |(kind, _)| *kind);
-        let version_class_flow = (u32::from(self.version) << 28)
-            | (u32::from(self.traffic_class) << 20)
-            | (self.flow_label & 0xf_ffff);
+            .map_or(self.ip.protocol, |(kind, _)| *kind);
+        let version_class_flow = (u32::from(self.ip.version) << 28)
+            | (u32::from(self.ip.traffic_class) << 20)
+            | (self.ip.flow_label & 0xf_ffff);
         let payload_len = self
+            .ip
             .payload_len
             .unwrap_or_else(|| u16::try_from(payload.len()).expect("test frames are small"));
         frame.extend_from_slice(&version_class_flow.to_be_bytes());
@@ -265,8 +225,8 @@ impl Frame6 {
         frame.extend_from_slice(&self.source.octets());
         frame.extend_from_slice(&self.destination.octets());
         frame.extend_from_slice(&payload);
-        if let Some(len) = self.cut_at {
-            frame.truncate(14 + 4 * self.tags.len() + len);
+        if let Some(len) = self.ip.cut_at {
+            frame.truncate(link_len + len);
         }
         frame
     }
@@ -298,24 +258,6 @@ pub fn pseudo_header_sum(source: Ipv6Addr, destination: Ipv6Addr, len: u32) -> u
     bytes.extend_from_slice(&len.to_be_bytes());
     bytes.extend_from_slice(&[0, 0, 0, UDP]);
     ones_complement_sum(0, &bytes)
-}
-
-/// `start` plus the 16-bit words of `bytes` (padded with a zero byte), folded to 16 bits.
-fn ones_complement_sum(start: u16, bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| {
-            u32::from(u16::from_be_bytes([
-                pair[0],
-                pair.get(1).copied().unwrap_or(0),
-            ]))
-        })
-        .sum::<u32>()
-        + u32::from(start);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    u16::try_from(sum).expect("folded to 16 bits")
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 mod check;
 mod frame;
+mod frame4;
 mod frame6;
 mod lab;
 mod latency;
@@ -18,7 +19,8 @@ mod receiver6;
 mod traffic;
 
 pub use check::{Arrived, Expected, assert_delivered, send_concurrently};
-pub use frame::{ETH_P_8021AD, ETH_P_8021Q, Frame, OTHER_HOST_MAC, send_frames};
+pub use frame::{ETH_P_8021AD, ETH_P_8021Q, OTHER_HOST_MAC, send_frames};
+pub use frame4::Frame;
 pub use frame6::Frame6;
 /// IPv6 next-header values and helpers for IPv6 test frames.
 pub mod ipv6 {
