@@ -244,19 +244,26 @@ impl Forwarder {
         let wait = types::SubmitArgs::new().timespec(&idle);
         while self.running {
             sq.sync();
-            match submitter.submit_with_args(1, &wait) {
-                Ok(_) => {}
-                // Nothing happened for a while: nothing is queued for this worker.
-                Err(error) if error.raw_os_error() == Some(nix::libc::ETIME) => {
-                    self.load.forgive_backlog();
-                }
-                Err(error) if error.raw_os_error() == Some(nix::libc::EINTR) => {}
+            // One system call both submits this turn's sends and waits for what comes next:
+            // sends on packet sockets complete as they are submitted, so waiting for one
+            // completion more than there are sends in flight waits for the next packet (or
+            // command) instead of returning at once for the sends' own completions. The
+            // longer turn also gathers more packets into runs.
+            let timed_out = match submitter.submit_with_args(self.in_flight + 1, &wait) {
+                Ok(_) => false,
+                Err(error) if error.raw_os_error() == Some(nix::libc::ETIME) => true,
+                Err(error) if error.raw_os_error() == Some(nix::libc::EINTR) => false,
                 // EBUSY: completions must be reaped before more can be submitted.
-                Err(error) if error.raw_os_error() == Some(nix::libc::EBUSY) => {}
+                Err(error) if error.raw_os_error() == Some(nix::libc::EBUSY) => false,
                 Err(error) => return Err(error.into()),
-            }
+            };
             bump(&self.counters.block().totals.progress, 1);
             cq.sync();
+            // Nothing at all happened for a while (not even a send completing): nothing is
+            // queued for this worker.
+            if timed_out && cq.is_empty() {
+                self.load.forgive_backlog();
+            }
             for cqe in cq.by_ref() {
                 self.complete(&cqe, &submitter, &mut sq)?;
             }
