@@ -1,31 +1,48 @@
-//! Fixed storage for the sends in flight: the memory the kernel reads for a send (headers,
-//! I/O vector, message header) must stay put until the send completes, so each send takes a
-//! slot, allocated once, and gives it back on its completion.
+//! Storage for the sends in flight: the memory the kernel reads for a send (headers, I/O
+//! vector, message header) must stay put until the send completes, so each send takes a
+//! slot and gives it back on its completion.
+//!
+//! The room for every slot is reserved at once and never moves, but a slot is only written
+//! (and its memory only becomes resident) the first time it is needed: sends on packet
+//! sockets complete as they are submitted, so a worker that may have thousands of sends in
+//! flight usually has a handful, and pays memory for those.
 
 pub struct Slots<T> {
-    slots: Box<[T]>,
-    /// Free slots, the lowest on top.
+    /// The slots made so far; never more than its capacity, so it never reallocates and a
+    /// slot stays where the kernel was told it is.
+    slots: Vec<T>,
+    /// Slots made and free again, the most recently freed on top.
     free: Vec<u32>,
+    /// Makes a new slot.
+    empty: fn() -> T,
 }
 
 impl<T> Slots<T> {
-    /// `capacity` slots, each `empty()` to start with.
-    pub fn new(capacity: usize, empty: impl Fn() -> T) -> Self {
-        let slots: Box<[T]> = (0..capacity).map(|_| empty()).collect();
-        let free = (0..u32::try_from(capacity).unwrap_or(u32::MAX))
-            .rev()
-            .collect();
-        Self { slots, free }
+    /// Room for `capacity` slots, each `empty()` when first taken.
+    pub fn new(capacity: usize, empty: fn() -> T) -> Self {
+        Self {
+            slots: Vec::with_capacity(capacity),
+            free: Vec::with_capacity(capacity),
+            empty,
+        }
     }
 
     /// A free slot and its index, or `None` when every slot is in use.
     pub fn take(&mut self) -> Option<(u32, &mut T)> {
-        let slot = self.free.pop()?;
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.slots.len() < self.slots.capacity() => {
+                let slot = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push((self.empty)());
+                slot
+            }
+            None => return None,
+        };
         Some((slot, &mut self.slots[slot as usize]))
     }
 
     /// Gives `slot` back; returns what it holds, which stays there until the slot is taken
-    /// again. `None` for an index that is not a slot.
+    /// again. `None` for an index that is not a slot in use.
     pub fn give_back(&mut self, slot: u32) -> Option<&T> {
         let held = self.slots.get(slot as usize)?;
         self.free.push(slot);
@@ -48,5 +65,25 @@ mod tests {
         assert_eq!(slots.give_back(first), Some(&7));
         assert_eq!(slots.take().map(|(slot, _)| slot), Some(first));
         assert_eq!(slots.give_back(9), None, "not a slot");
+    }
+
+    #[test]
+    fn slots_are_made_when_first_needed_and_never_move() {
+        let mut slots = Slots::new(1000, || [0_u64; 8]);
+        let (first, _) = slots.take().expect("a free slot");
+        let address = std::ptr::from_ref(&slots.slots[first as usize]);
+        assert_eq!(slots.slots.len(), 1, "only the slot taken is made");
+        for _ in 1..1000 {
+            slots.take().expect("room for a thousand");
+        }
+        assert!(slots.take().is_none(), "no more than the capacity");
+        assert_eq!(
+            std::ptr::from_ref(&slots.slots[first as usize]),
+            address,
+            "the first slot stayed where it was while the others were made"
+        );
+        // A slot given back is taken again before a new one is made.
+        slots.give_back(first);
+        assert_eq!(slots.take().map(|(slot, _)| slot), Some(first));
     }
 }
