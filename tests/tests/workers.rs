@@ -568,7 +568,7 @@ fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Res
     ];
 
     // 3,000 datagrams wait while the worker is stopped (within its window: none is shed);
-    // once it runs, it takes them in batches and sends runs of up to 16 per output.
+    // once it runs, it takes them in batches and sends runs of up to 64 per output.
     kill(pid, Signal::SIGSTOP)?;
     let burst = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 300, 3000);
     let sent = send_udp(&lab.generator, &burst);
