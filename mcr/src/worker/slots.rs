@@ -10,7 +10,7 @@
 pub struct Slots<T> {
     /// The slots made so far; never more than its capacity, so it never reallocates and a
     /// slot stays where the kernel was told it is.
-    slots: Vec<T>,
+    made: Vec<T>,
     /// Slots made and free again, the most recently freed on top.
     free: Vec<u32>,
     /// Makes a new slot.
@@ -21,7 +21,7 @@ impl<T> Slots<T> {
     /// Room for `capacity` slots, each `empty()` when first taken.
     pub fn new(capacity: usize, empty: fn() -> T) -> Self {
         Self {
-            slots: Vec::with_capacity(capacity),
+            made: Vec::with_capacity(capacity),
             free: Vec::with_capacity(capacity),
             empty,
         }
@@ -31,20 +31,20 @@ impl<T> Slots<T> {
     pub fn take(&mut self) -> Option<(u32, &mut T)> {
         let slot = match self.free.pop() {
             Some(slot) => slot,
-            None if self.slots.len() < self.slots.capacity() => {
-                let slot = u32::try_from(self.slots.len()).ok()?;
-                self.slots.push((self.empty)());
+            None if self.made.len() < self.made.capacity() => {
+                let slot = u32::try_from(self.made.len()).ok()?;
+                self.made.push((self.empty)());
                 slot
             }
             None => return None,
         };
-        Some((slot, &mut self.slots[slot as usize]))
+        Some((slot, &mut self.made[slot as usize]))
     }
 
     /// Gives `slot` back; returns what it holds, which stays there until the slot is taken
     /// again. `None` for an index that is not a slot in use.
     pub fn give_back(&mut self, slot: u32) -> Option<&T> {
-        let held = self.slots.get(slot as usize)?;
+        let held = self.made.get(slot as usize)?;
         self.free.push(slot);
         Some(held)
     }
@@ -71,14 +71,14 @@ mod tests {
     fn slots_are_made_when_first_needed_and_never_move() {
         let mut slots = Slots::new(1000, || [0_u64; 8]);
         let (first, _) = slots.take().expect("a free slot");
-        let address = std::ptr::from_ref(&slots.slots[first as usize]);
-        assert_eq!(slots.slots.len(), 1, "only the slot taken is made");
+        let address = std::ptr::from_ref(&slots.made[first as usize]);
+        assert_eq!(slots.made.len(), 1, "only the slot taken is made");
         for _ in 1..1000 {
             slots.take().expect("room for a thousand");
         }
         assert!(slots.take().is_none(), "no more than the capacity");
         assert_eq!(
-            std::ptr::from_ref(&slots.slots[first as usize]),
+            std::ptr::from_ref(&slots.made[first as usize]),
             address,
             "the first slot stayed where it was while the others were made"
         );
