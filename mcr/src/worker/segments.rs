@@ -16,8 +16,9 @@ use super::{
 };
 use crate::{command::FrameHeader, packet::OnesComplementSum};
 
-/// Most datagrams one send carries: the most segments the kernel's UDP segmentation takes
-/// from one send (`UDP_MAX_SEGMENTS`, checked against a `virtio_net_hdr`).
+/// Most datagrams one send carries: the kernel refuses a `virtio_net_hdr` send of more
+/// segments than `UDP_MAX_SEGMENTS`, 64 in the kernels that first split these sends (later
+/// ones take 128).
 pub const MAX_RUN: usize = 64;
 const ETHERNET_HEADER_LEN: usize = 14;
 /// `struct virtio_net_hdr` (the legacy layout `PACKET_VNET_HDR` takes).
