@@ -399,23 +399,22 @@ impl Forwarder {
             return Ok(());
         };
         let payload_len = datagram.payload.len();
-        // IPv6 framed outputs need the payload's part of their UDP checksum when sent one by
-        // one: taken from the input's checksum where it has one (so a payload corrupted on
-        // the way still fails the output's), else summed.
-        let payload_sum = route.needs_payload_sum.then(|| datagram.payload_sum(bytes));
+        let needs_payload_sum = route.needs_payload_sum;
         if self.ethernet_socket.is_some() && (1..=route.run_payload).contains(&payload_len) {
-            let start = datagram.payload.start;
             return self.join_run(
                 key,
                 buffer,
-                start,
-                payload_len,
-                datagram.dscp_ecn,
-                payload_sum,
+                len,
+                &datagram,
+                needs_payload_sum,
                 submitter,
                 sq,
             );
         }
+        // IPv6 framed outputs need the payload's part of their UDP checksum when sent one by
+        // one: taken from the input's checksum where it has one (so a payload corrupted on
+        // the way still fails the output's), else summed.
+        let payload_sum = needs_payload_sum.then(|| datagram.payload_sum(bytes));
         // Sent now: a run of its flow that is waiting goes first.
         if let Some(index) = self.runs.iter().position(|run| run.key == key) {
             let run = self.runs.swap_remove(index);
@@ -492,8 +491,11 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Adds a packet to the run of its flow, which is sent once it is full, once a packet of
-    /// the flow does not fit it, or at the end of the loop turn.
+    /// Adds `datagram` (in the first `len` bytes of `buffer`) to the run of its flow, which
+    /// is sent once it is full, once a packet of the flow does not fit it, or at the end of
+    /// the loop turn. Only a packet that starts a run has its payload's sum taken (when
+    /// `needs_payload_sum`): the kernel completes the checksums of a run, and a run that stays
+    /// one packet long goes out alone with the sum.
     #[allow(
         clippy::too_many_arguments,
         reason = "one packet's facts, passed on as they are"
@@ -502,13 +504,15 @@ impl Forwarder {
         &mut self,
         key: FlowKey,
         buffer: Buffer,
-        start: usize,
-        payload_len: usize,
-        dscp_ecn: u8,
-        payload_sum: Option<OnesComplementSum>,
+        len: usize,
+        datagram: &Datagram,
+        needs_payload_sum: bool,
         submitter: &Submitter<'_>,
         sq: &mut squeue::SubmissionQueue<'_>,
     ) -> anyhow::Result<()> {
+        let start = datagram.payload.start;
+        let payload_len = datagram.payload.len();
+        let dscp_ecn = datagram.dscp_ecn;
         let limit = if self.segmenting {
             run_limit(payload_len)
         } else {
@@ -533,6 +537,8 @@ impl Forwarder {
             let oldest = self.runs.swap_remove(0);
             self.send_run(&oldest, submitter, sq)?;
         }
+        let payload_sum =
+            needs_payload_sum.then(|| datagram.payload_sum(self.buffers.buffer(buffer, len)));
         let run = Run {
             key,
             payload_len,
