@@ -462,6 +462,15 @@ fn one_stoppable_worker(lab: &Lab, outputs: &str) -> anyhow::Result<(RulesFile, 
     Ok((rules, mcr, Pid::from_raw(i32::try_from(pid)?)))
 }
 
+/// Sends `burst` from the generator while `worker` is stopped, so that it all waits for the
+/// worker at once; the worker runs again afterwards, also when sending failed.
+fn send_while_stopped(lab: &Lab, worker: Pid, burst: &Stream) -> anyhow::Result<()> {
+    kill(worker, Signal::SIGSTOP)?;
+    let sent = send_udp(&lab.generator, burst);
+    kill(worker, Signal::SIGCONT)?;
+    sent
+}
+
 #[test]
 fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> anyhow::Result<()> {
     let lab = Lab::new()?;
@@ -476,11 +485,8 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
     // The worker stops taking packets while 16,000 arrive: it can be at most a window (8,192)
     // behind, and the classifier drops the rest.
     let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
-    kill(pid, Signal::SIGSTOP)?;
     let burst = Stream::new(group, 5000, 100, 16_000);
-    let sent = send_udp(&lab.generator, &burst);
-    kill(pid, Signal::SIGCONT)?;
-    sent?;
+    send_while_stopped(&lab, pid, &burst)?;
     let arrived = receiver.finish()?;
     let sequences: Vec<u64> = arrived
         .iter()
@@ -569,11 +575,8 @@ fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Res
 
     // 3,000 datagrams wait while the worker is stopped (within its window: none is shed);
     // once it runs, it takes them in batches and sends runs of up to 64 per output.
-    kill(pid, Signal::SIGSTOP)?;
     let burst = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 300, 3000);
-    let sent = send_udp(&lab.generator, &burst);
-    kill(pid, Signal::SIGCONT)?;
-    sent?;
+    send_while_stopped(&lab, pid, &burst)?;
     let [to_first, to_second] = receivers;
     let expected = [
         (to_first.finish()?, first, RELAY_OUT0, "sink0"),
@@ -642,11 +645,8 @@ fn runs_follow_an_output_interface_whose_mtu_shrinks() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
 
     let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
-    kill(pid, Signal::SIGSTOP)?;
     let burst = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 1300, 40);
-    let sent = send_udp(&lab.generator, &burst);
-    kill(pid, Signal::SIGCONT)?;
-    sent?;
+    send_while_stopped(&lab, pid, &burst)?;
     let arrived = receiver.finish()?;
     let rule = mcr.rule_stats("cam")?;
     // Each packet was refused as too long for out0 rather than sent in a run sized for the
