@@ -253,7 +253,9 @@ impl Report {
              sender: paced by a tbf qdisc below {} pps, by itself with the qdisc bypassed from \
              there up); delivered counts every copy at the sink (nftables counters). Lossless \
              means loss under {} %. The search steps ×{} from {}, then bisects to within \
-             ×{}; each search trial is {} s. CPU figures come from one {} s trial at {} pps \
+             ×{}; each search trial is {} s, and the highest lossless rate counts only if a \
+             second trial at it is lossless too (else the search goes on below it; \
+             \"(one trial)\" where the trials ran out first). CPU figures come from one {} s trial at {} pps \
              offered to every relay: **relay CPUs** is the busy time (wall − idle) of the CPUs \
              reserved for relays, so it includes the kernel's softirq work and is the only \
              figure the kernel's forwarding has; **processes** is the relay processes' own run \
@@ -336,6 +338,7 @@ impl Report {
         let _ = writeln!(md);
         latency_markdown(md, result);
         overload_notes(md, result);
+        fluke_notes(md, result);
         batching_notes(md, result);
         if let Some(baseline) = &result.baseline
             && let Some(cpu) = &baseline.cpu
@@ -539,6 +542,27 @@ fn overload_notes(md: &mut String, result: &ScenarioResult) {
     }
 }
 
+/// The rates that passed their first trial and failed the second, named under a scenario's
+/// table: what one trial alone would have called the relay's lossless rate.
+fn fluke_notes(md: &mut String, result: &ScenarioResult) {
+    let flukes: Vec<String> = result
+        .relays
+        .iter()
+        .filter_map(|relay| {
+            let search = relay.search.as_ref()?;
+            let rates: Vec<String> = search.flukes.iter().map(|&pps| rate(pps)).collect();
+            (!rates.is_empty()).then(|| format!("{} {}", relay.relay, rates.join(", ")))
+        })
+        .collect();
+    if !flukes.is_empty() {
+        let _ = writeln!(
+            md,
+            "Lossless once, lossy in the second trial (requested rates; not counted): {}.\n",
+            flukes.join("; ")
+        );
+    }
+}
+
 /// How many packets each of MCR's worker sends carried, at the CPU rate, at the lossless rate
 /// and at each overload point: 1.0 is a packet per send, more is runs (decision 0014).
 fn batching_notes(md: &mut String, result: &ScenarioResult) {
@@ -551,11 +575,16 @@ fn batching_notes(md: &mut String, result: &ScenarioResult) {
         .relays
         .iter()
         .filter_map(|relay| {
+            // The last trial at the rate the search settled on (its second one), not a rate
+            // that passed once and failed again.
+            let settled = relay
+                .search
+                .as_ref()
+                .and_then(|search| search.lossless_requested_pps);
             let lossless = relay
                 .trials
                 .iter()
-                .filter(|trial| trial.lossless())
-                .max_by(|a, b| a.offered_pps.total_cmp(&b.offered_pps));
+                .rfind(|trial| trial.lossless() && Some(trial.rate_pps) == settled);
             let mut points = vec![
                 (
                     "at the CPU rate".to_owned(),
@@ -614,7 +643,7 @@ fn relay_row(relay: &RelayResult) -> String {
     let figures = relay.figures();
     let lossless = match (&relay.search, relay.forwarding) {
         (_, false) if relay.warmup.is_some() => "forwards nothing".to_owned(),
-        (Some(search), _) => bounded(search.bound, figures.lossless_pps),
+        (Some(search), _) => bounded(search, figures.lossless_pps),
         (None, _) => "—".to_owned(),
     };
     let (cpu_delivered, cpu_loss, cpu_flags) = relay.at_cpu_rate.as_ref().map_or_else(
@@ -694,12 +723,13 @@ pub fn rate(pps: f64) -> String {
     }
 }
 
-fn bounded(bound: Bound, lossless: Option<f64>) -> String {
-    match (lossless, bound) {
+fn bounded(search: &SearchResult, lossless: Option<f64>) -> String {
+    let once = if search.repeated { "" } else { " (one trial)" };
+    match (lossless, search.bound) {
         (None, _) => "none".to_owned(),
-        (Some(pps), Bound::Generator) => format!("≥ {} (generator)", rate(pps)),
-        (Some(pps), Bound::SearchMax) => format!("≥ {} (search max)", rate(pps)),
-        (Some(pps), _) => rate(pps),
+        (Some(pps), Bound::Generator) => format!("≥ {} (generator){once}", rate(pps)),
+        (Some(pps), Bound::SearchMax) => format!("≥ {} (search max){once}", rate(pps)),
+        (Some(pps), _) => format!("{}{once}", rate(pps)),
     }
 }
 
@@ -787,10 +817,23 @@ mod tests {
         relay.at_cpu_rate = Some(trial(50_000.0, 0, 1_000, 1_000));
         relay.trials = vec![
             trial(100_000.0, 0, 800, 1_000),
-            // The highest lossless trial is the one that counts, not the last or a lossy one.
+            // The settled rate's trial is the one that counts, not the last, a lossy one or
+            // one that passed once only.
             trial(200_000.0, 0, 500, 1_000),
             trial(400_000.0, 5_000, 100, 1_000),
+            trial(283_000.0, 0, 50, 1_000),
+            trial(283_000.0, 3_000, 50, 1_000),
+            trial(200_000.0, 0, 500, 1_000),
         ];
+        relay.search = Some(SearchResult {
+            lossless_pps: Some(200_000.0),
+            lossless_requested_pps: Some(200_000.0),
+            lossy_pps: Some(283_000.0),
+            bound: Bound::Relay,
+            trials: 6,
+            repeated: true,
+            flukes: vec![283_000.0],
+        });
         relay.overload = vec![OverloadPoint {
             factor: 2.0,
             lossless_pps: 200_000.0,
@@ -814,5 +857,8 @@ mod tests {
         );
         // The kernel's forwarding has no sends of its own to show.
         assert!(!md.contains("kernel"), "{md}");
+        let mut md = String::new();
+        fluke_notes(&mut md, &result);
+        assert!(md.contains("not counted): mcr 283 k."), "{md}");
     }
 }

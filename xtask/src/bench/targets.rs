@@ -743,6 +743,8 @@ mod tests {
                 lossy_pps: None,
                 bound,
                 trials: 8,
+                repeated: true,
+                flukes: Vec::new(),
             });
             relay
         };
