@@ -34,8 +34,8 @@ const USER_HZ: f64 = 100.0;
 #[derive(Clone, Debug)]
 pub struct CpuStat {
     at: Instant,
-    /// Per CPU: (idle + iowait + steal, busy by tick sampling), in ticks.
-    cpus: HashMap<usize, (u64, u64)>,
+    /// Per CPU: (idle + iowait + steal, busy by tick sampling, steal), in ticks.
+    cpus: HashMap<usize, (u64, u64, u64)>,
 }
 
 impl CpuStat {
@@ -57,7 +57,7 @@ impl CpuStat {
             let get = |i: usize| values.get(i).copied().unwrap_or(0);
             let not_busy = get(3) + get(4) + get(7);
             let busy = get(0) + get(1) + get(2) + get(5) + get(6);
-            cpus.insert(cpu, (not_busy, busy));
+            cpus.insert(cpu, (not_busy, busy, get(7)));
         }
         Ok(Self { at, cpus })
     }
@@ -87,6 +87,19 @@ impl CpuStat {
             })
             .sum();
         busy as f64 / USER_HZ
+    }
+
+    /// Seconds the hypervisor ran something else while the CPUs in `set` wanted to run.
+    pub fn steal_since(&self, later: &Self, set: &[usize]) -> f64 {
+        let steal: u64 = set
+            .iter()
+            .map(|cpu| {
+                let before = self.cpus.get(cpu).map_or(0, |v| v.2);
+                let after = later.cpus.get(cpu).map_or(0, |v| v.2);
+                after.saturating_sub(before)
+            })
+            .sum();
+        steal as f64 / USER_HZ
     }
 
     pub fn seconds_since(&self, later: &Self) -> f64 {

@@ -724,8 +724,15 @@ fn describe(trial: &Trial) -> String {
             ""
         },
         trial.cpu.as_ref().map_or_else(String::new, |cpu| format!(
-            ", relay CPUs {:.3} s busy, relay processes {:.3} s",
-            cpu.relay_cpus_busy_s, cpu.relay_process_s
+            ", relay CPUs {:.3} s busy ({:.3} s stolen{}), relay processes {:.3} s",
+            cpu.relay_cpus_busy_s,
+            cpu.relay_cpus_steal_s,
+            if cpu.consistent() {
+                ""
+            } else {
+                "; busy time cannot stand"
+            },
+            cpu.relay_process_s
         ))
     )
 }

@@ -130,13 +130,18 @@ impl RelayResult {
         let cpu_trial = self.at_cpu_rate.as_ref();
         let per_million =
             |seconds: f64, packets: u64| (packets > 0).then(|| seconds / packets as f64 * 1e6);
+        // A busy time that cannot stand (`CpuUse::consistent`) is no figure to compare.
+        let busy = |t: &Trial| {
+            t.cpu
+                .as_ref()
+                .filter(|cpu| cpu.consistent())
+                .map(|cpu| cpu.relay_cpus_busy_s)
+        };
         Figures {
             // What the generator achieved in the trial at that rate, not what was asked.
             lossless_pps: self.lossless_offered(),
-            cpu_s_per_m_delivered: cpu_trial
-                .and_then(|t| per_million(t.cpu.as_ref()?.relay_cpus_busy_s, t.delivered)),
-            cpu_s_per_m_input: cpu_trial
-                .and_then(|t| per_million(t.cpu.as_ref()?.relay_cpus_busy_s, t.packets)),
+            cpu_s_per_m_delivered: cpu_trial.and_then(|t| per_million(busy(t)?, t.delivered)),
+            cpu_s_per_m_input: cpu_trial.and_then(|t| per_million(busy(t)?, t.packets)),
             process_cpu_s_per_m_delivered: cpu_trial
                 .and_then(|t| per_million(t.cpu.as_ref()?.relay_process_s, t.delivered)),
         }
@@ -386,6 +391,20 @@ impl Report {
                 md,
                 "\n† lost packets at the CPU rate (per delivered packet, the figure is high). \
                  \\* other processes used more than 5 % of a CPU during the CPU trial."
+            );
+        }
+        let unusable = result.relays.iter().any(|r| {
+            r.at_cpu_rate
+                .as_ref()
+                .and_then(|t| t.cpu.as_ref())
+                .is_some_and(|cpu| !cpu.consistent())
+        });
+        if unusable {
+            let _ = writeln!(
+                md,
+                "\n§ the relay CPUs' busy time of this CPU trial cannot stand: below the relay \
+                 processes' run time on those CPUs, or none at all (the VM's idle accounting \
+                 overlapped steal time). Shown, but left out of the ratios and targets."
             );
         }
         let _ = writeln!(md);
@@ -659,6 +678,20 @@ fn relay_row(relay: &RelayResult) -> String {
             (rate(t.delivered_pps), percent(t.loss_pct), flags)
         },
     );
+    // The busy time as read, also when it cannot stand (then marked §, and not a figure).
+    let relay_cpus = relay
+        .at_cpu_rate
+        .as_ref()
+        .and_then(|t| {
+            let cpu = t.cpu.as_ref()?;
+            let shown = (t.delivered > 0).then(|| cpu.relay_cpus_busy_s / t.delivered as f64 * 1e6);
+            Some(format!(
+                "{}{}",
+                seconds(shown),
+                if cpu.consistent() { "" } else { "§" }
+            ))
+        })
+        .unwrap_or_else(|| seconds(None));
     let overload: Vec<String> = FACTORS
         .iter()
         .map(|&factor| {
@@ -689,7 +722,7 @@ fn relay_row(relay: &RelayResult) -> String {
         lossless,
         cpu_delivered,
         cpu_loss,
-        seconds(figures.cpu_s_per_m_delivered),
+        relay_cpus,
         cpu_flags,
         seconds(figures.process_cpu_s_per_m_delivered),
         cpu_flags,
@@ -801,6 +834,33 @@ mod tests {
             assert!(line.contains(kind.socket_drops_source()), "{line}");
         }
         assert!(md.contains("rules' shed"), "{md}");
+    }
+
+    #[test]
+    fn a_busy_time_that_cannot_stand_is_shown_marked_and_left_out_of_the_figures() {
+        let at_cpu_rate = |busy: f64, process: f64| {
+            let mut trial = Trial::lossless_at(50_000.0, 250_000);
+            trial.cpu = Some(crate::bench::trial::CpuUse {
+                window_s: 5.2,
+                relay_cpus_busy_s: busy,
+                relay_cpus_ticked_s: 1.5,
+                relay_process_s: process,
+                relay_cpus_steal_s: 0.3,
+            });
+            trial
+        };
+        let mut relay = RelayResult::new(MCR);
+        relay.at_cpu_rate = Some(at_cpu_rate(1.075, 1.833));
+        assert_eq!(relay.figures().cpu_s_per_m_delivered, None);
+        assert_eq!(relay.figures().cpu_s_per_m_input, None);
+        let row = relay_row(&relay);
+        assert!(row.contains("| 4.30§ | 7.33 |"), "{row}");
+
+        relay.at_cpu_rate = Some(at_cpu_rate(2.5, 2.1));
+        let figure = relay.figures().cpu_s_per_m_delivered.expect("a figure");
+        assert!((figure - 10.0).abs() < 1e-9, "{figure}");
+        let row = relay_row(&relay);
+        assert!(row.contains("| 10.00 | 8.40 |"), "{row}");
     }
 
     #[test]
