@@ -65,41 +65,32 @@ impl CpuStat {
     /// Seconds the CPUs in `set` were busy between `self` and `later`: wall time minus idle.
     pub fn busy_since(&self, later: &Self, set: &[usize]) -> f64 {
         let wall = later.at.duration_since(self.at).as_secs_f64();
-        let not_busy: u64 = set
-            .iter()
-            .map(|cpu| {
-                let before = self.cpus.get(cpu).map_or(0, |v| v.0);
-                let after = later.cpus.get(cpu).map_or(0, |v| v.0);
-                after.saturating_sub(before)
-            })
-            .sum();
-        (wall * set.len() as f64 - not_busy as f64 / USER_HZ).max(0.0)
+        let not_busy = self.seconds_of(later, set, |counts| counts.0);
+        (wall * set.len() as f64 - not_busy).max(0.0)
     }
 
     /// The same by tick sampling (user + nice + system + irq + softirq), for comparison.
     pub fn ticked_busy_since(&self, later: &Self, set: &[usize]) -> f64 {
-        let busy: u64 = set
-            .iter()
-            .map(|cpu| {
-                let before = self.cpus.get(cpu).map_or(0, |v| v.1);
-                let after = later.cpus.get(cpu).map_or(0, |v| v.1);
-                after.saturating_sub(before)
-            })
-            .sum();
-        busy as f64 / USER_HZ
+        self.seconds_of(later, set, |counts| counts.1)
     }
 
     /// Seconds the hypervisor ran something else while the CPUs in `set` wanted to run.
     pub fn steal_since(&self, later: &Self, set: &[usize]) -> f64 {
-        let steal: u64 = set
+        self.seconds_of(later, set, |counts| counts.2)
+    }
+
+    /// Seconds that one of a CPU's counts (`pick`) grew by between `self` and `later`, summed
+    /// over the CPUs in `set`.
+    fn seconds_of(&self, later: &Self, set: &[usize], pick: fn(&(u64, u64, u64)) -> u64) -> f64 {
+        let ticks: u64 = set
             .iter()
             .map(|cpu| {
-                let before = self.cpus.get(cpu).map_or(0, |v| v.2);
-                let after = later.cpus.get(cpu).map_or(0, |v| v.2);
+                let before = self.cpus.get(cpu).map_or(0, pick);
+                let after = later.cpus.get(cpu).map_or(0, pick);
                 after.saturating_sub(before)
             })
             .sum();
-        steal as f64 / USER_HZ
+        ticks as f64 / USER_HZ
     }
 
     pub fn seconds_since(&self, later: &Self) -> f64 {
