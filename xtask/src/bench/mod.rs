@@ -512,14 +512,13 @@ fn search_summary(found: &search::SearchResult) -> String {
     } else {
         "one trial"
     };
-    let flukes: Vec<String> = found.flukes.iter().map(|&pps| report::rate(pps)).collect();
-    if flukes.is_empty() {
+    if found.flukes.is_empty() {
         format!("{:?}, {held}", found.bound)
     } else {
         format!(
             "{:?}, {held}; lossless once only at {}",
             found.bound,
-            flukes.join(", ")
+            report::rates(&found.flukes)
         )
     }
 }

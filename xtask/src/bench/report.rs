@@ -128,8 +128,6 @@ impl RelayResult {
 
     fn compute_figures(&self) -> Figures {
         let cpu_trial = self.at_cpu_rate.as_ref();
-        let per_million =
-            |seconds: f64, packets: u64| (packets > 0).then(|| seconds / packets as f64 * 1e6);
         // A busy time that cannot stand (`CpuUse::consistent`) is no figure to compare.
         let busy = |t: &Trial| {
             t.cpu
@@ -569,8 +567,8 @@ fn fluke_notes(md: &mut String, result: &ScenarioResult) {
         .iter()
         .filter_map(|relay| {
             let search = relay.search.as_ref()?;
-            let rates: Vec<String> = search.flukes.iter().map(|&pps| rate(pps)).collect();
-            (!rates.is_empty()).then(|| format!("{} {}", relay.relay, rates.join(", ")))
+            (!search.flukes.is_empty())
+                .then(|| format!("{} {}", relay.relay, rates(&search.flukes)))
         })
         .collect();
     if !flukes.is_empty() {
@@ -684,10 +682,9 @@ fn relay_row(relay: &RelayResult) -> String {
         .as_ref()
         .and_then(|t| {
             let cpu = t.cpu.as_ref()?;
-            let shown = (t.delivered > 0).then(|| cpu.relay_cpus_busy_s / t.delivered as f64 * 1e6);
             Some(format!(
                 "{}{}",
-                seconds(shown),
+                seconds(per_million(cpu.relay_cpus_busy_s, t.delivered)),
                 if cpu.consistent() { "" } else { "§" }
             ))
         })
@@ -774,6 +771,17 @@ pub fn percent(value: f64) -> String {
     } else {
         format!("{value:.2} %")
     }
+}
+
+/// CPU seconds per million packets (= µs per packet); none for no packets.
+fn per_million(seconds: f64, packets: u64) -> Option<f64> {
+    (packets > 0).then(|| seconds / packets as f64 * 1e6)
+}
+
+/// `283 k, 141 k`.
+pub fn rates(pps: &[f64]) -> String {
+    let rates: Vec<String> = pps.iter().map(|&pps| rate(pps)).collect();
+    rates.join(", ")
 }
 
 pub fn seconds(value: Option<f64>) -> String {

@@ -513,6 +513,8 @@ fn backlog_drops() -> anyhow::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     fn cpu(busy: f64, process: f64) -> CpuUse {
         CpuUse {
             window_s: 5.2,
@@ -539,8 +541,6 @@ mod tests {
         assert!(cpu(1.938, 0.0).consistent());
         assert!(cpu(0.854, 0.006).consistent());
     }
-
-    use super::*;
 
     #[test]
     fn relay_loss_is_split_into_socket_shed_and_the_rest() {
