@@ -521,8 +521,9 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
 fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid) -> anyhow::Result<(u64, u64)> {
     let group = Ipv4Addr::new(239, 1, 1, 1);
     let output = Ipv4Addr::new(239, 2, 2, 1);
-    let shed_before = mcr.rule_stats("cam")?["shed"].as_u64().context("shed")?;
-    let relayed_before = mcr.rule_stats("cam")?["outputs"][0]["tx_packets"]
+    let before = mcr.rule_stats("cam")?;
+    let shed_before = before["shed"].as_u64().context("shed")?;
+    let relayed_before = before["outputs"][0]["tx_packets"]
         .as_u64()
         .context("tx_packets")?;
     let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
