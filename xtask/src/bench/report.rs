@@ -400,9 +400,10 @@ impl Report {
         if unusable {
             let _ = writeln!(
                 md,
-                "\n§ the relay CPUs' busy time of this CPU trial cannot stand: below the relay \
-                 processes' run time on those CPUs, or none at all (the VM's idle accounting \
-                 overlapped steal time). Shown, but left out of the ratios and targets."
+                "\n§ the relay CPUs' busy time of this CPU trial cannot stand: more than a tenth \
+                 of it stolen, below the relay processes' run time on those CPUs, or none at \
+                 all (the VM's idle accounting overlaps steal time, so the busy time can read \
+                 low by as much as was stolen). Shown, but left out of the ratios and targets."
             );
         }
         let _ = writeln!(md);
@@ -853,7 +854,7 @@ mod tests {
                 relay_cpus_busy_s: busy,
                 relay_cpus_ticked_s: 1.5,
                 relay_process_s: process,
-                relay_cpus_steal_s: 0.3,
+                relay_cpus_steal_s: 0.1,
             });
             trial
         };
