@@ -454,12 +454,17 @@ fn a_stopped_worker_is_shown_stalled_and_restarted() -> anyhow::Result<()> {
 /// a while without being taken for wedged (a stall timeout of 30 s): the rules file (kept
 /// while MCR runs), MCR and the worker's pid.
 fn one_stoppable_worker(lab: &Lab, outputs: &str) -> anyhow::Result<(RulesFile, Mcr, Pid)> {
-    let rules = RulesFile::new(&stoppable_rules(&format!(
-        "  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n{outputs}"
-    )))?;
+    let rules = RulesFile::new(&stoppable_camera(outputs))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     let pid = mcr.workers()?[0]["pid"].as_u64().context("worker pid")?;
     Ok((rules, mcr, Pid::from_raw(i32::try_from(pid)?)))
+}
+
+/// The rules file of [`one_stoppable_worker`]: the camera rule with `outputs`.
+fn stoppable_camera(outputs: &str) -> String {
+    stoppable_rules(&format!(
+        "  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n{outputs}"
+    ))
 }
 
 /// A rules file of one worker with a stall timeout of 30 s and `rules` (rules-file lines).
@@ -571,9 +576,7 @@ fn packets_lost_in_a_closed_socket_are_forgiven_once_the_worker_is_idle() -> any
     let lab = Lab::new()?;
     let output = "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n";
     let (rules, mcr, pid) = one_stoppable_worker(&lab, output)?;
-    let camera = stoppable_rules(&format!(
-        "  - name: cam\n    input: {{interface: in0, group: 239.1.1.1, port: 5000}}\n    outputs:\n{output}"
-    ));
+    let camera = stoppable_camera(output);
     // An IPv6 rule keeps in0's IPv6 sockets while the camera rule's IPv4 ones close.
     let other = stoppable_rules(
         "  - name: v6\n    input: {interface: in0, group: 'ff0e::1:9', port: 5009}\n    outputs:\n      - {interface: out0, destination: 'ff0e::2:9', port: 6009}\n",
