@@ -240,11 +240,6 @@ impl core::ops::Add for SkipCounters {
 /// Name of the array of [`WorkerLoad`] pages, one per worker.
 pub const MAP_WORKER_LOAD: &str = "MCR_WORKER_LOAD";
 
-/// Packets a worker may be behind before the classifier sheds its packets: four times what its
-/// receive buffer ring holds, room for a burst (some 20 ms at full rate). The workers' packet
-/// sockets are sized to hold this many, so shedding starts before a socket overflows.
-pub const SHED_WINDOW: u64 = 8192;
-
 /// Bytes of one [`WorkerLoad`]: a page, so that each worker maps its own and nothing else.
 pub const WORKER_LOAD_SIZE: usize = 4096;
 
@@ -265,6 +260,8 @@ pub struct WorkerLoad {
     /// counts from zero again.
     pub forgiven: u64,
     /// Backlog at which the classifier sheds; 0 sheds nothing (the worker has not started).
+    /// The worker writes the rules file's `settings.shed_window`, which its packet sockets are
+    /// sized to hold, so shedding starts before a socket overflows.
     pub window: u64,
     /// Packets shed because this worker was behind (the classifier adds, atomically).
     pub shed: u64,

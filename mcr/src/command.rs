@@ -77,6 +77,9 @@ pub enum Command {
         cpu: Option<usize>,
         uid: u32,
         gid: u32,
+        /// Packets the worker may be behind before the classifier sheds its packets
+        /// (`settings.shed_window`), which the worker writes into its page of the load map.
+        shed_window: u64,
     },
     /// Receive from a new `AF_PACKET` socket (attached), which belongs to interface `ifindex`.
     AddInput {
@@ -243,5 +246,43 @@ mod tests {
             receive(b.as_fd(), &mut buffer),
             Err(CommandError::Closed)
         ));
+    }
+
+    #[test]
+    fn init_carries_the_shedding_window_and_two_sockets() {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let counters = std::fs::File::open("/dev/null").expect("/dev/null");
+        let load_map = std::fs::File::open("/dev/zero").expect("/dev/zero");
+        let command = Command::Init {
+            worker: 3,
+            cpu: Some(1),
+            uid: 65534,
+            gid: 65534,
+            shed_window: 2048,
+        };
+        send(a.as_fd(), &command, &[counters.as_fd(), load_map.as_fd()]).expect("send");
+        let mut buffer = vec![0; MAX_MESSAGE];
+        let (received, fds) = receive(b.as_fd(), &mut buffer)
+            .expect("receive")
+            .expect("a message");
+        assert_eq!(received, command);
+        assert!(
+            matches!(
+                received,
+                Command::Init {
+                    shed_window: 2048,
+                    ..
+                }
+            ),
+            "{received:?}"
+        );
+        assert_eq!(fds.len(), command.expected_fds());
+        assert_eq!(fds.len(), 2);
     }
 }

@@ -60,6 +60,9 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// How the workers are scheduled (`settings.realtime`).
     pub scheduling: Scheduling,
+    /// Packets a worker may be behind before the classifier sheds its packets
+    /// (`settings.shed_window`); each input socket's receive buffer is sized to hold as many.
+    pub shed_window: u64,
 }
 
 /// The scheduling policy the supervisor gives each worker process.
@@ -114,6 +117,23 @@ pub const DEFAULT_USER: &str = "nobody";
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest `settings.stall_timeout`, in seconds.
 pub const MAX_STALL_TIMEOUT: u64 = 3600;
+/// `settings.shed_window` unless the file says otherwise: four times the worker's standard
+/// receive ring, room for a burst or a brief hold of the worker (on the benchmark VM, holds by
+/// other threads of up to 14 ms: 2,000 packets at 140 k pps), for a standing delay under
+/// sustained overload of about 33 ms at 250 k packets per second (decision 0017, which
+/// measured 32,768 against it).
+pub const DEFAULT_SHED_WINDOW: u64 = 8192;
+/// Smallest `settings.shed_window`: the worker's standard receive ring (2,048 buffers, see
+/// `worker::buffers`). The classifier counts every packet the worker has not yet reported as
+/// taken, and the worker reports once per turn of its loop, after a turn that may fill the
+/// whole ring; a smaller window would shed packets the worker still had buffers for.
+pub const MIN_SHED_WINDOW: u64 = 2048;
+/// Largest `settings.shed_window`: the largest measured (decision 0017). An input socket of a
+/// 1500-byte MTU interface needs 126 MiB to hold this many, within the 160 MiB a socket may
+/// have (`sockets::ingress`), so that the classifier sheds before a socket overflows; beyond
+/// it a sustained overload holds every relayed packet back by more than 130 ms at 250 k
+/// packets per second.
+pub const MAX_SHED_WINDOW: u64 = 32_768;
 /// Most outputs of one rule.
 pub const MAX_OUTPUTS_PER_RULE: usize = crate::command::MAX_FDS;
 /// Most rules: the classifier's maps have this many entries.
@@ -372,6 +392,7 @@ struct RawSettings {
     /// `true`, `false` or `{priority: N}`: read as YAML and checked by hand, so that each
     /// wrong form gets a message naming what is allowed.
     realtime: Option<serde_yaml::Value>,
+    shed_window: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -538,6 +559,21 @@ impl Checker<'_> {
         let scheduling = raw.realtime.map_or(Scheduling::Normal, |realtime| {
             self.check_realtime(&realtime)
         });
+        let shed_window = raw.shed_window.map_or(DEFAULT_SHED_WINDOW, |packets| {
+            if let Ok(window @ MIN_SHED_WINDOW..=MAX_SHED_WINDOW) = u64::try_from(packets) {
+                window
+            } else {
+                self.problem(
+                    "settings.shed_window".into(),
+                    format!(
+                        "{packets} packets: use {MIN_SHED_WINDOW} to {MAX_SHED_WINDOW} (below, \
+                         the classifier would shed packets a worker has receive buffers for; \
+                         above, an input socket could not hold a window)"
+                    ),
+                );
+                DEFAULT_SHED_WINDOW
+            }
+        });
         Settings {
             workers,
             cpus,
@@ -546,6 +582,7 @@ impl Checker<'_> {
             path: raw.path.unwrap_or_default(),
             metrics_listen,
             scheduling,
+            shed_window,
         }
     }
 

@@ -418,6 +418,51 @@ fn stall_timeout() {
         );
     }
 }
+
+/// `settings` of `GOOD` with `shed_window` added; the error text of the one problem, if any.
+fn shed_window(value: &str) -> Result<u64, String> {
+    let text = good_with("workers: 2", &format!("workers: 2\n  shed_window: {value}"));
+    match parse(&text) {
+        Ok(config) => Ok(config.settings.shed_window),
+        Err(problems) => Err(ConfigError::Invalid {
+            path: "rules.yaml".into(),
+            problems,
+        }
+        .to_string()),
+    }
+}
+
+#[test]
+fn shed_window_is_8192_packets_unless_set() {
+    assert_eq!(parse(GOOD).expect("valid").settings.shed_window, 8192);
+    assert_eq!(DEFAULT_SHED_WINDOW, 8192);
+    assert_eq!(shed_window("2048"), Ok(2048));
+    assert_eq!(shed_window("32768"), Ok(32_768));
+    assert_eq!(shed_window("20000"), Ok(20_000));
+}
+
+#[test]
+fn shed_windows_outside_2048_to_32768_are_rejected_with_their_line() {
+    for bad in ["0", "-1", "2047", "32769", "1000000", "99999999999999"] {
+        assert_eq!(
+            shed_window(bad),
+            Err(format!(
+                "rules.yaml:3: settings.shed_window: {bad} packets: use 2048 to 32768 (below, \
+                 the classifier would shed packets a worker has receive buffers for; above, an \
+                 input socket could not hold a window)"
+            ))
+        );
+    }
+    // Not a number of packets at all: refused by the parser, with its line.
+    for bad in ["lots", "8192.5", "[8192]"] {
+        let error = shed_window(bad).expect_err("rejected");
+        assert!(
+            error.starts_with("rules.yaml:3: settings.shed_window: invalid type"),
+            "{error}"
+        );
+    }
+}
+
 /// A directory of its own under the system's temporary directory, removed on drop.
 struct TempDir(std::path::PathBuf);
 

@@ -7,7 +7,6 @@ use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
 };
 
-use mcr_common::SHED_WINDOW;
 use nix::libc;
 
 use super::{get_option, set_option};
@@ -16,16 +15,25 @@ use crate::{bpf::Classifier, flow::Family};
 /// Receive buffer of each socket, at least: room for bursts while a worker is busy or
 /// restarting.
 const MIN_RECEIVE_BUFFER: usize = 32 * 1024 * 1024;
-/// And at most.
-const MAX_RECEIVE_BUFFER: usize = 160 * 1024 * 1024;
+/// And at most. A limit, not an allocation: a socket holds at most a window of packets
+/// before the classifier sheds, so this only bounds sockets whose window would need more
+/// (jumbo frames with a large `settings.shed_window`).
+pub const MAX_RECEIVE_BUFFER: usize = 160 * 1024 * 1024;
 
-/// The receive buffer a socket of an interface with `mtu` needs to hold a worker's shedding
-/// window of packets (each costs the socket about twice its length, and more for small
-/// ones), so that the classifier sheds before a socket overflows.
-pub fn receive_buffer(mtu: u32) -> usize {
+/// What a window of `window` packets of an interface with `mtu` costs a socket: each costs
+/// it about twice its length, and more for small ones.
+pub fn window_bytes(window: u64, mtu: u32) -> usize {
     let per_packet = 2 * mtu as usize + 1024;
-    (usize::try_from(SHED_WINDOW).unwrap_or(usize::MAX) * per_packet)
-        .clamp(MIN_RECEIVE_BUFFER, MAX_RECEIVE_BUFFER)
+    usize::try_from(window)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(per_packet)
+}
+
+/// The receive buffer a socket of an interface with `mtu` gets: room for a worker's shedding
+/// window of `window` packets (`settings.shed_window`), so that the classifier sheds before a
+/// socket overflows, within [`MAX_RECEIVE_BUFFER`].
+pub fn receive_buffer(window: u64, mtu: u32) -> usize {
+    window_bytes(window, mtu).clamp(MIN_RECEIVE_BUFFER, MAX_RECEIVE_BUFFER)
 }
 
 /// `struct tpacket_stats`.
@@ -43,17 +51,20 @@ pub struct FanoutGroup {
 
 impl FanoutGroup {
     /// Opens `workers` sockets on `ifindex` and joins them into a new fanout group. Sockets
-    /// join in worker order, so a socket's place in the group is its worker's index.
+    /// join in worker order, so a socket's place in the group is its worker's index. Each
+    /// socket's receive buffer holds `shed_window` packets of `mtu` (see [`receive_buffer`]).
     pub fn open(
         ifindex: u32,
         family: Family,
         mtu: u32,
+        shed_window: u64,
         workers: usize,
         classifier: &Classifier,
     ) -> io::Result<Self> {
         let mut sockets = Vec::with_capacity(workers);
         let mut group_id = None;
-        let receive_buffer = i32::try_from(receive_buffer(mtu)).map_err(io::Error::other)?;
+        let receive_buffer =
+            i32::try_from(receive_buffer(shed_window, mtu)).map_err(io::Error::other)?;
         for _ in 0..workers {
             let socket = packet_socket(ifindex, family, receive_buffer)?;
             let id = join_fanout(&socket, group_id)?;
@@ -209,11 +220,44 @@ fn join_fanout(socket: &OwnedFd, id: Option<u16>) -> io::Result<u16> {
 mod tests {
     use super::*;
 
+    use crate::config::{DEFAULT_SHED_WINDOW, MAX_SHED_WINDOW, MIN_SHED_WINDOW};
+
     #[test]
     fn sockets_hold_a_shedding_window() {
-        assert!(receive_buffer(1500) >= 8192 * 3000);
-        let jumbo = receive_buffer(9000);
+        assert!(receive_buffer(DEFAULT_SHED_WINDOW, 1500) >= 8192 * 3000);
+        let jumbo = receive_buffer(DEFAULT_SHED_WINDOW, 9000);
         assert!(jumbo >= 8192 * 9000, "{jumbo}");
         assert!(jumbo <= MAX_RECEIVE_BUFFER);
+    }
+
+    #[test]
+    fn the_receive_buffer_grows_with_the_window() {
+        let large = receive_buffer(MAX_SHED_WINDOW, 1500);
+        assert!(large >= 32_768 * 3000, "{large}");
+        assert!(large > receive_buffer(DEFAULT_SHED_WINDOW, 1500));
+        // Decision 0017's figure for a window of 32,768 at a 1500-byte MTU.
+        assert_eq!(large / (1024 * 1024), 125);
+        // A small window keeps the floor: room for a worker's restart.
+        assert_eq!(receive_buffer(MIN_SHED_WINDOW, 1500), MIN_RECEIVE_BUFFER);
+    }
+
+    #[test]
+    fn every_allowed_window_fits_a_socket_of_a_standard_mtu() {
+        // The bound `settings.shed_window` is checked against: the largest window must not be
+        // cut by the limit, or a socket would overflow before the classifier sheds.
+        for window in [MIN_SHED_WINDOW, DEFAULT_SHED_WINDOW, MAX_SHED_WINDOW] {
+            assert!(
+                window_bytes(window, 1500) <= MAX_RECEIVE_BUFFER,
+                "a window of {window} does not fit"
+            );
+            assert_eq!(
+                receive_buffer(window, 1500),
+                window_bytes(window, 1500).max(MIN_RECEIVE_BUFFER)
+            );
+        }
+        // Jumbo frames: the default window fits, the largest is cut at the limit.
+        assert!(window_bytes(DEFAULT_SHED_WINDOW, 9000) <= MAX_RECEIVE_BUFFER);
+        assert!(window_bytes(MAX_SHED_WINDOW, 9000) > MAX_RECEIVE_BUFFER);
+        assert_eq!(receive_buffer(MAX_SHED_WINDOW, 9000), MAX_RECEIVE_BUFFER);
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     flow::{Family, FlowKey},
     sockets::{
         egress::{self, EgressSockets, Origin},
-        ingress::FanoutGroup,
+        ingress::{self, FanoutGroup},
         interfaces,
         memberships::{Membership, Memberships},
     },
@@ -120,6 +120,9 @@ pub struct Dataplane {
     load_map: OwnedFd,
     /// How long a worker may stall before it is killed.
     stall_timeout: Duration,
+    /// `settings.shed_window` as it was at start: every worker, restarts included, sheds at
+    /// this backlog, and every input socket is sized for it, whatever a reload says.
+    shed_window: u64,
     user: (u32, u32),
     events: mpsc::Sender<WorkerEvent>,
     /// By interface index (an interface deleted and created again is a new input) and family
@@ -157,7 +160,13 @@ impl Dataplane {
             )?;
             let sockets =
                 egress::open_egress_sockets().context("opening link-layer output sockets")?;
-            worker.spawn(&executable, user, load_map.as_fd(), &events)?;
+            worker.spawn(
+                &executable,
+                user,
+                load_map.as_fd(),
+                settings.shed_window,
+                &events,
+            )?;
             send_egress(&worker, &sockets)?;
             workers.push(worker);
             frame_sockets.push(sockets);
@@ -168,6 +177,7 @@ impl Dataplane {
             executable,
             load_map,
             stall_timeout: settings.stall_timeout,
+            shed_window: settings.shed_window,
             user,
             events,
             inputs: HashMap::new(),
@@ -322,12 +332,33 @@ impl Dataplane {
         // big ones, and bigger socket buffers; when the MTU cannot be read, the usual one is
         // assumed.
         let mtu = interfaces::link_by_index(ifindex).map_or(1500, |link| link.mtu);
-        let group = FanoutGroup::open(ifindex, family, mtu, self.workers.len(), classifier)
-            .map_err(|source| StartError::InputSockets {
-                interface: interface.to_owned(),
-                family,
-                source,
-            })?;
+        let group = FanoutGroup::open(
+            ifindex,
+            family,
+            mtu,
+            self.shed_window,
+            self.workers.len(),
+            classifier,
+        )
+        .map_err(|source| StartError::InputSockets {
+            interface: interface.to_owned(),
+            family,
+            source,
+        })?;
+        let needed = ingress::window_bytes(self.shed_window, mtu);
+        if needed > ingress::MAX_RECEIVE_BUFFER {
+            tracing::warn!(
+                interface,
+                mtu,
+                "a shedding window of {} packets (settings.shed_window) needs {} MiB of receive \
+                 buffer at this MTU, more than the {} MiB a socket gets: under overload its \
+                 sockets may overflow (kernel_drops) before the classifier sheds; a smaller \
+                 window avoids it",
+                self.shed_window,
+                needed / (1024 * 1024),
+                ingress::MAX_RECEIVE_BUFFER / (1024 * 1024),
+            );
+        }
         let id = self.next_input;
         self.next_input += 1;
         for (worker, socket) in self.workers.iter().zip(&group.sockets) {
@@ -418,6 +449,7 @@ impl Dataplane {
             &self.executable,
             self.user,
             self.load_map.as_fd(),
+            self.shed_window,
             &self.events,
         ) {
             let delay = worker.lifecycle.start_failed(format!("{error:#}"));

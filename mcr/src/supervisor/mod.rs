@@ -424,8 +424,8 @@ impl Supervisor<'_> {
                 };
                 if config.settings != restart_only {
                     tracing::warn!(
-                        "settings changed; workers, CPUs, user, stall timeout and the metrics \
-                         address take effect when mcr restarts"
+                        "settings changed; workers, CPUs, user, stall timeout, shedding window \
+                         and the metrics address take effect when mcr restarts"
                     );
                 }
                 self.config = config;

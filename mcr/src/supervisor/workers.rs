@@ -310,9 +310,9 @@ impl Worker {
         })
     }
 
-    /// Starts the process and sends it `init`, with its counter block and `load_map` (the
-    /// classifier's map of worker loads, of which it maps its own page). The caller then
-    /// replays inputs and rules.
+    /// Starts the process and sends it `init`, with its counter block, `load_map` (the
+    /// classifier's map of worker loads, of which it maps its own page) and `shed_window`, the
+    /// backlog it lets the classifier shed at. The caller then replays inputs and rules.
     ///
     /// An error means that no process was started. Once one is, a failure to hand it `init`
     /// kills it, and its exit goes the usual way.
@@ -321,6 +321,7 @@ impl Worker {
         executable: &Executable,
         user: (u32, u32),
         load_map: BorrowedFd<'_>,
+        shed_window: u64,
         events: &mpsc::Sender<WorkerEvent>,
     ) -> anyhow::Result<()> {
         let (ours, theirs) = socketpair(
@@ -404,6 +405,7 @@ impl Worker {
             cpu: self.cpu,
             uid: user.0,
             gid: user.1,
+            shed_window,
         };
         if let Err(error) = self.send(&init, &[self.counters.fd(), load_map]) {
             tracing::error!(worker = index, "{error:#}");

@@ -322,6 +322,13 @@ mod tests {
     }
 
     #[test]
+    fn the_smallest_shedding_window_lets_a_worker_fill_its_ring() {
+        // The classifier counts what the worker holds in its ring until the turn ends; a
+        // window smaller than the ring would shed packets the worker has buffers for.
+        assert!(crate::config::MIN_SHED_WINDOW >= u64::from(STANDARD.entries));
+    }
+
+    #[test]
     fn inputs_with_jumbo_mtus_take_the_big_buffers() {
         assert_eq!(Ring::for_mtu(1500), Ring::Standard);
         assert_eq!(Ring::for_mtu(2047), Ring::Standard);

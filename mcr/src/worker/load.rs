@@ -11,7 +11,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use mcr_common::{SHED_WINDOW, WORKER_LOAD_SIZE, WorkerLoad};
+use mcr_common::{WORKER_LOAD_SIZE, WorkerLoad};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 /// This worker's page of the load map, mapped shared with the classifier.
@@ -21,8 +21,9 @@ pub struct LoadPage {
 
 impl LoadPage {
     /// Maps page `worker` of the load map `map` (then closes the descriptor: the worker can
-    /// reach no other page), sets the window and what this worker has taken so far.
-    pub fn map(map: OwnedFd, worker: u32, taken: u64) -> io::Result<Self> {
+    /// reach no other page), sets what this worker has taken so far and the shedding `window`
+    /// (`settings.shed_window`, which its sockets were sized for).
+    pub fn map(map: OwnedFd, worker: u32, taken: u64, window: u64) -> io::Result<Self> {
         let length = NonZeroUsize::new(WORKER_LOAD_SIZE).expect("a page is not empty");
         let offset =
             i64::from(worker) * i64::try_from(WORKER_LOAD_SIZE).map_err(io::Error::other)?;
@@ -47,7 +48,7 @@ impl LoadPage {
             .store(taken, Ordering::Relaxed);
         page.forgive_backlog();
         page.field(|load| &raw mut load.window)
-            .store(SHED_WINDOW, Ordering::Relaxed);
+            .store(window, Ordering::Relaxed);
         Ok(page)
     }
 

@@ -61,6 +61,7 @@ pub fn run() -> anyhow::Result<()> {
         cpu,
         uid,
         gid,
+        shed_window,
     } = init
     else {
         bail!("the first command was {}, not init", init.name());
@@ -73,6 +74,7 @@ pub fn run() -> anyhow::Result<()> {
         fds.next().context("init carries no load map")?,
         worker,
         taken,
+        shed_window,
     )
     .context("mapping this worker's page of the load map")?;
     if let Ok(name) = std::ffi::CString::new(format!("mcr-worker-{worker}")) {
@@ -104,6 +106,7 @@ pub fn run() -> anyhow::Result<()> {
         ?cpu,
         uid,
         gid,
+        shed_window,
         "worker ready: no capabilities, no_new_privs, seccomp filter, restricted io_uring"
     );
     nix::sys::socket::send(
