@@ -492,7 +492,7 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
     let group = Ipv4Addr::new(239, 1, 1, 1);
     let output = Ipv4Addr::new(239, 2, 2, 1);
 
-    let (relayed, shed) = overloaded_once(&lab, &mcr, pid)?;
+    let (relayed, shed) = overloaded_once(&lab, &mcr, pid, 16_000)?;
     ensure!(
         relayed >= 8192,
         "the worker kept less than its window: {relayed}"
@@ -519,11 +519,12 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
     Ok(())
 }
 
-/// Stops `worker` while 16,000 packets of the camera rule arrive, then runs it again: it can
-/// be at most a window (8,192) behind, and the classifier drops the rest. Checks that every
-/// packet was relayed (in order, none twice) or shed, and counted so by the rule, the worker
-/// and the output; returns how many were relayed and how many shed.
-fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid) -> anyhow::Result<(u64, u64)> {
+/// Stops `worker` while `count` packets of the camera rule arrive, then runs it again: it can
+/// be at most a window (8,192 unless the rules file sets another) behind, and the classifier
+/// drops the rest. Checks that some were shed and that every packet was relayed (in order,
+/// none twice) or shed, and counted so by the rule, the worker and the output; returns how
+/// many were relayed and how many shed.
+fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid, count: u64) -> anyhow::Result<(u64, u64)> {
     let group = Ipv4Addr::new(239, 1, 1, 1);
     let output = Ipv4Addr::new(239, 2, 2, 1);
     let before = mcr.rule_stats("cam")?;
@@ -532,7 +533,7 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid) -> anyhow::Result<(u64, u6
         .as_u64()
         .context("tx_packets")?;
     let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
-    let burst = Stream::new(group, 5000, 100, 16_000);
+    let burst = Stream::new(group, 5000, 100, count);
     send_while_stopped(lab, worker, &burst)?;
     let arrived = receiver.finish()?;
     let sequences: Vec<u64> = arrived
@@ -547,7 +548,7 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid) -> anyhow::Result<(u64, u6
     let stats = &mcr.workers()?[0];
     let shed = rule["shed"].as_u64().context("shed")? - shed_before;
     let relayed = sequences.len() as u64;
-    eprintln!("{relayed} of 16000 relayed, {shed} shed");
+    eprintln!("{relayed} of {count} relayed, {shed} shed");
     ensure!(shed > 0, "nothing was shed: {rule}");
     assert_eq!(
         stats["shed"].as_u64(),
@@ -569,6 +570,84 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid) -> anyhow::Result<(u64, u6
         "{rule}"
     );
     Ok((relayed, shed))
+}
+
+/// The shedding window the classifier applies to each worker: the `window` of the worker's
+/// page of the pinned `MCR_WORKER_LOAD`, as bpftool reads it.
+fn shedding_windows(mcr: &Mcr, workers: u32) -> anyhow::Result<Vec<u64>> {
+    let map = mcr.pin_dir.join("MCR_WORKER_LOAD");
+    (0..workers)
+        .map(|worker| {
+            let key = worker.to_le_bytes().map(|byte| byte.to_string());
+            let mut args = vec!["-j", "map", "lookup", "pinned"];
+            let map = map.to_string_lossy();
+            args.push(&map);
+            args.push("key");
+            args.extend(key.iter().map(String::as_str));
+            let text = mcr_tests::run_tool("bpftool", &args)?;
+            let entry: serde_json::Value = serde_json::from_str(&text)?;
+            let entry = entry.get("formatted").unwrap_or(&entry);
+            entry["value"]["window"]
+                .as_u64()
+                .with_context(|| format!("no window for worker {worker}: {entry}"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start()
+-> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let camera = |window: u64| {
+        stoppable_camera("      - {interface: out0, destination: 239.2.2.1, port: 6000}\n")
+            .replacen(
+                "settings:\n",
+                &format!("settings:\n  shed_window: {window}\n"),
+                1,
+            )
+    };
+    let rules = RulesFile::new(&camera(2048))?;
+    let mcr = Mcr::start(&lab.relay, rules.path())?;
+    let pid = Pid::from_raw(i32::try_from(
+        mcr.workers()?[0]["pid"].as_u64().context("worker pid")?,
+    )?);
+    ensure!(
+        mcr.log_text().contains("shed_window=2048"),
+        "the worker does not say its window:\n{}",
+        mcr.log_text()
+    );
+    assert_eq!(shedding_windows(&mcr, 1)?, [2048], "the worker's page");
+
+    // 6,000 packets wait for the stopped worker: the default window (8,192) would hold them
+    // all, this one holds 2,048 and the classifier sheds the rest.
+    let (relayed, shed) = overloaded_once(&lab, &mcr, pid, 6000)?;
+    // A few more than the window when the classifier ran on two CPUs at once as it filled.
+    ensure!(
+        (2048..2100).contains(&relayed),
+        "{relayed} relayed and {shed} shed: not a window of 2,048"
+    );
+
+    // A reload keeps the window the workers and their sockets started with, and says so.
+    rules.write(&camera(4096))?;
+    mcr.cli(&["reload"])?;
+    assert_eq!(shedding_windows(&mcr, 1)?, [2048], "changed by a reload");
+    ensure!(
+        mcr.log_text()
+            .contains("shedding window and the metrics address take effect when mcr restarts"),
+        "no word that the new window waits for a restart:\n{}",
+        mcr.log_text()
+    );
+    // So does a worker restarted after the reload: it writes the window its sockets were
+    // sized for, not the reloaded file's.
+    let old = u32::try_from(pid.as_raw())?;
+    sigkill(old)?;
+    restarted_worker(&mcr, old, Duration::from_secs(5))?;
+    assert_eq!(
+        shedding_windows(&mcr, 1)?,
+        [2048],
+        "the restarted worker's page"
+    );
+    Ok(())
 }
 
 #[test]
@@ -614,7 +693,7 @@ fn packets_lost_in_a_closed_socket_are_forgiven_once_the_worker_is_idle() -> any
     std::thread::sleep(Duration::from_millis(500));
     assert_camera_relayed(&lab)?;
     std::thread::sleep(Duration::from_millis(500));
-    let (relayed, _shed) = overloaded_once(&lab, &mcr, pid)?;
+    let (relayed, _shed) = overloaded_once(&lab, &mcr, pid, 16_000)?;
     ensure!(
         relayed >= 8192,
         "the worker kept less than its window: {relayed} (lost packets held against it)"
