@@ -651,6 +651,40 @@ fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start
 }
 
 #[test]
+fn a_window_of_jumbo_frames_too_large_for_a_socket_is_reported() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    lab.relay.ip(&["link", "set", "in0", "mtu", "9000"])?;
+    let rules = |window: u64| {
+        stoppable_camera("      - {interface: out0, destination: 239.2.2.1, port: 6000}\n")
+            .replacen(
+                "settings:\n",
+                &format!("settings:\n  shed_window: {window}\n"),
+                1,
+            )
+    };
+    let warning = "more than the 160 MiB a socket gets";
+    // 8,192 jumbo frames fit a socket: nothing to say.
+    let fits = RulesFile::new(&rules(8192))?;
+    let mcr = Mcr::start(&lab.relay, fits.path())?;
+    assert_camera_relayed(&lab)?;
+    ensure!(!mcr.log_text().contains(warning), "{}", mcr.log_text());
+    drop(mcr);
+    // 32,768 do not: the operator learns that this input's sockets may overflow first.
+    let too_large = RulesFile::new(&rules(32_768))?;
+    let mcr = Mcr::start(&lab.relay, too_large.path())?;
+    assert_camera_relayed(&lab)?;
+    let log = mcr.log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains(warning))
+        .with_context(|| format!("no warning:\n{log}"))?;
+    for expected in ["in0 (MTU 9000)", "32768 packets", "594 MiB"] {
+        ensure!(line.contains(expected), "{expected} not in: {line}");
+    }
+    Ok(())
+}
+
+#[test]
 fn packets_lost_in_a_closed_socket_are_forgiven_once_the_worker_is_idle() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     let output = "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n";

@@ -348,12 +348,10 @@ impl Dataplane {
         let needed = ingress::window_bytes(self.shed_window, mtu);
         if needed > ingress::MAX_RECEIVE_BUFFER {
             tracing::warn!(
-                interface,
-                mtu,
-                "a shedding window of {} packets (settings.shed_window) needs {} MiB of receive \
-                 buffer at this MTU, more than the {} MiB a socket gets: under overload its \
-                 sockets may overflow (kernel_drops) before the classifier sheds; a smaller \
-                 window avoids it",
+                "{interface} (MTU {mtu}): a shedding window of {} packets (settings.shed_window) \
+                 needs {} MiB of receive buffer, more than the {} MiB a socket gets: under \
+                 overload its sockets may overflow (kernel_drops) before the classifier sheds; \
+                 a smaller window avoids it",
                 self.shed_window,
                 needed / (1024 * 1024),
                 ingress::MAX_RECEIVE_BUFFER / (1024 * 1024),
