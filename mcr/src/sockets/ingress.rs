@@ -15,9 +15,9 @@ use crate::{bpf::Classifier, flow::Family};
 /// Receive buffer of each socket, at least: room for bursts while a worker is busy or
 /// restarting.
 const MIN_RECEIVE_BUFFER: usize = 32 * 1024 * 1024;
-/// And at most. A limit, not an allocation: a socket holds at most a window of packets
-/// before the classifier sheds, so this only bounds sockets whose window would need more
-/// (jumbo frames with a large `settings.shed_window`).
+/// And at most: a limit, not an allocation (the kernel charges a socket for what it holds,
+/// and the classifier sheds before it holds more than a window). It cuts only windows that
+/// would need more: jumbo frames with a large `settings.shed_window`.
 pub const MAX_RECEIVE_BUFFER: usize = 160 * 1024 * 1024;
 
 /// What a window of `window` packets of an interface with `mtu` costs a socket: each costs
