@@ -44,9 +44,12 @@ impl LoadPage {
         let page = Self {
             page: address.cast(),
         };
+        // What the classifier counts as steered and forgiven stays as it was: packets that
+        // wait in the sockets for this worker (its predecessor's, if it was restarted) are its
+        // backlog. Forgiving them here would let the backlog go below zero as it takes them,
+        // which the classifier reads as a full window and sheds everything until it idles.
         page.field(|load| &raw mut load.taken)
             .store(taken, Ordering::Relaxed);
-        page.forgive_backlog();
         page.field(|load| &raw mut load.window)
             .store(window, Ordering::Relaxed);
         Ok(page)
