@@ -212,21 +212,26 @@ impl Command {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, OwnedFd};
 
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
     use super::*;
 
-    #[test]
-    fn commands_carry_their_sockets() {
-        let (a, b) = socketpair(
+    /// Both ends of a control socket.
+    fn control_pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
             SockFlag::SOCK_CLOEXEC,
         )
-        .expect("socketpair");
+        .expect("socketpair")
+    }
+
+    #[test]
+    fn commands_carry_their_sockets() {
+        let (a, b) = control_pair();
         let passed = std::fs::File::open("/dev/null").expect("/dev/null");
         let command = Command::AddInput {
             input: 7,
@@ -250,13 +255,7 @@ mod tests {
 
     #[test]
     fn init_carries_the_shedding_window_and_two_sockets() {
-        let (a, b) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
+        let (a, b) = control_pair();
         let counters = std::fs::File::open("/dev/null").expect("/dev/null");
         let load_map = std::fs::File::open("/dev/zero").expect("/dev/zero");
         let command = Command::Init {

@@ -472,6 +472,19 @@ fn stoppable_rules(rules: &str) -> String {
     format!("settings:\n  workers: 1\n  path: worker\n  stall_timeout: 30\nrules:\n{rules}")
 }
 
+/// The sequence numbers of `arrived`, checked to be rising: nothing duplicated or reordered.
+fn in_order(arrived: &[mcr_tests::Datagram]) -> anyhow::Result<Vec<u64>> {
+    let sequences: Vec<u64> = arrived
+        .iter()
+        .map(|datagram| datagram.sequence().context("no sequence"))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        sequences.windows(2).all(|pair| pair[0] < pair[1]),
+        "duplicated or reordered"
+    );
+    Ok(sequences)
+}
+
 /// Sends `burst` from the generator while `worker` is stopped, so that it all waits for the
 /// worker at once; the worker runs again afterwards, also when sending failed.
 fn send_while_stopped(lab: &Lab, worker: Pid, burst: &Stream) -> anyhow::Result<()> {
@@ -535,15 +548,7 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid, count: u64) -> anyhow::Res
     let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
     let burst = Stream::new(group, 5000, 100, count);
     send_while_stopped(lab, worker, &burst)?;
-    let arrived = receiver.finish()?;
-    let sequences: Vec<u64> = arrived
-        .iter()
-        .map(|datagram| datagram.sequence().context("no sequence"))
-        .collect::<anyhow::Result<_>>()?;
-    ensure!(
-        sequences.windows(2).all(|pair| pair[0] < pair[1]),
-        "duplicated or reordered"
-    );
+    let sequences = in_order(&receiver.finish()?)?;
     let rule = mcr.rule_stats("cam")?;
     let stats = &mcr.workers()?[0];
     let shed = rule["shed"].as_u64().context("shed")? - shed_before;
@@ -597,19 +602,11 @@ fn a_worker_restarted_with_packets_waiting_takes_them_and_sheds_nothing() -> any
             .join()
             .map_err(|_| anyhow::anyhow!("the sender panicked"))?
     })?;
-    let sequences: Vec<u64> = receiver
-        .finish()?
-        .iter()
-        .map(|datagram| datagram.sequence().context("no sequence"))
-        .collect::<anyhow::Result<_>>()?;
+    let sequences = in_order(&receiver.finish()?)?;
     let worker = &mcr.workers()?[0];
     eprintln!("{} of {} relayed: {worker}", sequences.len(), stream.count);
     assert_eq!(worker["shed"], 0, "shed after the restart: {worker}");
     assert_eq!(worker["kernel_drops"], 0, "{worker}");
-    ensure!(
-        sequences.windows(2).all(|pair| pair[0] < pair[1]),
-        "duplicated or reordered"
-    );
     // What the killed worker had taken and not yet sent is lost with it: a burst at most.
     ensure!(
         sequences.len() as u64 + 32 >= stream.count,
