@@ -282,14 +282,19 @@ impl Default for WorkerLoad {
     }
 }
 
-impl WorkerLoad {
-    /// Packets steered and neither taken nor forgiven: queued for the worker.
-    #[must_use]
-    pub const fn backlog(&self) -> u64 {
-        self.steered
-            .wrapping_sub(self.taken)
-            .wrapping_sub(self.forgiven)
-    }
+/// Whether a worker whose page reads `steered`, `taken` and `forgiven` is a full `window`
+/// behind, so that the classifier sheds its next packet. The backlog is what was steered and
+/// neither taken nor forgiven, counted in wrapping arithmetic and read as signed: a backlog
+/// below zero (more taken or forgiven than steered, as the worker and the classifier update
+/// their fields at different moments) is no backlog, not an enormous one that sheds every
+/// packet. A window of 0 (the worker has not started) sheds nothing.
+#[must_use]
+pub const fn window_full(steered: u64, taken: u64, forgiven: u64, window: u64) -> bool {
+    let backlog = steered
+        .wrapping_sub(taken)
+        .wrapping_sub(forgiven)
+        .cast_signed();
+    window != 0 && backlog >= window.cast_signed()
 }
 
 /// Name of the hash map from a rule's slot to its [`KernelOutputs`].
@@ -369,6 +374,22 @@ pub struct OutputCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_sheds_from_a_full_window_on_and_never_below_zero() {
+        assert!(!window_full(100, 0, 0, 0), "no window, no shedding");
+        assert!(!window_full(8191, 0, 0, 8192));
+        assert!(window_full(8192, 0, 0, 8192));
+        assert!(window_full(10_000, 1000, 500, 8192));
+        assert!(!window_full(10_000, 1000, 900, 8192));
+        // More taken or forgiven than steered: nothing is queued, whatever the difference.
+        assert!(!window_full(1000, 1500, 0, 8192));
+        assert!(!window_full(1000, 0, 6000, 8192));
+        assert!(!window_full(1000, 900, 8000, 8192));
+        // The counters wrap and the backlog still reads right.
+        assert!(window_full(8191, u64::MAX, 0, 8192));
+        assert!(!window_full(8190, u64::MAX, 0, 8192));
+    }
 
     #[test]
     fn marks_carry_worker_and_slot() {

@@ -9,7 +9,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{btf_maps::Array, macros::btf_map};
-use mcr_common::{MAX_WORKERS, WorkerLoad};
+use mcr_common::{MAX_WORKERS, WorkerLoad, window_full};
 
 /// `BPF_F_MMAPABLE`: workers map their own page of the array into their memory.
 const MMAPABLE: usize = 1 << 10;
@@ -37,8 +37,7 @@ pub fn admit(worker: u32) -> bool {
         let taken = read_volatile(&raw const (*load).taken);
         let forgiven = read_volatile(&raw const (*load).forgiven);
         let window = read_volatile(&raw const (*load).window);
-        let backlog = steered.wrapping_sub(taken).wrapping_sub(forgiven);
-        if window != 0 && backlog >= window {
+        if window_full(steered, taken, forgiven, window) {
             atomic_add(&raw mut (*load).shed, 1);
             return false;
         }
