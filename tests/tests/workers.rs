@@ -460,6 +460,19 @@ fn one_stoppable_worker(lab: &Lab, outputs: &str) -> anyhow::Result<(RulesFile, 
     Ok((rules, mcr, Pid::from_raw(i32::try_from(pid)?)))
 }
 
+/// The camera rule's one output, as a rules-file line: 239.2.2.1:6000 on out0.
+const CAMERA_OUTPUT: &str = "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n";
+
+/// The rules file of [`one_stoppable_worker`] with [`CAMERA_OUTPUT`] and a shedding window of
+/// `window` packets.
+fn camera_with_window(window: u64) -> String {
+    stoppable_camera(CAMERA_OUTPUT).replacen(
+        "settings:\n",
+        &format!("settings:\n  shed_window: {window}\n"),
+        1,
+    )
+}
+
 /// The rules file of [`one_stoppable_worker`]: the camera rule with `outputs`.
 fn stoppable_camera(outputs: &str) -> String {
     stoppable_rules(&format!(
@@ -498,10 +511,7 @@ fn send_while_stopped(lab: &Lab, worker: Pid, burst: &Stream) -> anyhow::Result<
 fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     // A stall timeout well past the overload below: the worker is behind, not wedged.
-    let (_rules, mcr, pid) = one_stoppable_worker(
-        &lab,
-        "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
-    )?;
+    let (_rules, mcr, pid) = one_stoppable_worker(&lab, CAMERA_OUTPUT)?;
     let group = Ipv4Addr::new(239, 1, 1, 1);
     let output = Ipv4Addr::new(239, 2, 2, 1);
 
@@ -580,10 +590,7 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid, count: u64) -> anyhow::Res
 #[test]
 fn a_worker_restarted_with_packets_waiting_takes_them_and_sheds_nothing() -> anyhow::Result<()> {
     let lab = Lab::new()?;
-    let (_rules, mcr, pid) = one_stoppable_worker(
-        &lab,
-        "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
-    )?;
+    let (_rules, mcr, pid) = one_stoppable_worker(&lab, CAMERA_OUTPUT)?;
     let receiver = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
     // About two seconds of some 3,000 packets per second. The worker stops for half a second
     // (some 1,500 packets wait, far from a window) and is killed: its successor takes what
@@ -643,15 +650,7 @@ fn shedding_windows(mcr: &Mcr, workers: u32) -> anyhow::Result<Vec<u64>> {
 fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start()
 -> anyhow::Result<()> {
     let lab = Lab::new()?;
-    let camera = |window: u64| {
-        stoppable_camera("      - {interface: out0, destination: 239.2.2.1, port: 6000}\n")
-            .replacen(
-                "settings:\n",
-                &format!("settings:\n  shed_window: {window}\n"),
-                1,
-            )
-    };
-    let rules = RulesFile::new(&camera(2048))?;
+    let rules = RulesFile::new(&camera_with_window(2048))?;
     let mcr = Mcr::start(&lab.relay, rules.path())?;
     let pid = Pid::from_raw(i32::try_from(
         mcr.workers()?[0]["pid"].as_u64().context("worker pid")?,
@@ -673,7 +672,7 @@ fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start
     );
 
     // A reload keeps the window the workers and their sockets started with, and says so.
-    rules.write(&camera(4096))?;
+    rules.write(&camera_with_window(4096))?;
     mcr.cli(&["reload"])?;
     assert_eq!(shedding_windows(&mcr, 1)?, [2048], "changed by a reload");
     ensure!(
@@ -699,23 +698,15 @@ fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start
 fn a_window_of_jumbo_frames_too_large_for_a_socket_is_reported() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     lab.relay.ip(&["link", "set", "in0", "mtu", "9000"])?;
-    let rules = |window: u64| {
-        stoppable_camera("      - {interface: out0, destination: 239.2.2.1, port: 6000}\n")
-            .replacen(
-                "settings:\n",
-                &format!("settings:\n  shed_window: {window}\n"),
-                1,
-            )
-    };
     let warning = "more than the 160 MiB a socket gets";
     // 8,192 jumbo frames fit a socket: nothing to say.
-    let fits = RulesFile::new(&rules(8192))?;
+    let fits = RulesFile::new(&camera_with_window(8192))?;
     let mcr = Mcr::start(&lab.relay, fits.path())?;
     assert_camera_relayed(&lab)?;
     ensure!(!mcr.log_text().contains(warning), "{}", mcr.log_text());
     drop(mcr);
     // 32,768 do not: the operator learns that this input's sockets may overflow first.
-    let too_large = RulesFile::new(&rules(32_768))?;
+    let too_large = RulesFile::new(&camera_with_window(32_768))?;
     let mcr = Mcr::start(&lab.relay, too_large.path())?;
     assert_camera_relayed(&lab)?;
     let log = mcr.log_text();
@@ -732,7 +723,7 @@ fn a_window_of_jumbo_frames_too_large_for_a_socket_is_reported() -> anyhow::Resu
 #[test]
 fn packets_lost_in_a_closed_socket_are_forgiven_once_the_worker_is_idle() -> anyhow::Result<()> {
     let lab = Lab::new()?;
-    let output = "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n";
+    let output = CAMERA_OUTPUT;
     let (rules, mcr, pid) = one_stoppable_worker(&lab, output)?;
     let camera = stoppable_camera(output);
     // An IPv6 rule keeps in0's IPv6 sockets while the camera rule's IPv4 ones close.
@@ -866,10 +857,7 @@ fn a_backlog_leaves_in_runs_and_every_datagram_arrives_in_order() -> anyhow::Res
 #[test]
 fn runs_follow_an_output_interface_whose_mtu_shrinks() -> anyhow::Result<()> {
     let lab = Lab::new()?;
-    let (_rules, mcr, pid) = one_stoppable_worker(
-        &lab,
-        "      - {interface: out0, destination: 239.2.2.1, port: 6000}\n",
-    )?;
+    let (_rules, mcr, pid) = one_stoppable_worker(&lab, CAMERA_OUTPUT)?;
     let output = Ipv4Addr::new(239, 2, 2, 1);
     // 1300-byte payloads make 1328-byte packets: more than out0 carries once its MTU is 1200.
     // The receiving end keeps 1500, so a packet sent too long would still arrive there.

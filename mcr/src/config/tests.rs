@@ -313,17 +313,26 @@ fn error_message_names_file_line_and_field() {
     );
 }
 
+/// The settings of `GOOD` with `line` (`key: value`) added, as `pick` reads them; the error
+/// text of the file's problems, if any.
+fn with_setting<T>(line: &str, pick: impl FnOnce(Settings) -> T) -> Result<T, String> {
+    let text = good_with("workers: 2", &format!("workers: 2\n  {line}"));
+    parse(&text)
+        .map(|config| pick(config.settings))
+        .map_err(|problems| {
+            ConfigError::Invalid {
+                path: "rules.yaml".into(),
+                problems,
+            }
+            .to_string()
+        })
+}
+
 /// `settings` of `GOOD` with `realtime` added; the error text of the one problem, if any.
 fn realtime(value: &str) -> Result<Scheduling, String> {
-    let text = good_with("workers: 2", &format!("workers: 2\n  realtime: {value}"));
-    match parse(&text) {
-        Ok(config) => Ok(config.settings.scheduling),
-        Err(problems) => Err(ConfigError::Invalid {
-            path: "rules.yaml".into(),
-            problems,
-        }
-        .to_string()),
-    }
+    with_setting(&format!("realtime: {value}"), |settings| {
+        settings.scheduling
+    })
 }
 
 #[test]
@@ -421,15 +430,9 @@ fn stall_timeout() {
 
 /// `settings` of `GOOD` with `shed_window` added; the error text of the one problem, if any.
 fn shed_window(value: &str) -> Result<u64, String> {
-    let text = good_with("workers: 2", &format!("workers: 2\n  shed_window: {value}"));
-    match parse(&text) {
-        Ok(config) => Ok(config.settings.shed_window),
-        Err(problems) => Err(ConfigError::Invalid {
-            path: "rules.yaml".into(),
-            problems,
-        }
-        .to_string()),
-    }
+    with_setting(&format!("shed_window: {value}"), |settings| {
+        settings.shed_window
+    })
 }
 
 #[test]
