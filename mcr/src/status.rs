@@ -147,6 +147,10 @@ pub struct StatusReport {
     pub pid: u32,
     pub uptime_seconds: u64,
     pub pin_dir: String,
+    /// The shedding window in force (`settings.shed_window` as mcr started with it): how many
+    /// packets may wait for a worker before the classifier sheds its packets.
+    #[serde(default)]
+    pub shed_window: Option<u64>,
     pub rules: RuleCounts,
     /// Reloads since start, successful or not (not counting the start itself).
     pub reloads: u64,
@@ -169,6 +173,12 @@ pub fn render(status: &StatusReport) -> String {
         humantime::format_duration(std::time::Duration::from_secs(status.uptime_seconds))
     );
     let _ = writeln!(out, "pins        {}", status.pin_dir);
+    if let Some(window) = status.shed_window {
+        let _ = writeln!(
+            out,
+            "shedding    past {window} packets waiting for a worker (settings.shed_window)"
+        );
+    }
     let rules = &status.rules;
     let _ = writeln!(
         out,
@@ -263,6 +273,7 @@ mod tests {
             pid: 1,
             uptime_seconds: 5,
             pin_dir: "/sys/fs/bpf/mcr".into(),
+            shed_window: Some(4096),
             rules: RuleCounts {
                 total: 3,
                 active: 2,
@@ -323,6 +334,12 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "shedding    past 4096 packets waiting for a worker (settings.shed_window)"
+            ),
+            "{text}"
+        );
         let rules: Vec<&str> = text
             .lines()
             .skip_while(|line| !line.starts_with("RULE"))
@@ -353,6 +370,7 @@ mod tests {
             ]
         );
         let json = serde_json::to_value(&status).expect("json");
+        assert_eq!(json["shed_window"], 4096);
         assert_eq!(json["workers"][0]["state"], "running");
         assert_eq!(json["workers"][1]["state"], "failed");
         assert_eq!(

@@ -219,6 +219,7 @@ mod tests {
             pid: 1,
             uptime_seconds: 0,
             pin_dir: "/sys/fs/bpf/mcr".into(),
+            shed_window: Some(8192),
             rules: RuleCounts {
                 total: active + waiting + failed,
                 active,

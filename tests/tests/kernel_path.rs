@@ -350,6 +350,39 @@ fn a_packet_too_long_for_an_output_is_relayed_by_the_worker() -> anyhow::Result<
 }
 
 #[test]
+fn a_reload_of_settings_path_moves_the_rules_at_once_and_says_no_restart() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let output = ["{interface: out0, destination: 239.2.2.1, port: 6000}".to_owned()];
+    let file_on = |path: &str| {
+        format!(
+            "settings:\n  path: {path}\nrules:\n{}",
+            rule("cam", "", &output)
+        )
+    };
+    let file = RulesFile::new(&file_on("kernel"))?;
+    let mcr = Mcr::start(&lab.relay, file.path())?;
+    wait_for_rule_path(&mcr, "cam", "kernel")?;
+    file.write(&file_on("worker"))?;
+    mcr.cli(&["reload"])?;
+    wait_for_rule_path(&mcr, "cam", "worker")?;
+    let sink = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let stream = Stream::new(INPUT, 5000, 100, 200).from(GENERATOR);
+    send_udp(&lab.generator, &stream)?;
+    let relayed = Expected {
+        destination: Ipv4Addr::new(239, 2, 2, 1).into(),
+        source: RELAY_OUT0.into(),
+        ttl: 16,
+    };
+    assert_delivered(&sink.finish()?, &stream, relayed)?;
+    let log = mcr.log_text();
+    ensure!(
+        !log.contains("until mcr restarts"),
+        "the reload applied settings.path but said it waits for a restart:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
 fn local_delivery_gives_the_host_the_input_as_it_arrived() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     let output = ["{interface: out0, destination: 239.2.2.1, port: 6000}".to_owned()];

@@ -675,9 +675,20 @@ fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start
     rules.write(&camera_with_window(4096))?;
     mcr.cli(&["reload"])?;
     assert_eq!(shedding_windows(&mcr, 1)?, [2048], "changed by a reload");
+    assert_eq!(
+        mcr.status()?["shed_window"],
+        2048,
+        "mcr status shows the window in force, not the reloaded file's"
+    );
+    ensure!(
+        mcr.cli(&["status"])?
+            .contains("past 2048 packets waiting for a worker"),
+        "{}",
+        mcr.cli(&["status"])?
+    );
     ensure!(
         mcr.log_text()
-            .contains("shedding window and the metrics address take effect when mcr restarts"),
+            .contains("settings.shed_window changed: the running value stays until mcr restarts"),
         "no word that the new window waits for a restart:\n{}",
         mcr.log_text()
     );

@@ -65,6 +65,42 @@ pub struct Settings {
     pub shed_window: u64,
 }
 
+impl Settings {
+    /// The settings `reloaded` changes that a reload cannot apply, by their name in the rules
+    /// file: the running workers, their sockets and the metrics endpoint keep what they
+    /// started with until mcr restarts. `path` and `realtime` apply on reload.
+    pub fn waiting_for_restart(&self, reloaded: &Settings) -> Vec<&'static str> {
+        // Every field named, so that a new setting needs a decision here.
+        let Settings {
+            workers,
+            cpus,
+            user,
+            stall_timeout,
+            path: _,
+            metrics_listen,
+            scheduling: _,
+            shed_window,
+        } = self;
+        [
+            ("settings.workers", *workers != reloaded.workers),
+            ("settings.cpus", *cpus != reloaded.cpus),
+            ("settings.user", *user != reloaded.user),
+            (
+                "settings.stall_timeout",
+                *stall_timeout != reloaded.stall_timeout,
+            ),
+            (
+                "settings.metrics.listen",
+                *metrics_listen != reloaded.metrics_listen,
+            ),
+            ("settings.shed_window", *shed_window != reloaded.shed_window),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+}
+
 /// The scheduling policy the supervisor gives each worker process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "policy", rename_all = "lowercase")]

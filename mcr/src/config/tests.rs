@@ -466,6 +466,44 @@ fn shed_windows_outside_2048_to_32768_are_rejected_with_their_line() {
     }
 }
 
+#[test]
+fn a_reload_names_the_settings_that_wait_for_a_restart_and_only_those() {
+    let running = |line: &str| with_setting(line, |settings| settings).expect("valid");
+    let start = running("stall_timeout: 3");
+    assert_eq!(start.waiting_for_restart(&start), Vec::<&str>::new());
+    // Applied by the reload itself: the rules' path and the workers' scheduling.
+    for applied in ["path: worker", "path: kernel", "realtime: true"] {
+        let reloaded = with_setting(&format!("stall_timeout: 3\n  {applied}"), |s| s);
+        assert_eq!(
+            start.waiting_for_restart(&reloaded.expect("valid")),
+            Vec::<&str>::new(),
+            "{applied}"
+        );
+    }
+    for (line, name) in [
+        ("stall_timeout: 5", "settings.stall_timeout"),
+        ("shed_window: 4096", "settings.shed_window"),
+        ("user: daemon", "settings.user"),
+        ("cpus: [1]", "settings.cpus"),
+        (
+            "metrics: {listen: '127.0.0.1:9580'}",
+            "settings.metrics.listen",
+        ),
+    ] {
+        assert_eq!(start.waiting_for_restart(&running(line)), [name], "{line}");
+    }
+    let workers = parse(&good_with("workers: 2", "workers: 3")).expect("valid");
+    assert_eq!(
+        running("stall_timeout: 3").waiting_for_restart(&workers.settings),
+        ["settings.workers"]
+    );
+    let several = running("stall_timeout: 5\n  shed_window: 4096");
+    assert_eq!(
+        start.waiting_for_restart(&several),
+        ["settings.stall_timeout", "settings.shed_window"]
+    );
+}
+
 /// A directory of its own under the system's temporary directory, removed on drop.
 struct TempDir(std::path::PathBuf);
 

@@ -33,7 +33,7 @@ use self::{
 };
 use crate::{
     bpf::Classifier,
-    config::{self, Config, Settings},
+    config::{self, Config},
     control::{Request, Response},
     metrics::{self, ConfigHealth, Snapshot},
     status::{
@@ -418,14 +418,11 @@ impl Supervisor<'_> {
                     tracing::info!(%scheduling, "worker scheduling changed (settings.realtime)");
                     self.dataplane.schedule_workers(scheduling);
                 }
-                let restart_only = Settings {
-                    scheduling,
-                    ..self.config.settings.clone()
-                };
-                if config.settings != restart_only {
+                let waiting = self.config.settings.waiting_for_restart(&config.settings);
+                if !waiting.is_empty() {
                     tracing::warn!(
-                        "settings changed; workers, CPUs, user, stall timeout, shedding window \
-                         and the metrics address take effect when mcr restarts"
+                        "{} changed: the running value stays until mcr restarts",
+                        waiting.join(", ")
                     );
                 }
                 self.config = config;
@@ -499,6 +496,7 @@ impl Supervisor<'_> {
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
             pin_dir: self.classifier.pin_dir().display().to_string(),
+            shed_window: Some(self.dataplane.shed_window()),
             rules: RuleCounts {
                 total: summary.active + summary.waiting + summary.failed,
                 active: summary.active,
