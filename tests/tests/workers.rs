@@ -702,6 +702,17 @@ fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start
         [2048],
         "the restarted worker's page"
     );
+    // The file put back as mcr runs it: nothing waits for a restart any more, nothing to say.
+    let waits = "settings.shed_window changed";
+    assert_eq!(mcr.log_text().matches(waits).count(), 1);
+    rules.write(&camera_with_window(2048))?;
+    mcr.cli(&["reload"])?;
+    assert_eq!(
+        mcr.log_text().matches(waits).count(),
+        1,
+        "a reload back to the running window says it waits:\n{}",
+        mcr.log_text()
+    );
     Ok(())
 }
 

@@ -33,7 +33,7 @@ use self::{
 };
 use crate::{
     bpf::Classifier,
-    config::{self, Config},
+    config::{self, Config, Settings},
     control::{Request, Response},
     metrics::{self, ConfigHealth, Snapshot},
     status::{
@@ -135,6 +135,9 @@ struct Supervisor<'a> {
     table: RuleTable,
     /// The rules file as last applied.
     config: Config,
+    /// The settings mcr started with: what runs, bar those a reload applies (`realtime`,
+    /// `path`), whatever the rules file says now.
+    started_with: Settings,
     events: mpsc::Sender<WorkerEvent>,
     started: Instant,
     reloads: u64,
@@ -173,6 +176,7 @@ async fn serve(options: &RunOptions, config: Config) -> anyhow::Result<()> {
         classifier,
         dataplane,
         table: RuleTable::default(),
+        started_with: config.settings.clone(),
         config,
         events,
         started: Instant::now(),
@@ -418,7 +422,9 @@ impl Supervisor<'_> {
                     tracing::info!(%scheduling, "worker scheduling changed (settings.realtime)");
                     self.dataplane.schedule_workers(scheduling);
                 }
-                let waiting = self.config.settings.waiting_for_restart(&config.settings);
+                // Against what runs, not the last file: a value reloaded twice still waits, and
+                // one put back as it was no longer does.
+                let waiting = self.started_with.waiting_for_restart(&config.settings);
                 if !waiting.is_empty() {
                     tracing::warn!(
                         "{} changed: the running value stays until mcr restarts",
