@@ -358,8 +358,9 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Scenario>> {
             .collect();
         if args.quick {
             for s in &mut scenarios {
-                s.relays
-                    .retain(|relay| ![relay::MCR_2W, relay::MCR_RT].contains(relay));
+                s.relays.retain(|relay| {
+                    ![relay::MCR_2W, relay::MCR_RT, relay::MCR_APART].contains(relay)
+                });
             }
         }
     }
@@ -523,6 +524,42 @@ fn search_summary(found: &search::SearchResult) -> String {
     }
 }
 
+/// While it lives, the relays' inputs are received on the generator's CPU, for a relay that
+/// asks for it ([`RelayKind::receives_apart`]); dropped, they are received on the relay CPUs
+/// again, as every other relay has them.
+struct ReceivedApart<'a> {
+    topology: &'a Topology,
+    relay_mask: u64,
+}
+
+impl<'a> ReceivedApart<'a> {
+    fn steer(
+        topology: &'a Topology,
+        cpus: &CpuPlan,
+        kind: RelayKind,
+    ) -> anyhow::Result<Option<Self>> {
+        if !kind.receives_apart() {
+            return Ok(None);
+        }
+        let apart = Self {
+            topology,
+            relay_mask: cpus.relay_mask(),
+        };
+        topology.steer_relay_inputs(cpus.generator_mask())?;
+        Ok(Some(apart))
+    }
+}
+
+impl Drop for ReceivedApart<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = self.topology.steer_relay_inputs(self.relay_mask) {
+            eprintln!(
+                "bench:   the relays' inputs stay received on the generator's CPU: {error:#}"
+            );
+        }
+    }
+}
+
 fn run_relay(
     scenario: &Scenario,
     settings: &Settings,
@@ -548,6 +585,7 @@ fn run_relay(
         pacing: None,
     };
     let plans = scenario.hop_plans(topology, kind)?;
+    let _apart = ReceivedApart::steer(topology, env.cpus, kind)?;
     let mut relay = Relay::start(kind, &plans, env)?;
 
     // Warm-up: a few hundred packets, to see the relay forwards at all.

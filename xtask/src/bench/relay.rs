@@ -5,6 +5,8 @@
 //!   control socket under the `mcrb-` prefix; workers pinned to the relay CPUs. The rules file
 //!   names the path (`settings.path`), and the relay counts as started only when every rule
 //!   is active on that path, so a row labelled `mcr-kernel` is never the worker path.
+//!   `mcr-apart` is the worker path with its input received on the generator's CPU (RPS)
+//!   instead of the relay's, the layout the README recommends where there are cores for it.
 //! - **kernel**: the kernel's multicast forwarding, programmed by `smcrouted` with static
 //!   (S,G) routes (IPv4's `ipmr` or IPv6's `ip6mr`, by the scenario's family). It cannot
 //!   change the group or port, so its streams arrive unchanged.
@@ -34,10 +36,13 @@ use super::{
 #[serde(rename_all = "lowercase")]
 pub enum RelayKind {
     /// `realtime`: the workers run `SCHED_FIFO` (`settings.realtime: true`).
+    /// `receive_apart`: the relay's input is received (RPS) on the generator's CPU, not on
+    /// the relay's, which then does only the workers' part.
     Mcr {
         workers: usize,
         path: McrPath,
         realtime: bool,
+        receive_apart: bool,
     },
     Kernel,
     Socat,
@@ -68,35 +73,55 @@ pub const MCR: RelayKind = RelayKind::Mcr {
     workers: 1,
     path: McrPath::Worker,
     realtime: false,
+    receive_apart: false,
 };
 /// MCR on the worker path, one worker under `SCHED_FIFO` (`settings.realtime`).
 pub const MCR_RT: RelayKind = RelayKind::Mcr {
     workers: 1,
     path: McrPath::Worker,
     realtime: true,
+    receive_apart: false,
 };
 /// MCR on the worker path, two workers.
 pub const MCR_2W: RelayKind = RelayKind::Mcr {
     workers: 2,
     path: McrPath::Worker,
     realtime: false,
+    receive_apart: false,
 };
 /// MCR on the kernel path.
 pub const MCR_KERNEL: RelayKind = RelayKind::Mcr {
     workers: 1,
     path: McrPath::Kernel,
     realtime: false,
+    receive_apart: false,
+};
+/// MCR on the worker path, one worker, its input received on another CPU than the worker's.
+pub const MCR_APART: RelayKind = RelayKind::Mcr {
+    workers: 1,
+    path: McrPath::Worker,
+    realtime: false,
+    receive_apart: true,
 };
 
 impl RelayKind {
     /// Every relay the benchmark knows.
-    pub const ALL: [Self; 6] = [MCR, MCR_RT, MCR_2W, MCR_KERNEL, Self::Kernel, Self::Socat];
+    pub const ALL: [Self; 7] = [
+        MCR,
+        MCR_RT,
+        MCR_2W,
+        MCR_APART,
+        MCR_KERNEL,
+        Self::Kernel,
+        Self::Socat,
+    ];
 
     pub fn label(self) -> String {
         let Self::Mcr {
             workers,
             path,
             realtime,
+            receive_apart,
         } = self
         else {
             return match self {
@@ -115,6 +140,9 @@ impl RelayKind {
         if realtime {
             label.push_str("-rt");
         }
+        if receive_apart {
+            label.push_str("-apart");
+        }
         label
     }
 
@@ -125,6 +153,17 @@ impl RelayKind {
 
     pub fn is_mcr(self) -> bool {
         matches!(self, Self::Mcr { .. })
+    }
+
+    /// Whether the relay's input is received on the generator's CPU (see [`MCR_APART`]).
+    pub fn receives_apart(self) -> bool {
+        matches!(
+            self,
+            Self::Mcr {
+                receive_apart: true,
+                ..
+            }
+        )
     }
 
     /// What this relay's loss column "relay socket" means.
@@ -279,6 +318,7 @@ impl Relay {
                     workers,
                     path,
                     realtime,
+                    ..
                 } => {
                     relay.start_mcr(hop, workers, path, realtime, &tag, env)?;
                 }
@@ -892,7 +932,17 @@ mod tests {
         let labels: Vec<String> = RelayKind::ALL.iter().map(|kind| kind.label()).collect();
         assert_eq!(
             labels,
-            ["mcr", "mcr-rt", "mcr-2w", "mcr-kernel", "kernel", "socat"]
+            [
+                "mcr",
+                "mcr-rt",
+                "mcr-2w",
+                "mcr-apart",
+                "mcr-kernel",
+                "kernel",
+                "socat"
+            ]
         );
+        assert!(MCR_APART.receives_apart());
+        assert!(!MCR.receives_apart() && !RelayKind::Kernel.receives_apart());
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{
     frame::Family,
     generator::Stream,
-    relay::{HopPlan, MCR, MCR_2W, MCR_KERNEL, MCR_RT, Output, RelayKind, Route},
+    relay::{HopPlan, MCR, MCR_2W, MCR_APART, MCR_KERNEL, MCR_RT, Output, RelayKind, Route},
     sink::Destination,
     topology::Topology,
 };
@@ -63,7 +63,7 @@ pub fn all() -> Vec<Scenario> {
             "1to1-512",
             "1 stream 1→1, 512-byte payload",
             (1, 512, 1, 1),
-            &[MCR, MCR_RT, MCR_2W, MCR_KERNEL, KERNEL, SOCAT],
+            &[MCR, MCR_RT, MCR_2W, MCR_APART, MCR_KERNEL, KERNEL, SOCAT],
         ),
         scenario(
             "1to1-1400",
@@ -102,13 +102,15 @@ pub fn all() -> Vec<Scenario> {
 }
 
 /// The scenarios of `--quick`: one stream 1→1, fan-out and the 3-hop chain, without the
-/// payload sweep, the 50 streams and the second MCR worker count (to stay near two minutes).
+/// payload sweep, the 50 streams and MCR's variants (realtime, two workers, the input received
+/// apart), to stay near two minutes.
 pub fn quick() -> Vec<Scenario> {
     all()
         .into_iter()
         .filter(|s| ["1to1-512", "fanout4-512", "3hop-512"].contains(&s.name.as_str()))
         .map(|mut s| {
-            s.relays.retain(|relay| ![MCR_2W, MCR_RT].contains(relay));
+            s.relays
+                .retain(|relay| ![MCR_2W, MCR_RT, MCR_APART].contains(relay));
             s
         })
         .collect()

@@ -427,6 +427,15 @@ impl Topology {
         self.hops + 1
     }
 
+    /// Steers the receive processing of every relay's input to the CPUs in `mask`.
+    pub fn steer_relay_inputs(&self, mask: u64) -> anyhow::Result<()> {
+        for hop in 1..=self.hops {
+            let link = self.input_link(hop)?;
+            self.nodes[hop].steer_rx(&link.down_if, mask)?;
+        }
+        Ok(())
+    }
+
     /// The link into relay `hop` (1-based).
     pub fn input_link(&self, hop: usize) -> anyhow::Result<&Link> {
         self.links
