@@ -349,6 +349,21 @@ fn a_packet_too_long_for_an_output_is_relayed_by_the_worker() -> anyhow::Result<
     Ok(())
 }
 
+/// Sends 200 datagrams to rule `cam`'s input (239.1.1.1:5000) and checks that the sink got
+/// each, relayed to 239.2.2.1:6000 from the relay's out0 with TTL 16; returns what was sent.
+fn assert_camera_relayed(lab: &Lab) -> anyhow::Result<Stream> {
+    let sink = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
+    let stream = Stream::new(INPUT, 5000, 100, 200).from(GENERATOR);
+    send_udp(&lab.generator, &stream)?;
+    let relayed = Expected {
+        destination: Ipv4Addr::new(239, 2, 2, 1).into(),
+        source: RELAY_OUT0.into(),
+        ttl: 16,
+    };
+    assert_delivered(&sink.finish()?, &stream, relayed)?;
+    Ok(stream)
+}
+
 #[test]
 fn a_reload_of_settings_path_moves_the_rules_at_once_and_says_no_restart() -> anyhow::Result<()> {
     let lab = Lab::new()?;
@@ -365,15 +380,7 @@ fn a_reload_of_settings_path_moves_the_rules_at_once_and_says_no_restart() -> an
     file.write(&file_on("worker"))?;
     mcr.cli(&["reload"])?;
     wait_for_rule_path(&mcr, "cam", "worker")?;
-    let sink = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
-    let stream = Stream::new(INPUT, 5000, 100, 200).from(GENERATOR);
-    send_udp(&lab.generator, &stream)?;
-    let relayed = Expected {
-        destination: Ipv4Addr::new(239, 2, 2, 1).into(),
-        source: RELAY_OUT0.into(),
-        ttl: 16,
-    };
-    assert_delivered(&sink.finish()?, &stream, relayed)?;
+    assert_camera_relayed(&lab)?;
     let log = mcr.log_text();
     ensure!(
         !log.contains("until mcr restarts"),
@@ -400,15 +407,7 @@ fn local_delivery_gives_the_host_the_input_as_it_arrived() -> anyhow::Result<()>
         wait_for_rule_path(&mcr, "cam", path)?;
         // An application on the relay host that listens to the input group.
         let local_app = Receiver::start(&lab.relay, Some(INPUT), RELAY_IN0, 5000)?;
-        let sink = Receiver::start(&lab.sink, Some(Ipv4Addr::new(239, 2, 2, 1)), SINK, 6000)?;
-        let stream = Stream::new(INPUT, 5000, 100, 200).from(GENERATOR);
-        send_udp(&lab.generator, &stream)?;
-        let relayed = Expected {
-            destination: Ipv4Addr::new(239, 2, 2, 1).into(),
-            source: RELAY_OUT0.into(),
-            ttl: 16,
-        };
-        assert_delivered(&sink.finish()?, &stream, relayed)
+        let stream = assert_camera_relayed(&lab)
             .with_context(|| format!("sink, {path} path, local_delivery {local}"))?;
         let at_host = local_app.finish()?;
         if local {
