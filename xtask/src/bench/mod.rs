@@ -358,9 +358,8 @@ fn select(args: &BenchArgs) -> anyhow::Result<Vec<Scenario>> {
             .collect();
         if args.quick {
             for s in &mut scenarios {
-                s.relays.retain(|relay| {
-                    ![relay::MCR_2W, relay::MCR_RT, relay::MCR_APART].contains(relay)
-                });
+                s.relays
+                    .retain(|relay| !scenario::FULL_RUN_ONLY.contains(relay));
             }
         }
     }

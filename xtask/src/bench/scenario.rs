@@ -101,16 +101,18 @@ pub fn all() -> Vec<Scenario> {
     ]
 }
 
+/// MCR's variants that only full runs measure (realtime, two workers, the input received
+/// apart): `--quick` leaves them out, with or without `--scenario`.
+pub const FULL_RUN_ONLY: [RelayKind; 3] = [MCR_2W, MCR_RT, MCR_APART];
+
 /// The scenarios of `--quick`: one stream 1→1, fan-out and the 3-hop chain, without the
-/// payload sweep, the 50 streams and MCR's variants (realtime, two workers, the input received
-/// apart), to stay near two minutes.
+/// payload sweep, the 50 streams and [`FULL_RUN_ONLY`], to stay near two minutes.
 pub fn quick() -> Vec<Scenario> {
     all()
         .into_iter()
         .filter(|s| ["1to1-512", "fanout4-512", "3hop-512"].contains(&s.name.as_str()))
         .map(|mut s| {
-            s.relays
-                .retain(|relay| ![MCR_2W, MCR_RT, MCR_APART].contains(relay));
+            s.relays.retain(|relay| !FULL_RUN_ONLY.contains(relay));
             s
         })
         .collect()

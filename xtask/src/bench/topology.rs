@@ -369,13 +369,9 @@ impl Topology {
                 ])?;
             }
         }
-        for link in &topology.links {
-            let mask = if link.down == sink {
-                cpus.generator_mask()
-            } else {
-                cpus.relay_mask()
-            };
-            topology.nodes[link.down].steer_rx(&link.down_if, mask)?;
+        topology.steer_relay_inputs(cpus.relay_mask())?;
+        for link in topology.links.iter().filter(|link| link.down == sink) {
+            topology.nodes[sink].steer_rx(&link.down_if, cpus.generator_mask())?;
         }
         Ok(topology)
     }
