@@ -680,11 +680,10 @@ fn the_shedding_window_of_the_rules_file_is_the_classifiers_until_the_next_start
         2048,
         "mcr status shows the window in force, not the reloaded file's"
     );
+    let status = mcr.cli(&["status"])?;
     ensure!(
-        mcr.cli(&["status"])?
-            .contains("past 2048 packets waiting for a worker"),
-        "{}",
-        mcr.cli(&["status"])?
+        status.contains("past 2048 packets waiting for a worker"),
+        "{status}"
     );
     ensure!(
         mcr.log_text()

@@ -473,9 +473,9 @@ fn a_reload_names_the_settings_that_wait_for_a_restart_and_only_those() {
     assert_eq!(start.waiting_for_restart(&start), Vec::<&str>::new());
     // Applied by the reload itself: the rules' path and the workers' scheduling.
     for applied in ["path: worker", "path: kernel", "realtime: true"] {
-        let reloaded = with_setting(&format!("stall_timeout: 3\n  {applied}"), |s| s);
+        let reloaded = running(&format!("stall_timeout: 3\n  {applied}"));
         assert_eq!(
-            start.waiting_for_restart(&reloaded.expect("valid")),
+            start.waiting_for_restart(&reloaded),
             Vec::<&str>::new(),
             "{applied}"
         );
