@@ -269,6 +269,14 @@ pub struct WorkerLoad {
     pub pad: [u64; WORKER_LOAD_SIZE / 8 - 5],
 }
 
+impl WorkerLoad {
+    /// Packets steered to the worker that it has not taken yet ([`backlog`]).
+    #[must_use]
+    pub const fn backlog(&self) -> u64 {
+        backlog(self.steered, self.taken, self.forgiven)
+    }
+}
+
 impl Default for WorkerLoad {
     fn default() -> Self {
         Self {
@@ -282,19 +290,29 @@ impl Default for WorkerLoad {
     }
 }
 
-/// Whether a worker whose page reads `steered`, `taken` and `forgiven` is a full `window`
-/// behind, so that the classifier sheds its next packet. The backlog is what was steered and
-/// neither taken nor forgiven, counted in wrapping arithmetic and read as signed: a backlog
-/// below zero (more taken or forgiven than steered, as the worker and the classifier update
-/// their fields at different moments) is no backlog, not an enormous one that sheds every
-/// packet. A window of 0 (the worker has not started) sheds nothing.
+/// How far behind a worker whose page reads `steered`, `taken` and `forgiven` is: the packets
+/// steered to it and neither taken nor forgiven, counted in wrapping arithmetic and read as
+/// signed. A backlog below zero (more taken or forgiven than steered, as the worker and the
+/// classifier update their fields at different moments) is no backlog, not an enormous one.
 #[must_use]
-pub const fn window_full(steered: u64, taken: u64, forgiven: u64, window: u64) -> bool {
-    let backlog = steered
+pub const fn backlog(steered: u64, taken: u64, forgiven: u64) -> u64 {
+    let behind = steered
         .wrapping_sub(taken)
         .wrapping_sub(forgiven)
         .cast_signed();
-    window != 0 && backlog >= window.cast_signed()
+    if behind > 0 {
+        behind.cast_unsigned()
+    } else {
+        0
+    }
+}
+
+/// Whether a worker whose page reads `steered`, `taken` and `forgiven` is a full `window`
+/// behind ([`backlog`]), so that the classifier sheds its next packet. A window of 0 (the
+/// worker has not started) sheds nothing.
+#[must_use]
+pub const fn window_full(steered: u64, taken: u64, forgiven: u64, window: u64) -> bool {
+    window != 0 && backlog(steered, taken, forgiven) >= window
 }
 
 /// Name of the hash map from a rule's slot to its [`KernelOutputs`].
@@ -389,6 +407,25 @@ mod tests {
         // The counters wrap and the backlog still reads right.
         assert!(window_full(8191, u64::MAX, 0, 8192));
         assert!(!window_full(8190, u64::MAX, 0, 8192));
+    }
+
+    #[test]
+    fn the_backlog_is_what_was_steered_and_neither_taken_nor_forgiven() {
+        assert_eq!(backlog(10_000, 1000, 500), 8500);
+        assert_eq!(backlog(1000, 1000, 0), 0);
+        // More taken or forgiven than steered reads as nothing queued.
+        assert_eq!(backlog(1000, 1500, 0), 0);
+        assert_eq!(backlog(1000, 900, 8000), 0);
+        // Across a wrap of the counters.
+        assert_eq!(backlog(8191, u64::MAX, 0), 8192);
+        let load = WorkerLoad {
+            steered: 300,
+            taken: 100,
+            forgiven: 50,
+            window: 8192,
+            ..WorkerLoad::default()
+        };
+        assert_eq!(load.backlog(), 150);
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub struct WorkerStats {
     pub process: WorkerStatus,
     /// Packets the worker received from its sockets.
     pub received: u64,
+    /// Packets steered to the worker that it has not taken yet: how far behind it is now. The
+    /// classifier sheds the worker's packets once this reaches the shedding window.
+    #[serde(default)]
+    pub backlog: u64,
     /// Packets for this worker the classifier dropped because it was a full window behind
     /// (overload, shed before it cost a socket enqueue).
     #[serde(default)]
@@ -404,6 +408,7 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
             "STATE",
             "RESTARTS",
             "RECEIVED",
+            "BACKLOG",
             "SHED",
             "KERNEL-DROPS",
             "MALFORMED",
@@ -425,6 +430,7 @@ fn workers_table(workers: &[WorkerStats]) -> Table {
             process.state.to_string(),
             process.restarts.to_string(),
             worker.received.to_string(),
+            worker.backlog.to_string(),
             worker.shed.to_string(),
             worker.kernel_drops.to_string(),
             worker.malformed.to_string(),
@@ -548,6 +554,7 @@ mod tests {
                     scheduling: crate::config::Scheduling::Normal,
                 },
                 received: 7,
+                backlog: 9,
                 shed: 0,
                 kernel_drops: 5,
                 malformed: 0,
@@ -616,14 +623,14 @@ mod tests {
         assert_eq!(
             lines[5],
             [
-                "0", "42", "1", "running", "3", "7", "0", "5", "0", "0", "0", "0", "4", "1.8"
+                "0", "42", "1", "running", "3", "7", "9", "0", "5", "0", "0", "0", "0", "4", "1.8"
             ]
         );
         // A worker that has sent nothing has no packets per send.
         let mut idle = report.clone();
         idle.workers[0].sends = 0;
         idle.workers[0].sent = 0;
-        assert_eq!(cells(&render_table(&idle))[5][12..], ["0", "-"]);
+        assert_eq!(cells(&render_table(&idle))[5][13..], ["0", "-"]);
 
         // With two rules a total follows them.
         let mut two = report.clone();
@@ -703,6 +710,7 @@ mod tests {
                 scheduling: crate::config::Scheduling::Normal,
             },
             received: 10,
+            backlog: 0,
             shed: 0,
             kernel_drops: 0,
             malformed: 0,
@@ -755,7 +763,7 @@ mod tests {
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
             [
-                "1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0", "0", "0", "-"
+                "1", "-", "0", "stalled", "4", "10", "0", "0", "0", "0", "0", "0", "0", "0", "-"
             ]
         );
         let reasons: Vec<&str> = table

@@ -545,8 +545,9 @@ fn a_worker_behind_by_a_full_window_has_its_excess_shed_and_then_keeps_up() -> a
 /// Stops `worker` while `count` packets of the camera rule arrive, then runs it again: it can
 /// be at most a window (8,192 unless the rules file sets another) behind, and the classifier
 /// drops the rest. Checks that some were shed and that every packet was relayed (in order,
-/// none twice) or shed, and counted so by the rule, the worker and the output; returns how
-/// many were relayed and how many shed.
+/// none twice) or shed, and counted so by the rule, the worker and the output, and that the
+/// worker's backlog showed what waited for it and then went back to none; returns how many
+/// were relayed and how many shed.
 fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid, count: u64) -> anyhow::Result<(u64, u64)> {
     let group = Ipv4Addr::new(239, 1, 1, 1);
     let output = Ipv4Addr::new(239, 2, 2, 1);
@@ -557,7 +558,12 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid, count: u64) -> anyhow::Res
         .context("tx_packets")?;
     let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
     let burst = Stream::new(group, 5000, 100, count);
-    send_while_stopped(lab, worker, &burst)?;
+    kill(worker, Signal::SIGSTOP)?;
+    let sent = send_udp(&lab.generator, &burst);
+    let waiting = mcr.workers_total("backlog");
+    kill(worker, Signal::SIGCONT)?;
+    sent?;
+    let waiting = waiting?;
     let sequences = in_order(&receiver.finish()?)?;
     let rule = mcr.rule_stats("cam")?;
     let stats = &mcr.workers()?[0];
@@ -584,6 +590,13 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid, count: u64) -> anyhow::Res
         Some(relayed_before + relayed),
         "{rule}"
     );
+    // Once the window was full nothing more was steered to the stopped worker, so what waited
+    // for it is exactly what it relayed when it ran again; then it had caught up.
+    assert_eq!(
+        waiting, relayed,
+        "the stopped worker's backlog is not what waited for it"
+    );
+    assert_eq!(stats["backlog"], 0, "the worker did not catch up: {stats}");
     Ok((relayed, shed))
 }
 

@@ -387,6 +387,19 @@ fn encode_workers(e: &mut DescriptorEncoder<'_>, stats: &StatsReport) -> std::fm
     )?;
     family(
         e,
+        "mcr_worker_backlog_packets",
+        "Packets steered to the worker that it has not taken yet; the classifier sheds its \
+         packets once this reaches settings.shed_window",
+        None,
+        stats.workers.iter().map(|worker| {
+            (
+                [("worker", worker.process.worker.to_string())],
+                gauge(i64::try_from(worker.backlog).unwrap_or(i64::MAX)),
+            )
+        }),
+    )?;
+    family(
+        e,
         "mcr_worker_dropped_packets",
         "Packets the worker lost before a rule was known, by reason (shed: dropped in the \
          classifier while the worker was a full window behind; kernel_drops: its socket \
@@ -532,6 +545,7 @@ mod tests {
                         scheduling: crate::config::Scheduling::Normal,
                     },
                     received: 19,
+                    backlog: 3,
                     shed: 5,
                     kernel_drops: 4,
                     malformed: 0,
@@ -648,6 +662,7 @@ mod tests {
         has_line(&text, "mcr_worker_state{worker=\"0\",state=\"stalled\"} 0");
         has_line(&text, "mcr_worker_restarts_total{worker=\"0\"} 2");
         has_line(&text, "mcr_worker_received_packets_total{worker=\"0\"} 19");
+        has_line(&text, "mcr_worker_backlog_packets{worker=\"0\"} 3");
         has_line(
             &text,
             "mcr_worker_dropped_packets_total{worker=\"0\",reason=\"shed\"} 5",

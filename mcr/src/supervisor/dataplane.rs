@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use mcr_common::WorkerLoad;
 use tokio::sync::mpsc;
 
 use super::workers::{Executable, Progress, Worker, WorkerEvent};
@@ -559,8 +560,9 @@ impl Dataplane {
             .unwrap_or_default()
     }
 
-    /// The workers' figures; `shed` says what the classifier shed for worker `index`.
-    pub fn worker_stats(&self, shed: impl Fn(usize) -> u64) -> Vec<WorkerStats> {
+    /// The workers' figures; `load` reads worker `index`'s page of the classifier's load map
+    /// (what it shed, how far behind the worker is).
+    pub fn worker_stats(&self, load: impl Fn(usize) -> WorkerLoad) -> Vec<WorkerStats> {
         self.workers
             .iter()
             .map(|worker| {
@@ -570,10 +572,12 @@ impl Dataplane {
                     .values()
                     .filter_map(|input| input.drops.get(worker.index))
                     .sum();
+                let load = load(worker.index);
                 WorkerStats {
                     process: worker_status(worker),
                     received: totals.received.load(Ordering::Relaxed),
-                    shed: shed(worker.index),
+                    backlog: load.backlog(),
+                    shed: load.shed,
                     kernel_drops,
                     malformed: totals.malformed.load(Ordering::Relaxed),
                     too_big: totals.too_big.load(Ordering::Relaxed),

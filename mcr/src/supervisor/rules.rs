@@ -427,7 +427,7 @@ impl RuleTable {
                 u32::try_from(index)
                     .ok()
                     .and_then(|index| classifier.worker_load(index))
-                    .map_or(0, |load| load.shed)
+                    .unwrap_or_default()
             }),
             skipped: classifier.skip_counters().unwrap_or_default().into(),
         }

@@ -886,6 +886,7 @@ mod tests {
                 scheduling: Scheduling::Normal,
             },
             received: 10,
+            backlog: 0,
             shed,
             kernel_drops,
             malformed: 0,
