@@ -188,11 +188,6 @@ impl Dataplane {
         })
     }
 
-    /// `settings.shed_window` as the workers and their sockets started with it.
-    pub fn shed_window(&self) -> u64 {
-        self.shed_window
-    }
-
     pub fn worker_count(&self) -> usize {
         self.workers.len()
     }

@@ -502,7 +502,7 @@ impl Supervisor<'_> {
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
             pin_dir: self.classifier.pin_dir().display().to_string(),
-            shed_window: Some(self.dataplane.shed_window()),
+            shed_window: Some(self.started_with.shed_window),
             rules: RuleCounts {
                 total: summary.active + summary.waiting + summary.failed,
                 active: summary.active,
