@@ -501,10 +501,16 @@ fn in_order(arrived: &[mcr_tests::Datagram]) -> anyhow::Result<Vec<u64>> {
 /// Sends `burst` from the generator while `worker` is stopped, so that it all waits for the
 /// worker at once; the worker runs again afterwards, also when sending failed.
 fn send_while_stopped(lab: &Lab, worker: Pid, burst: &Stream) -> anyhow::Result<()> {
+    while_stopped(worker, || send_udp(&lab.generator, burst))
+}
+
+/// Runs `work` while `worker` is stopped (`SIGSTOP`), then lets the worker run again, also
+/// when `work` failed.
+fn while_stopped<T>(worker: Pid, work: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     kill(worker, Signal::SIGSTOP)?;
-    let sent = send_udp(&lab.generator, burst);
+    let done = work();
     kill(worker, Signal::SIGCONT)?;
-    sent
+    done
 }
 
 #[test]
@@ -558,12 +564,10 @@ fn overloaded_once(lab: &Lab, mcr: &Mcr, worker: Pid, count: u64) -> anyhow::Res
         .context("tx_packets")?;
     let receiver = Receiver::start(&lab.sink, Some(output), SINK, 6000)?;
     let burst = Stream::new(group, 5000, 100, count);
-    kill(worker, Signal::SIGSTOP)?;
-    let sent = send_udp(&lab.generator, &burst);
-    let waiting = mcr.workers_total("backlog");
-    kill(worker, Signal::SIGCONT)?;
-    sent?;
-    let waiting = waiting?;
+    let waiting = while_stopped(worker, || {
+        send_udp(&lab.generator, &burst)?;
+        mcr.workers_total("backlog")
+    })?;
     let sequences = in_order(&receiver.finish()?)?;
     let rule = mcr.rule_stats("cam")?;
     let stats = &mcr.workers()?[0];
@@ -779,15 +783,12 @@ fn packets_lost_in_a_closed_socket_are_forgiven_once_the_worker_is_idle() -> any
     // 5,000 packets wait for the stopped worker, then its rule goes: the input's sockets close
     // with the packets the worker had not taken, which the classifier still counts as the
     // worker's backlog.
-    kill(pid, Signal::SIGSTOP)?;
     let waiting = Stream::new(Ipv4Addr::new(239, 1, 1, 1), 5000, 100, 5000);
-    let sent = send_udp(&lab.generator, &waiting);
-    let removed = rules
-        .write(&other)
-        .and_then(|()| mcr.cli(&["reload"]).map(drop));
-    kill(pid, Signal::SIGCONT)?;
-    sent?;
-    removed?;
+    while_stopped(pid, || {
+        send_udp(&lab.generator, &waiting)?;
+        rules.write(&other)?;
+        mcr.cli(&["reload"]).map(drop)
+    })?;
     let taken = wait_for(Duration::from_secs(5), || {
         let workers = mcr.workers().ok()?;
         let received = workers.first()?["received"].as_u64()?;
