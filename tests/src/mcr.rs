@@ -238,6 +238,19 @@ impl Mcr {
         serde_json::from_str(&text).context("parsing mcr status --json")
     }
 
+    /// Polls `mcr status --json` until `check` holds (5 s at most) and returns that status;
+    /// `what` names the awaited state in the error.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        crate::wait_for(Duration::from_secs(5), || {
+            self.status().ok().filter(|status| check(status))
+        })
+        .with_context(|| format!("mcr status never showed {what}: {:?}", self.status().ok()))
+    }
+
     /// Sends `signal` to the supervisor.
     pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let pid = self.pid().context("mcr is not running")?;

@@ -66,17 +66,6 @@ fn assert_relayed(lab: &Lab, group: Ipv4Addr, output: Ipv4Addr, count: u64) -> a
     assert_complete(&received, &stream, output)
 }
 
-fn wait_for_status(
-    mcr: &Mcr,
-    what: &str,
-    check: impl Fn(&serde_json::Value) -> bool,
-) -> anyhow::Result<serde_json::Value> {
-    wait_for(Duration::from_secs(5), || {
-        mcr.status().ok().filter(|status| check(status))
-    })
-    .with_context(|| format!("mcr status never showed {what}: {:?}", mcr.status().ok()))
-}
-
 #[test]
 fn an_unchanged_rule_loses_nothing_across_twenty_reloads() -> anyhow::Result<()> {
     let lab = Lab::new()?;
@@ -129,7 +118,7 @@ fn rules_added_and_removed_by_editing_the_file() -> anyhow::Result<()> {
     ensure!(!lab.igmp_groups("in0")?.contains(&group_b));
 
     file.write(&rules(&[a.clone(), b]))?;
-    wait_for_status(&mcr, "two active rules", |s| s["rules"]["active"] == 2)?;
+    mcr.wait_for_status("two active rules", |s| s["rules"]["active"] == 2)?;
     ensure!(
         lab.igmp_groups("in0")?.contains(&group_b),
         "b's group was not joined"
@@ -137,7 +126,7 @@ fn rules_added_and_removed_by_editing_the_file() -> anyhow::Result<()> {
     assert_relayed(&lab, group_b, Ipv4Addr::new(239, 2, 2, 2), 200)?;
 
     file.write(&rules(&[a]))?;
-    wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
+    mcr.wait_for_status("one rule", |s| s["rules"]["total"] == 1)?;
     ensure!(
         !lab.igmp_groups("in0")?.contains(&group_b),
         "b's group is still joined after b was removed"
@@ -169,7 +158,7 @@ fn a_bad_file_changes_nothing_and_is_reported() -> anyhow::Result<()> {
     // Line 3 (the rule's input) gets a malformed group.
     let bad = rules(std::slice::from_ref(&a)).replace("239.1.1.1", "239.1.1");
     file.write(&bad)?;
-    let status = wait_for_status(&mcr, "the rejected file", |s| {
+    let status = mcr.wait_for_status("the rejected file", |s| {
         s["last_reload"]["result"] == "rejected"
     })?;
     let error = status["last_reload"]["error"].as_str().unwrap_or_default();
@@ -193,7 +182,7 @@ fn a_bad_file_changes_nothing_and_is_reported() -> anyhow::Result<()> {
 
     let b = rule("b", "in0", "239.1.1.2", "239.2.2.2");
     file.write(&rules(&[a, b]))?;
-    wait_for_status(&mcr, "the fixed file applied", |s| {
+    mcr.wait_for_status("the fixed file applied", |s| {
         s["last_reload"]["result"] == "applied" && s["rules"]["active"] == 2
     })?;
     Ok(())
@@ -206,7 +195,7 @@ fn a_file_renamed_over_the_rules_file_is_picked_up() -> anyhow::Result<()> {
     let file = RulesFile::new(&rules(std::slice::from_ref(&a)))?;
     let mcr = Mcr::start(&lab.relay, file.path())?;
     file.rename_over(&rules(&[a, rule("b", "in0", "239.1.1.2", "239.2.2.2")]))?;
-    wait_for_status(&mcr, "two active rules", |s| s["rules"]["active"] == 2)?;
+    mcr.wait_for_status("two active rules", |s| s["rules"]["active"] == 2)?;
     assert_relayed(
         &lab,
         Ipv4Addr::new(239, 1, 1, 2),
@@ -215,7 +204,7 @@ fn a_file_renamed_over_the_rules_file_is_picked_up() -> anyhow::Result<()> {
     )?;
     // A second edit after the rename is seen too: the watch follows the name, not the inode.
     file.rename_over(&rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]))?;
-    wait_for_status(&mcr, "one rule", |s| s["rules"]["total"] == 1)?;
+    mcr.wait_for_status("one rule", |s| s["rules"]["total"] == 1)?;
     Ok(())
 }
 
@@ -225,7 +214,7 @@ fn sighup_reloads_and_does_not_kill() -> anyhow::Result<()> {
     let file = RulesFile::new(&rules(&[rule("a", "in0", "239.1.1.1", "239.2.2.1")]))?;
     let mut mcr = Mcr::start(&lab.relay, file.path())?;
     mcr.signal(Signal::SIGHUP)?;
-    let status = wait_for_status(&mcr, "a SIGHUP reload", |s| {
+    let status = mcr.wait_for_status("a SIGHUP reload", |s| {
         s["last_reload"]["trigger"] == "sighup"
     })?;
     assert_eq!(status["last_reload"]["result"], "applied");
@@ -258,7 +247,7 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
     late_generator.address("gen7", "10.7.0.1/24")?;
     late_generator.ip(&["route", "add", "224.0.0.0/4", "dev", "gen7"])?;
     lab.relay.address("in7", "10.7.0.2/24")?;
-    let status = wait_for_status(&mcr, "the late rule active", |s| s["rules"]["active"] == 2)?;
+    let status = mcr.wait_for_status("the late rule active", |s| s["rules"]["active"] == 2)?;
     let interfaces: Vec<&str> = status["interfaces"]
         .as_array()
         .context("interfaces")?
@@ -273,7 +262,7 @@ fn a_rule_starts_when_its_interface_appears_and_waits_when_it_goes() -> anyhow::
     assert_complete(&late_sink.finish()?, &stream, Ipv4Addr::new(239, 2, 2, 7))?;
 
     lab.relay.ip(&["link", "del", "in7"])?;
-    wait_for_status(&mcr, "the late rule waiting again", |s| {
+    mcr.wait_for_status("the late rule waiting again", |s| {
         s["rules"]["waiting"] == 1 && s["rules"]["active"] == 1
     })?;
     ensure!(mcr.is_running(), "mcr exited when in7 went away");
@@ -321,7 +310,7 @@ fn an_interface_has_packet_sockets_only_while_it_has_rules() -> anyhow::Result<(
         "settings:\n  workers: 2\n{}",
         rules(&[rule("a", "in9", "239.1.1.1", "239.2.2.1")])
     ))?;
-    let status = wait_for_status(&mcr, "the rule waiting", |s| s["rules"]["waiting"] == 1)?;
+    let status = mcr.wait_for_status("the rule waiting", |s| s["rules"]["waiting"] == 1)?;
     ensure!(
         status["interfaces"].as_array().is_some_and(Vec::is_empty),
         "{status}"
@@ -531,7 +520,7 @@ fn four_thousand_rules_start_and_stop_within_seconds() -> anyhow::Result<()> {
     let mcr = Mcr::start(&lab.relay, file.path());
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     let mut mcr = mcr?;
-    let status = wait_for_status(&mcr, "4000 active rules", |s| {
+    let status = mcr.wait_for_status("4000 active rules", |s| {
         s["rules"]["active"] == u64::from(RULES)
     })?;
     eprintln!("{RULES} rules active after {:?}", started.elapsed());
